@@ -1,0 +1,5 @@
+import sys
+
+from tinyformers.cli import main
+
+sys.exit(main())
