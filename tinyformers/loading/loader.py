@@ -1,0 +1,106 @@
+"""Checkpoint -> model: pick the architecture, build it on the meta device, assign the weights.
+
+Building on the meta device allocates nothing, so no time goes into a random init that the
+checkpoint overwrites (transformers PR #21879); the loaded tensors become the parameters.
+Loading is strict: every parameter must be in the checkpoint with its exact shape, and every
+tensor in the checkpoint must be used (buffers known to be junk are dropped by name in
+`sanitize`, never by loosening the check).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from tinyformers.errors import CheckpointError
+from tinyformers.loading.checkpoint import read_json, read_weights
+from tinyformers.loading.hub import resolve
+from tinyformers.models import get_architecture
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """float32 unless asked: on CPU fp16/bf16 are not reliably faster and lose precision."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype {dtype!r} is not supported (expected float32, bfloat16 or float16)")
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available")
+    return device
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, Path]:
+    """The model of a checkpoint folder (or name) and the folder it came from."""
+    dtype, device = parse_dtype(dtype), parse_device(device)
+    path = resolve(name_or_path)
+    if path.is_file() and path.suffix == ".gguf":
+        from tinyformers.loading.gguf_model import load_gguf_model
+
+        return load_gguf_model(path, dtype, device), path
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a checkpoint folder (config.json + weights)")
+    config_path = path / "config.json"
+    raw = read_json(config_path)
+    try:
+        arch = get_architecture(raw.get("model_type"))
+        config = arch.Config.from_dict(raw)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{config_path}: {e}") from e
+    weights = arch.sanitize(read_weights(path), config)
+    return build(arch.Model, config, weights, dtype, device, source=path), path
+
+
+def build(
+    model_class: type[nn.Module],
+    config,
+    weights: dict[str, Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    source: Path,
+) -> nn.Module:
+    """`model_class(config)` with `weights` (our names and layout) as its parameters."""
+    with torch.device("meta"):
+        model = model_class(config)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    canonical: dict[int, str] = {}  # tied parameters (lm_head = wte) share the first name
+    names = {name: canonical.setdefault(id(p), name) for name, p in params.items()}
+    if missing := sorted(set(names.values()) - weights.keys()):
+        raise CheckpointError(f"{source}: missing tensor {missing[0]} ({len(missing)} missing)")
+    if unexpected := sorted(weights.keys() - set(names.values())):
+        raise CheckpointError(
+            f"{source}: unexpected tensor {unexpected[0]} ({len(unexpected)} not used by the model)"
+        )
+    ready: dict[str, Tensor] = {}
+    for name in list(weights):
+        w = weights.pop(name)  # one tensor at a time: never two copies of the whole model
+        if w.shape != params[name].shape:
+            raise CheckpointError(
+                f"{source}: tensor {name} has shape {tuple(w.shape)}, "
+                f"expected {tuple(params[name].shape)}"
+            )
+        ready[name] = w.to(device=device, dtype=dtype).contiguous()
+    model.load_state_dict({alias: ready[name] for alias, name in names.items()}, assign=True)
+    return model.eval().requires_grad_(False)

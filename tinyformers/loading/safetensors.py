@@ -1,0 +1,122 @@
+"""A strict safetensors reader that never holds two copies of the weights.
+
+Format: 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape,
+data_offsets: [begin, end]}, "__metadata__": {...}}, then the tensor bytes.
+
+subtle: the `safetensors` package maps the file and hands out views of the mapping; copying or
+transposing those views keeps the mapped pages resident beside the copies (2x RSS). We map the
+file, copy each tensor out and tell the kernel we are done with the pages at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from tinyformers.errors import CheckpointError
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER = 100 * 2**20  # the reference implementation's own limit
+
+
+def read_header(path: Path, size: int, f) -> tuple[dict, int]:
+    """The JSON header (metadata removed) and where the data starts, checked against the file."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or 8 + n > size:
+        raise CheckpointError(f"{path}: header length {n} does not fit the file ({size} bytes)")
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: header is not valid JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_start, data_size = 8 + n, size - 8 - n
+    end = 0
+    for name, info in sorted(header.items(), key=lambda kv: _offsets(path, kv)[0]):
+        begin, stop = _offsets(path, (name, info))
+        if info.get("dtype") not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name}: unsupported dtype {info.get('dtype')!r}")
+        shape = info.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise CheckpointError(f"{path}: tensor {name}: bad shape {shape!r}")
+        expected = math.prod(shape) * DTYPES[info["dtype"]].itemsize
+        if stop - begin != expected:
+            raise CheckpointError(
+                f"{path}: tensor {name}: {stop - begin} bytes for shape {shape} "
+                f"{info['dtype']} (expected {expected})"
+            )
+        if begin < end:
+            raise CheckpointError(f"{path}: tensor {name}: overlaps the tensor before it")
+        if stop > data_size:
+            raise CheckpointError(
+                f"{path}: tensor {name} ends at byte {data_start + stop}, past the end of the "
+                f"file ({size} bytes): truncated?"
+            )
+        end = stop
+    return header, data_start
+
+
+def _offsets(path: Path, item: tuple[str, dict]) -> tuple[int, int]:
+    name, info = item
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise CheckpointError(f"{path}: tensor {name}: bad data_offsets {offsets!r}")
+    return offsets[0], offsets[1]
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file, copied out of a memory map one at a time."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header, data_start = read_header(path, size, f)
+        if not header:
+            return {}
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            tensors = {}
+            for name, info in header.items():
+                begin, stop = info["data_offsets"]
+                dtype = DTYPES[info["dtype"]]
+                view = (
+                    torch.frombuffer(
+                        mm, dtype=torch.uint8, count=stop - begin, offset=data_start + begin
+                    )
+                    if stop > begin
+                    else torch.empty(0, dtype=torch.uint8)
+                )
+                tensors[name] = view.clone().view(dtype).reshape(info["shape"])
+                del view  # the mapping can only be closed once no view exports it
+                _drop_pages(mm)
+            return tensors
+
+
+def _drop_pages(mm: mmap.mmap) -> None:
+    """Unmap resident pages we copied from (they stay in the page cache, not in our RSS)."""
+    if hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)

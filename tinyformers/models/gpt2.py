@@ -1,0 +1,228 @@
+"""GPT-2 (Radford et al., 2019): decoder-only transformer, learned positions, pre-LN blocks.
+
+Shapes: B batch, T tokens in this call, S key slots (T without a cache, the cache length with one),
+C = n_embd, nh = n_head, hs = C // nh head size, V vocab size.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import MISSING, dataclass, fields
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tinyformers.models.kv_cache import KVCache, positions_and_mask
+
+ACTIVATIONS = {
+    "gelu_new": partial(F.gelu, approximate="tanh"),  # the original GPT-2 tanh approximation
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+@dataclass
+class GPT2Config:
+    """The fields of Hugging Face's GPT-2 `config.json` that change the math."""
+
+    vocab_size: int
+    n_positions: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_inner: int | None = None  # None: 4 * n_embd
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPT2Config:
+        """Map a checkpoint's config dict; unknown keys are ignored, missing required ones named."""
+        known = {f.name for f in fields(cls)}
+        for f in fields(cls):
+            if f.default is MISSING and not isinstance(d.get(f.name), int):
+                raise ValueError(f"field {f.name!r} is missing or not an integer")
+        config = cls(**{k: v for k, v in d.items() if k in known and v is not None})
+        if config.activation_function not in ACTIVATIONS:
+            raise ValueError(
+                f"activation_function {config.activation_function!r} is not supported "
+                f"(expected one of {', '.join(ACTIVATIONS)})"
+            )
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd {config.n_embd} is not a multiple of n_head {config.n_head}")
+        return config
+
+    @property
+    def context_length(self) -> int:
+        return self.n_positions
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        # q, k and v projections fused in one matrix, as the checkpoint stores them.
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        head_size = config.n_embd // config.n_head
+        self.scale = 1 / math.sqrt(head_size) if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:  # a stability trick of some GPT-2 variants
+            self.scale /= layer_idx + 1
+        self.upcast = config.reorder_and_upcast_attn  # scores and softmax in float32
+
+    def forward(self, x: Tensor, mask: Tensor, cache: KVCache | None, input_pos: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v)  # (B, nh, S, hs)
+        if self.upcast:
+            q, k, v = q.float(), k.float(), v.float()
+        # softmax(q k^T * scale, masked) v: (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        y = y.to(x.dtype).transpose(1, 2).reshape(B, T, C)  # heads side by side again
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        n_inner = config.n_inner or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, n_inner)
+        self.act = ACTIVATIONS[config.activation_function]
+        self.c_proj = nn.Linear(n_inner, config.n_embd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-LN residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, mask: Tensor, cache: KVCache | None, input_pos: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache, input_pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)  # learned positions
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.wte.weight  # one matrix reads tokens in and out
+
+    def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        hs = self.config.n_embd // self.config.n_head
+        dtype, device = self.wte.weight.dtype, self.wte.weight.device
+        return [
+            KVCache(batch, self.config.n_head, max_len, hs, dtype, device)
+            for _ in range(self.config.n_layer)
+        ]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        cache: list[KVCache] | None = None,
+        input_pos: Tensor | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Logits (B, T, V) in float32 for `input_ids` (B, T).
+
+        attention_mask: (B, S), 1 for real tokens and 0 for left padding, over every key slot.
+        cache, input_pos: the slots (T,) these tokens go to in the preallocated cache.
+        last_only: logits of the last position only (B, 1, V), all a decode step needs.
+        """
+        B, T = input_ids.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=input_ids.device)
+        n_keys = cache[0].k.shape[2] if cache is not None else T
+        positions, mask = positions_and_mask(attention_mask, input_pos, n_keys, B)
+        x = self.wte(input_ids) + self.wpe(positions)  # (B, T, C)
+        for i, block in enumerate(self.h):
+            x = block(x, mask, cache[i] if cache is not None else None, input_pos)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        return self.lm_head(self.ln_f(x)).float()  # (B, T, V)
+
+
+# Checkpoint layout -----------------------------------------------------------------------------
+
+# GPT-2 was trained with "Conv1D" layers that store weights as (in, out); nn.Linear wants (out, in).
+CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
+# Causal-mask buffers saved by old versions of transformers: not weights.
+BUFFERS = re.compile(r"h\.\d+\.attn\.(masked_)?bias")
+
+
+def sanitize(weights: dict[str, Tensor], config: GPT2Config) -> dict[str, Tensor]:
+    """HF GPT-2 tensors (GPT2Model or GPT2LMHeadModel, any vintage) -> our names and layout."""
+    out = {}
+    for name, w in weights.items():
+        name = name.removeprefix("transformer.")
+        if BUFFERS.fullmatch(name):
+            continue
+        out[name] = w.t() if CONV1D.fullmatch(name) else w  # (in, out) -> (out, in)
+    head = out.pop("lm_head.weight", None) if config.tie_word_embeddings else None
+    wte = out.get("wte.weight")
+    if head is not None and wte is not None and not torch.equal(head, wte):
+        # What transformers does too: with tied embeddings the file's lm_head is not used.
+        warnings.warn(
+            "lm_head.weight differs from wte.weight but the config ties them: using wte",
+            stacklevel=2,
+        )
+    return out
+
+
+def gguf_names(n_layer: int) -> dict[str, str]:
+    """GGUF tensor name -> our name, for llama.cpp's gpt2 conversion."""
+    names = {
+        "token_embd.weight": "wte.weight",
+        "position_embd.weight": "wpe.weight",
+        "output_norm.weight": "ln_f.weight",
+        "output_norm.bias": "ln_f.bias",
+        "output.weight": "lm_head.weight",
+    }
+    per_layer = {
+        "attn_norm": "ln_1",
+        "attn_qkv": "attn.c_attn",
+        "attn_output": "attn.c_proj",
+        "ffn_norm": "ln_2",
+        "ffn_up": "mlp.c_fc",
+        "ffn_down": "mlp.c_proj",
+    }
+    for i in range(n_layer):
+        for ours_gguf, ours in per_layer.items():
+            for kind in ("weight", "bias"):
+                names[f"blk.{i}.{ours_gguf}.{kind}"] = f"h.{i}.{ours}.{kind}"
+    return names
+
+
+# The names the registry (models/__init__.py) looks up in every architecture file.
+Config = GPT2Config
+Model = GPT2
