@@ -34,6 +34,7 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 MAX_HEADER = 100 * 2**20  # the reference implementation's own limit
+CHUNK = 16 * 2**20
 
 
 def read_header(path: Path, size: int, f) -> tuple[dict, int]:
@@ -98,25 +99,23 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         header, data_start = read_header(path, size, f)
         if not header:
             return {}
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
             tensors = {}
             for name, info in header.items():
                 begin, stop = info["data_offsets"]
-                dtype = DTYPES[info["dtype"]]
-                view = (
-                    torch.frombuffer(
-                        mm, dtype=torch.uint8, count=stop - begin, offset=data_start + begin
+                flat = torch.empty(stop - begin, dtype=torch.uint8)
+                for start in range(0, stop - begin, CHUNK):  # copy in chunks, dropping as we go
+                    n = min(CHUNK, stop - begin - start)
+                    offset = data_start + begin + start
+                    flat[start : start + n] = torch.frombuffer(
+                        mm, dtype=torch.uint8, count=n, offset=offset
                     )
-                    if stop > begin
-                    else torch.empty(0, dtype=torch.uint8)
-                )
-                tensors[name] = view.clone().view(dtype).reshape(info["shape"])
-                del view  # the mapping can only be closed once no view exports it
-                _drop_pages(mm)
+                    _drop_pages(mm)
+                tensors[name] = flat.view(DTYPES[info["dtype"]]).reshape(info["shape"])
             return tensors
 
 
 def _drop_pages(mm: mmap.mmap) -> None:
-    """Unmap resident pages we copied from (they stay in the page cache, not in our RSS)."""
+    """Unmap the pages we copied from: they stay in the page cache, out of our RSS."""
     if hasattr(mmap, "MADV_DONTNEED"):
         mm.madvise(mmap.MADV_DONTNEED)

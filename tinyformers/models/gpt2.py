@@ -190,7 +190,7 @@ def sanitize(weights: dict[str, Tensor], config: GPT2Config) -> dict[str, Tensor
         out[name] = w.t() if CONV1D.fullmatch(name) else w  # (in, out) -> (out, in)
     head = out.pop("lm_head.weight", None) if config.tie_word_embeddings else None
     wte = out.get("wte.weight")
-    if head is not None and wte is not None and not torch.equal(head, wte):
+    if head is not None and wte is not None and not head.is_meta and not torch.equal(head, wte):
         # What transformers does too: with tied embeddings the file's lm_head is not used.
         warnings.warn(
             "lm_head.weight differs from wte.weight but the config ties them: using wte",

@@ -1,0 +1,92 @@
+"""Shared fixtures: paths to the real data in ../shared and random-init HF GPT-2 checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+GPT2_DATA = SHARED / "data" / "gpt2"
+PEER_DATA = SHARED / "data" / "peer"
+
+
+def gpt2_config_dict(**overrides) -> dict:
+    """The real gpt2 (124M) config.json, with fields overridden (fewer layers for speed)."""
+    config = json.loads((GPT2_DATA / "config.json").read_text())
+    config.update(overrides)
+    return config
+
+
+def hf_gpt2(seed: int = 0, **overrides):
+    """A random-init transformers GPT2LMHeadModel in float32 (the reference)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**gpt2_config_dict(**overrides)))
+    # Random LayerNorm and bias values too, so a missed transpose or mixed-up tensor shows.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0 if name.endswith("ln_1.weight") else 0.0, 0.1)
+    return model.eval()
+
+
+def save_tokenizer_files(folder: Path) -> None:
+    shutil.copy(GPT2_DATA / "vocab.json", folder / "vocab.json")
+    shutil.copy(GPT2_DATA / "merges.txt", folder / "merges.txt")
+
+
+def save_checkpoint(model, folder: Path, fmt: str = "safetensors") -> Path:
+    """Write `model` the way each published GPT-2 vintage stores it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        model.save_pretrained(folder)
+    elif fmt == "sharded":
+        model.save_pretrained(folder, max_shard_size="2MB")
+    else:
+        model.config.save_pretrained(folder)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        if fmt == "bin-lmhead":  # fine-tune saved from GPT2LMHeadModel: prefix + explicit head
+            torch.save(state, folder / "pytorch_model.bin")
+        elif fmt == "bin-legacy":  # 2019 release: GPT2Model keys, causal-mask buffers, old pickle
+            n = model.config.n_positions
+            state = {
+                k.removeprefix("transformer."): v for k, v in state.items() if "lm_head" not in k
+            }
+            for i in range(model.config.n_layer):
+                state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+                state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+            torch.save(state, folder / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+        else:
+            raise ValueError(fmt)
+    save_tokenizer_files(folder)
+    return folder
+
+
+def left_padded_batch(lengths: list[int], vocab: int, seed: int = 0):
+    """Random prompts of different lengths, left-padded: (input_ids, attention_mask)."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, T - n :] = torch.randint(0, vocab, (n,), generator=g)
+        mask[row, T - n :] = 1
+    return ids, mask
+
+
+def hf_logits(model, ids, mask):
+    """HF logits with the position ids HF's generate derives from the mask."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+
+
+@pytest.fixture(scope="session")
+def gpt2_small_dir(tmp_path_factory) -> Path:
+    """A 2-layer GPT-2 with the real widths and vocab, as HF's safetensors folder."""
+    return save_checkpoint(hf_gpt2(n_layer=2), tmp_path_factory.mktemp("gpt2-2l"))
