@@ -130,10 +130,10 @@ class _Cursor:
             )
 
     def unpack(self, fmt: str, what: str) -> tuple[Any, ...]:
-        fmt = "<" + fmt
-        self.need(struct.calcsize(fmt), what)
-        values = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += struct.calcsize(fmt)
+        size = struct.calcsize("<" + fmt)
+        self.need(size, what)
+        values = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += size
         return values
 
     def string(self, what: str) -> str:
@@ -181,13 +181,11 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         raise GGUFError(f"{path}: cannot map the file: {e}") from e
     cur = _Cursor(path, memoryview(data.numpy()))
 
-    cur.need(4, "magic")
-    magic = bytes(cur.buf[:4])
+    (magic,) = cur.unpack("4s", "magic")
     if magic != b"GGUF":
         raise cur.fail(f"bad magic {magic!r}, expected b'GGUF' (not a GGUF file)")
-    cur.pos = 4
     (version,) = cur.unpack("I", "version")
-    if version & 0xFFFF == 0:
+    if version and version & 0xFFFF == 0:  # 3 written big-endian reads as 0x3000000
         raise cur.fail(f"version field reads {version:#x}: a big-endian GGUF file, not supported")
     if version not in (2, 3):
         raise cur.fail(f"unsupported GGUF version {version} (expected 2 or 3)")
@@ -244,9 +242,10 @@ def _read_tensor_info(cur: _Cursor, i: int, alignment: int) -> GGUFTensorInfo:
     if max(ne) > INT64_MAX or math.prod(ne) > INT64_MAX:
         raise cur.fail(f"{what} has dims {list(ne)}: the element count overflows int64")
     (raw_type,) = cur.unpack("I", what)
-    if raw_type not in GGMLType._value2member_map_:
-        raise cur.fail(f"{what} has unknown ggml type {raw_type}")
-    ggml_type = GGMLType(raw_type)
+    try:
+        ggml_type = GGMLType(raw_type)
+    except ValueError as e:
+        raise cur.fail(f"{what} has unknown ggml type {raw_type}") from e
     block_size, type_size = BLOCK_LAYOUT[ggml_type]
     if ne[0] % block_size:
         raise cur.fail(
