@@ -1,0 +1,331 @@
+"""Byte-level BPE: text -> pieces (regex) -> UTF-8 bytes -> merges by rank -> ids.
+
+One core for every byte-level BPE vocabulary (GPT-2, SmolLM2, Llama 3): what differs between
+them comes from the source file, never from constants here:
+- the split patterns, applied in sequence (SmolLM: every \\p{N} char alone, then GPT-2's pattern);
+- the vocabulary, spelled in GPT-2's printable byte alphabet (`bytes_to_unicode`);
+- the merges, as pairs in rank order;
+- special tokens (matched in text only when the caller allows them) and added tokens (always
+  matched, as Hugging Face and llama.cpp do for non-special added tokens).
+"""
+
+from __future__ import annotations
+
+import codecs
+import heapq
+from collections.abc import Iterable, Set
+from itertools import pairwise
+from typing import Literal
+
+import regex
+
+from tinyformers.errors import TokenizerError
+
+# GPT-2's pre-tokenization pattern (OpenAI's encoder.py; HF's ByteLevel pre-tokenizer uses it too).
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+_CACHE_MAX_ENTRIES = 1 << 17  # pieces; cleared when full so memory stays bounded
+_CACHE_MAX_CHARS = 256  # longer pieces are rare and would pin megabytes in the cache
+_NO_MERGE = (1 << 62, -1)  # (rank, id) of a pair that never merges
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, so every token is a readable string.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, ...) are moved to
+    U+0100 and up in byte order, so the space byte is written 'Ġ' (U+0120) in vocab files.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table = {b: chr(b) for b in printable}
+    shifted = (b for b in range(256) if b not in table)
+    for n, b in enumerate(shifted):
+        table[b] = chr(256 + n)
+    return dict(sorted(table.items()))
+
+
+_BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
+
+
+class Tokenizer:
+    """Encode text to ids and back, tiktoken's API shape.
+
+    Example:
+        >>> tok = load_tokenizer("../shared/data/gpt2")
+        >>> tok.encode("hello world")
+        [31373, 995]
+    """
+
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        merges: list[tuple[str, str]],
+        split_patterns: list[str],
+        *,
+        special_tokens: Iterable[str] = (),
+        added_tokens: Iterable[str] = (),
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        unk_token_id: int | None = None,
+        ignore_merges: bool = False,
+        add_bos_token: bool = False,
+        chat_template: str | None = None,
+        source: str = "<memory>",
+        merges_source: str | None = None,
+    ) -> None:
+        """`vocab` holds every token: ordinary ones in the byte alphabet, special/added as text."""
+        self.source = source
+        self.special_tokens: dict[str, int] = {t: _lookup(vocab, t, source) for t in special_tokens}
+        self.added_tokens: dict[str, int] = {t: _lookup(vocab, t, source) for t in added_tokens}
+        self._literal_ids = {**self.special_tokens, **self.added_tokens}
+        self._id_to_bytes = _id_to_bytes(vocab, self._literal_ids, source)
+        self.vocab_size: int = len(self._id_to_bytes)
+        # subtle: some vocabularies lack a few byte tokens (SmolLM has no token for the control
+        # bytes 4, 6, 19, 20, 22, 29). Such bytes become the unknown token if the source names
+        # one for its BPE model, else they are dropped, as HF tokenizers and llama.cpp do.
+        self._byte_ids = [vocab.get(c, unk_token_id) for c in bytes_to_unicode().values()]
+        self._merges = _pair_ranks(vocab, merges, merges_source or source)
+        # subtle: Llama 3 (HF `ignore_merges`) takes a piece that is itself a token as that token,
+        # even when the merges would split it differently.
+        self._whole_pieces = (
+            {self._id_to_bytes[i]: i for i in vocab.values()} if ignore_merges else None
+        )
+        self._split = [regex.compile(p) for p in split_patterns]
+        self._cache: dict[str, list[int]] = {}
+        self._matchers: dict[frozenset[str], regex.Pattern | None] = {}
+        roles = {"bos": bos_token_id, "eos": eos_token_id, "pad": pad_token_id, "unk": unk_token_id}
+        for name, i in roles.items():
+            if i is not None and not 0 <= i < self.vocab_size:
+                raise TokenizerError(f"{source}: {name} token id {i} is outside the vocabulary")
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        # The model loader appends generation_config's extra stop ids here.
+        self.eos_token_ids: list[int] = [] if eos_token_id is None else [eos_token_id]
+        self.bos_token = None if bos_token_id is None else self.id_to_text(bos_token_id)
+        self.eos_token = None if eos_token_id is None else self.id_to_text(eos_token_id)
+        self.add_bos_token = add_bos_token
+        self.chat_template = chat_template
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+    # -- encoding --------------------------------------------------------------------------
+
+    def encode(
+        self, text: str, *, allowed_special: Set[str] | Literal["all"] = frozenset()
+    ) -> list[int]:
+        """The ids of `text`. Special-token text is plain text unless listed in `allowed_special`.
+
+        Example:
+            >>> tok.encode("<|endoftext|>")
+            [27, 91, 437, 1659, 5239, 91, 29]
+            >>> tok.encode("<|endoftext|>", allowed_special="all")
+            [50256]
+        """
+        text = _without_lone_surrogates(text)
+        allowed = self.special_tokens.keys() if allowed_special == "all" else allowed_special
+        matcher = self._token_matcher(frozenset(allowed))
+        if matcher is None:
+            return self._encode_ordinary(text)
+        ids: list[int] = []
+        start = 0
+        for m in matcher.finditer(text):
+            ids += self._encode_ordinary(text[start : m.start()])
+            ids.append(self._literal_ids[m.group()])
+            start = m.end()
+        ids += self._encode_ordinary(text[start:])
+        return ids
+
+    def encode_batch(
+        self, texts: Iterable[str], *, allowed_special: Set[str] | Literal["all"] = frozenset()
+    ) -> list[list[int]]:
+        return [self.encode(t, allowed_special=allowed_special) for t in texts]
+
+    def _token_matcher(self, allowed: frozenset[str]) -> regex.Pattern | None:
+        """A regex for the added tokens plus the allowed specials, longest first."""
+        if allowed not in self._matchers:
+            if unknown := allowed - self.special_tokens.keys():
+                raise ValueError(f"not special tokens of {self.source}: {sorted(unknown)}")
+            tokens = sorted(allowed | self.added_tokens.keys(), key=len, reverse=True)
+            self._matchers[allowed] = (
+                regex.compile("|".join(map(regex.escape, tokens))) if tokens else None
+            )
+        return self._matchers[allowed]
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        ids: list[int] = []
+        cache = self._cache
+        for piece in self._pieces(text):
+            piece_ids = cache.get(piece)
+            if piece_ids is None:
+                piece_ids = self._encode_piece(piece)
+                if len(piece) <= _CACHE_MAX_CHARS:
+                    if len(cache) >= _CACHE_MAX_ENTRIES:
+                        cache.clear()
+                    cache[piece] = piece_ids
+            ids += piece_ids
+        return ids
+
+    def _pieces(self, text: str) -> list[str]:
+        """Split with each pattern in turn; matches and the gaps between them are pieces."""
+        pieces = [text] if text else []
+        for pattern in self._split:
+            pieces = [p for chunk in pieces for p in _split_isolated(pattern, chunk)]
+        return pieces
+
+    def _encode_piece(self, piece: str) -> list[int]:
+        data = piece.encode("utf-8")
+        if self._whole_pieces is not None and data in self._whole_pieces:
+            return [self._whole_pieces[data]]
+        ids = [self._byte_ids[b] for b in data]
+        return self._merge([i for i in ids if i is not None] if None in ids else ids)
+
+    def _merge(self, ids: list[int]) -> list[int]:
+        """Apply merges lowest rank first, leftmost first on ties, in O(n log n).
+
+        A heap of (rank, position) over a linked list of live tokens: each merge pushes at most
+        the two new neighbour pairs, so a 1 MB piece with no spaces costs ~n log n, not n^2.
+        Stale heap entries (a side already merged away) are skipped when popped.
+        """
+        merges = self._merges
+        n = len(ids)
+        nxt = list(range(1, n + 1))
+        prv = list(range(-1, n - 1))
+        heap = [(merges[p][0], i) for i, p in enumerate(pairwise(ids)) if p in merges]
+        heapq.heapify(heap)
+        while heap:
+            rank, i = heapq.heappop(heap)
+            j = nxt[i]
+            if ids[i] < 0 or j >= n or merges.get((ids[i], ids[j]), _NO_MERGE)[0] != rank:
+                continue  # stale: the pair at i changed since it was pushed
+            ids[i], ids[j] = merges[ids[i], ids[j]][1], -1
+            nxt[i] = nxt[j]
+            if nxt[i] < n:
+                prv[nxt[i]] = i
+                if (right := merges.get((ids[i], ids[nxt[i]]))) is not None:
+                    heapq.heappush(heap, (right[0], i))
+            if prv[i] >= 0 and (left := merges.get((ids[prv[i]], ids[i]))) is not None:
+                heapq.heappush(heap, (left[0], prv[i]))
+        return [t for t in ids if t >= 0]
+
+    # -- decoding --------------------------------------------------------------------------
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The raw bytes of `ids`; one token may hold part of a UTF-8 character."""
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise TokenizerError(
+                f"{self.source}: token id {bad} is outside 0..{self.vocab_size - 1}"
+            )
+        return b"".join([self._id_to_bytes[i] for i in ids])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`; bytes that are not valid UTF-8 become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def id_to_text(self, token_id: int) -> str:
+        """One token as text (U+FFFD where it holds only part of a character)."""
+        return self.decode([token_id])
+
+    def decoder(self) -> StreamDecoder:
+        """An incremental decoder for streaming generated ids."""
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Feed ids one at a time; get back only complete characters.
+
+    subtle: an emoji or CJK character spans several tokens; decoding each token alone prints
+    U+FFFD. UTF-8 bytes of an unfinished character wait for the next token, so the pieces joined
+    equal `decode(ids)` exactly.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id: int) -> str:
+        return self._utf8.decode(self._tokenizer.decode_bytes([token_id]))
+
+    def flush(self) -> str:
+        """The held-back tail: U+FFFD for a character that never finished."""
+        return self._utf8.decode(b"", final=True)
+
+
+def _lookup(vocab: dict[str, int], token: str, source: str) -> int:
+    if token not in vocab:
+        raise TokenizerError(f"{source}: token {token!r} is not in the vocabulary")
+    return vocab[token]
+
+
+def _id_to_bytes(vocab: dict[str, int], literal: dict[str, int], source: str) -> list[bytes]:
+    """Bytes of every id: literal tokens as their UTF-8 text, the rest through the byte alphabet."""
+    if not vocab or min(vocab.values()) < 0:
+        raise TokenizerError(f"{source}: the vocabulary is empty or has negative ids")
+    table: list[bytes | None] = [None] * (max(vocab.values()) + 1)
+    for token, i in vocab.items():
+        if token in literal:
+            table[i] = token.encode("utf-8")
+            continue
+        try:
+            table[i] = bytes(_BYTE_DECODER[c] for c in token)
+        except KeyError as e:
+            raise TokenizerError(
+                f"{source}: token {i} {token!r} is not spelled in the byte-level alphabet"
+            ) from e
+    if None in table:
+        raise TokenizerError(
+            f"{source}: token id {table.index(None)} is missing from the vocabulary"
+        )
+    return table  # type: ignore[return-value]
+
+
+def _pair_ranks(
+    vocab: dict[str, int], merges: list[tuple[str, str]], source: str
+) -> dict[tuple[int, int], tuple[int, int]]:
+    """(left id, right id) -> (rank, merged id)."""
+    table = {}
+    for rank, (left, right) in enumerate(merges):
+        try:
+            pair = vocab[left], vocab[right]
+            merged = vocab[left + right]
+        except KeyError as e:
+            raise TokenizerError(
+                f"{source}: merge {rank} '{left} {right}' names {e.args[0]!r}, not in the vocab"
+            ) from e
+        table.setdefault(pair, (rank, merged))  # a repeated pair keeps its first rank (llama.cpp)
+    return table
+
+
+def _split_isolated(pattern: regex.Pattern, text: str) -> list[str]:
+    """Matches of `pattern` and the gaps between them, in order (HF's Split "isolated")."""
+    if not pattern.groups:
+        found = pattern.findall(text)
+        if sum(map(len, found)) == len(text):
+            return found  # the usual case: the pattern covers every character
+    pieces, end = [], 0
+    for m in pattern.finditer(text):
+        if m.start() > end:
+            pieces.append(text[end : m.start()])
+        if m.end() > m.start():
+            pieces.append(m.group())
+        end = m.end()
+    if end < len(text):
+        pieces.append(text[end:])
+    return pieces
+
+
+def _without_lone_surrogates(text: str) -> str:
+    """Text that UTF-8 can encode, the way tiktoken fixes it up.
+
+    subtle: a Python str may hold surrogate code points (from JSON '\\ud83d' escapes or
+    surrogateescape). Like tiktoken, a valid high+low pair becomes its character and a lone
+    surrogate becomes U+FFFD (HF tokenizers raises a TypeError instead).
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text

@@ -1,0 +1,322 @@
+"""Build a `Tokenizer` from what ships with a model: GGUF metadata, `tokenizer.json`, or
+`vocab.json` + `merges.txt` (with Hugging Face's side files for bos/eos and the chat template).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import regex
+
+from tinyformers.errors import TokenizerError
+from tinyformers.tokenizers.bpe import GPT2_PATTERN, Tokenizer
+
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# llama.cpp's `tokenizer.ggml.pre` names -> split patterns, applied in order (llama-vocab.cpp).
+GGUF_PRE_PATTERNS = {
+    "gpt-2": [GPT2_PATTERN],
+    "smollm": [r"\p{N}", GPT2_PATTERN],  # every digit alone first, like HF's Digits(individual)
+    "llama-bpe": [LLAMA3_PATTERN],  # Llama 3
+}
+_IGNORE_MERGES_PRE = {"llama-bpe"}  # llama.cpp sets ignore_merges for Llama 3's vocabulary
+
+# GGUF token types (llama.cpp's llama_token_type).
+_CONTROL, _USER_DEFINED = 3, 4
+
+# A vocabulary with this token and no file naming bos/eos follows GPT-2: it is both.
+_GPT2_EOS = "<|endoftext|>"
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a `.gguf` file, a model folder, a `tokenizer.json`, or a model name.
+
+    Example: load_tokenizer("../shared/data/gpt2").encode("hello world") == [31373, 995]
+    """
+    from tinyformers.loading.hub import resolve
+
+    path = resolve(name_or_path)
+    if path.is_file() and path.suffix == ".gguf":
+        from tinyformers.loading.gguf import read_gguf
+
+        with read_gguf(path) as gguf:
+            return from_gguf_metadata(gguf.metadata, str(path))
+    folder = path.parent if path.is_file() and path.name == "tokenizer.json" else path
+    if (folder / "tokenizer.json").is_file():
+        return from_tokenizer_json(folder / "tokenizer.json")
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return from_vocab_merges(folder / "vocab.json", folder / "merges.txt")
+    raise TokenizerError(
+        f"{path}: no tokenizer here (expected a .gguf file, or a folder with tokenizer.json "
+        "or vocab.json + merges.txt)"
+    )
+
+
+# -- GGUF ----------------------------------------------------------------------------------
+
+
+def from_gguf_metadata(metadata: dict[str, Any], source: str) -> Tokenizer:
+    """The tokenizer described by a GGUF file's `tokenizer.ggml.*` keys (model `gpt2` only)."""
+    model = metadata.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise TokenizerError(
+            f"{source}: tokenizer.ggml.model {model!r} is not supported (expected 'gpt2')"
+        )
+    pre = metadata.get("tokenizer.ggml.pre")
+    if pre not in GGUF_PRE_PATTERNS:
+        raise TokenizerError(
+            f"{source}: tokenizer.ggml.pre {pre!r} is not supported "
+            f"(known: {', '.join(sorted(GGUF_PRE_PATTERNS))})"
+        )
+    tokens = _gguf_list(metadata, "tokenizer.ggml.tokens", source)
+    merges = _gguf_list(metadata, "tokenizer.ggml.merges", source)
+    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise TokenizerError(
+            f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
+        )
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise TokenizerError(f"{source}: tokenizer.ggml.tokens lists a token twice")
+    return Tokenizer(
+        vocab,
+        [_merge_pair(m, source, f"tokenizer.ggml.merges[{i}]") for i, m in enumerate(merges)],
+        GGUF_PRE_PATTERNS[pre],
+        special_tokens=[t for t, kind in zip(tokens, types, strict=True) if kind == _CONTROL],
+        added_tokens=[t for t, kind in zip(tokens, types, strict=True) if kind == _USER_DEFINED],
+        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
+        ignore_merges=pre in _IGNORE_MERGES_PRE,
+        add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+        chat_template=metadata.get("tokenizer.chat_template"),
+        source=source,
+    )
+
+
+def _gguf_list(metadata: dict[str, Any], key: str, source: str) -> list[str]:
+    value = metadata.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TokenizerError(f"{source}: {key} is missing or not a list of strings")
+    return value
+
+
+# -- Hugging Face files --------------------------------------------------------------------
+
+
+def from_tokenizer_json(path: Path) -> Tokenizer:
+    """A Hugging Face `tokenizer.json` with a byte-level BPE model, plus its folder's side files."""
+    data = _read_json(path)
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise TokenizerError(
+            f"{path}: model type {model.get('type')!r} is not supported (expected 'BPE')"
+        )
+    for key in ("continuing_subword_prefix", "end_of_word_suffix", "byte_fallback", "dropout"):
+        if model.get(key):
+            raise TokenizerError(f"{path}: BPE option {key}={model[key]!r} is not supported")
+    if data.get("normalizer") is not None:
+        raise TokenizerError(f"{path}: a normalizer is not supported (byte-level BPE has none)")
+    if (data.get("decoder") or {}).get("type") != "ByteLevel":
+        raise TokenizerError(f"{path}: decoder {data.get('decoder')!r} is not ByteLevel")
+    vocab = dict(model.get("vocab") or {})
+    special, added = [], []
+    for token in data.get("added_tokens") or []:
+        text = token["content"]
+        if any(token.get(flag) for flag in ("lstrip", "rstrip", "single_word")):
+            raise TokenizerError(
+                f"{path}: added token {text!r}: lstrip/rstrip/single_word unsupported"
+            )
+        if vocab.setdefault(text, token["id"]) != token["id"]:
+            raise TokenizerError(
+                f"{path}: added token {text!r} has id {token['id']}, vocab says {vocab[text]}"
+            )
+        (special if token.get("special") else added).append(text)
+    merges = [
+        _merge_pair(m, str(path), f"merge {i}") for i, m in enumerate(model.get("merges") or [])
+    ]
+    return _with_side_files(
+        path.parent,
+        vocab,
+        merges,
+        _split_patterns(data.get("pre_tokenizer"), path),
+        special,
+        added,
+        ignore_merges=bool(model.get("ignore_merges")),
+        unk_token_id=_token_id(vocab, model.get("unk_token"), f"{path}: model.unk_token"),
+        source=str(path),
+    )
+
+
+def from_vocab_merges(vocab_path: Path, merges_path: Path) -> Tokenizer:
+    """GPT-2's original pair of files (`encoder.json`/`vocab.bpe` under HF's names)."""
+    vocab = _read_json(vocab_path)
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise TokenizerError(f"{vocab_path}: expected a JSON object of token -> integer id")
+    try:
+        lines = merges_path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{merges_path}: cannot read merges ({e})") from e
+    merges = [
+        _merge_pair(line, str(merges_path), f"line {n}")
+        for n, line in enumerate(lines, start=1)
+        if line and not (n == 1 and line.startswith("#version"))
+    ]
+    config = _side_config(vocab_path.parent)
+    special = {
+        token["content"]
+        for token in (config.get("added_tokens_decoder") or {}).values()
+        if token.get("special")
+    }
+    special |= {_token_text(t) for t in config.get("additional_special_tokens") or []}
+    for role in ("bos", "eos", "pad", "unk"):
+        if name := _token_text(config.get(f"{role}_token")):
+            special.add(name)
+    if not special and _GPT2_EOS in vocab:
+        special.add(_GPT2_EOS)
+    return _with_side_files(
+        vocab_path.parent,
+        vocab,
+        merges,
+        [GPT2_PATTERN],
+        sorted(special),
+        [],
+        source=str(vocab_path),
+        merges_source=str(merges_path),
+    )
+
+
+def _with_side_files(
+    folder: Path,
+    vocab: dict[str, int],
+    merges: list[tuple[str, str]],
+    patterns: list[str],
+    special: list[str],
+    added: list[str],
+    *,
+    source: str,
+    ignore_merges: bool = False,
+    unk_token_id: int | None = None,
+    merges_source: str | None = None,
+) -> Tokenizer:
+    """bos/eos/pad and the chat template from tokenizer_config.json, special_tokens_map.json and
+    generation_config.json: a token named in the first two wins over an id in the last."""
+    config = _side_config(folder)
+    generation = (
+        _read_json(folder / "generation_config.json")
+        if (folder / "generation_config.json").is_file()
+        else {}
+    )
+    ids: dict[str, int | None] = {}
+    for role in ("bos", "eos", "pad"):
+        named = _token_id(
+            vocab, _token_text(config.get(f"{role}_token")), f"{folder}: {role}_token"
+        )
+        fallback = generation.get(f"{role}_token_id")
+        if isinstance(fallback, list):
+            fallback = fallback[0] if fallback else None
+        if fallback is None and role != "pad" and _GPT2_EOS in vocab:
+            fallback = vocab[_GPT2_EOS]
+        ids[role] = named if named is not None else fallback
+    tokenizer = Tokenizer(
+        vocab,
+        merges,
+        patterns,
+        special_tokens=special,
+        added_tokens=added,
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["pad"],
+        ignore_merges=ignore_merges,
+        unk_token_id=unk_token_id,
+        add_bos_token=bool(config.get("add_bos_token", False)),
+        chat_template=_chat_template(folder, config),
+        source=source,
+        merges_source=merges_source,
+    )
+    extra = generation.get("eos_token_id")
+    for i in extra if isinstance(extra, list) else [extra]:
+        if i is not None and i not in tokenizer.eos_token_ids:
+            tokenizer.eos_token_ids.append(i)
+    return tokenizer
+
+
+def _side_config(folder: Path) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later one wins
+        if (folder / name).is_file():
+            config.update(_read_json(folder / name))
+    return config
+
+
+def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(
+        template, list
+    ):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
+
+
+def _token_id(vocab: dict[str, int], token: str | None, where: str) -> int | None:
+    if token is not None and token not in vocab:
+        raise TokenizerError(f"{where} {token!r} is not in the vocabulary")
+    return None if token is None else vocab[token]
+
+
+def _token_text(value: Any) -> str | None:
+    """A token as the side files write it: a string or an AddedToken dict with `content`."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _split_patterns(pre_tokenizer: dict | None, path: Path) -> list[str]:
+    """Regex splits of a HF pre_tokenizer: ByteLevel, or a Sequence of Split, Digits, ByteLevel."""
+    steps = (
+        [pre_tokenizer]
+        if (pre_tokenizer or {}).get("type") != "Sequence"
+        else pre_tokenizer["pretokenizers"]
+    )
+    patterns, byte_level = [], False
+    for step in steps:
+        kind = (step or {}).get("type")
+        if kind == "ByteLevel" and not step.get("add_prefix_space"):
+            byte_level = True
+            if step.get("use_regex", True):
+                patterns.append(GPT2_PATTERN)
+        elif kind == "Digits":
+            # HF uses Rust's char::is_numeric: general categories Nd, Nl, No, which is \p{N}.
+            patterns.append(r"\p{N}" if step.get("individual_digits") else r"\p{N}+")
+        elif kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert"):
+            pattern = step["pattern"]
+            patterns.append(
+                pattern["Regex"] if "Regex" in pattern else regex.escape(pattern["String"])
+            )
+        else:
+            raise TokenizerError(f"{path}: pre_tokenizer step {step!r} is not supported")
+    if not byte_level:
+        raise TokenizerError(f"{path}: pre_tokenizer has no ByteLevel step (not a byte-level BPE)")
+    return patterns
+
+
+def _merge_pair(merge: str | list[str], source: str, where: str) -> tuple[str, str]:
+    """'Ġ t' or ["Ġ", "t"] -> ("Ġ", "t")."""
+    parts = merge.split(" ") if isinstance(merge, str) else merge
+    if len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
+        raise TokenizerError(f"{source}: {where}: expected two tokens, got {merge!r}")
+    return parts[0], parts[1]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path}: not a readable JSON file ({e})") from e
