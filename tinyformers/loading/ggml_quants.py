@@ -132,14 +132,15 @@ def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
     d, dmin = _f16(blocks, 0), _f16(blocks, 2)
     packed = blocks[:, 4:16].reshape(n, 3, 4)
     lo_sc, lo_mn, hi = packed[:, 0], packed[:, 1], packed[:, 2]  # (n, 4) each
-    # subtle: sub-blocks 0-3 keep 6 bits in bytes 0-7; sub-blocks 4-7 take their low 4 bits from
-    # bytes 8-11 and their top 2 bits from the spare top bits of bytes 0-7.
+    # subtle: sub-blocks 0-3 keep their 6-bit scales in bytes 0-3 and mins in bytes 4-7;
+    # sub-blocks 4-7 take their low 4 bits from bytes 8-11 (scale low nibble, min high nibble)
+    # and their top 2 bits from the spare top 2 bits of bytes 0-7.
     scale = torch.cat([lo_sc & 0x3F, (hi & 0x0F) | ((lo_sc >> 2) & 0x30)], dim=1)  # (n, 8)
     mn = torch.cat([lo_mn & 0x3F, (hi >> 4) | ((lo_mn >> 2) & 0x30)], dim=1)  # (n, 8)
-    d = (d * scale.float()).reshape(n, 8, 1)
-    dm = (dmin * mn.float()).reshape(n, 8, 1)
+    sub_d = (d * scale.float()).reshape(n, 8, 1)
+    sub_m = (dmin * mn.float()).reshape(n, 8, 1)
     w = _unpack(blocks[:, 16:], 32, 4).reshape(n, 8, 32).float()  # holding q
-    return w.mul_(d).sub_(dm).reshape(n, 256)
+    return w.mul_(sub_d).sub_(sub_m).reshape(n, 256)
 
 
 def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
@@ -147,11 +148,11 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     # w = (d * scale) * (q - 32), per sub-block of 16 weights
     n = blocks.shape[0]
     scale = blocks[:, 192:208].contiguous().view(torch.int8).float()  # (n, 16)
-    d = (_f16(blocks, 208) * scale).reshape(n, 16, 1)
+    sub_d = (_f16(blocks, 208) * scale).reshape(n, 16, 1)
     low = _unpack(blocks[:, :128], 64, 4)  # (n, 256)
     high = _unpack(blocks[:, 128:192], 32, 2)  # (n, 256)
     q = (low | (high << 4)).view(torch.int8) - 32
-    return q.reshape(n, 16, 16).float().mul_(d).reshape(n, 256)
+    return q.reshape(n, 16, 16).float().mul_(sub_d).reshape(n, 256)
 
 
 _DECODERS: dict[GGMLType, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -193,6 +194,6 @@ def q8_0_split(raw: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor,
     """
     assert shape[-1] % 32 == 0 and raw.numel() == torch.Size(shape).numel() // 32 * 34
     blocks = raw.view(-1, 34)
-    scales = blocks[:, :2].contiguous().view(torch.float16).reshape(*shape[:-1], shape[-1] // 32)
+    scales = _view(blocks[:, :2], torch.float16).reshape(*shape[:-1], shape[-1] // 32)
     qs = blocks[:, 2:].contiguous().view(torch.int8).reshape(shape)
     return qs, scales
