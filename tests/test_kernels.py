@@ -1,0 +1,215 @@
+"""The decode kernels against float64 F.linear on the weights they hold, the int8 format
+against the gguf package's Q8_0, and the torch fallback paths."""
+
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinyformers import kernels
+from tinyformers.errors import TinyformersError
+from tinyformers.kernels import build, packed
+
+needs_kernels = pytest.mark.skipif(
+    not kernels.available(), reason=str(kernels.unavailable_reason())
+)
+# K not a multiple of 64 (nor of 32, nor even), N not a multiple of the 32- or 16-row block.
+SHAPES = [(100, 70), (37, 96), (5, 3), (300, 200)]
+ROWS = [1, 3, 8, 13]  # 13: more rows than one microkernel call takes
+
+
+def reference(x: torch.Tensor, w: kernels.PackedWeight, bias: torch.Tensor | None):
+    """float64 F.linear on the packed weight, and the scale |x| @ |W|^T + |b| errors grow with."""
+    wd = w.dense().double()
+    ref = F.linear(x.double(), wd, None if bias is None else bias.double())
+    scale = x.double().abs() @ wd.abs().T + (0 if bias is None else bias.double().abs())
+    return ref, scale
+
+
+def case(n: int, k: int, m: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(n, k, generator=g),
+        torch.randn(n, generator=g),
+        torch.randn(m, k, generator=g),
+    )
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", ROWS)
+def test_f32_matches_float64_linear(n, k, m):
+    w, b, x = case(n, k, m)
+    p = kernels.pack(w, "f32")
+    assert torch.equal(p.dense(), w)
+    for bias in (None, b):
+        ref, scale = reference(x, p, bias)
+        y = kernels.linear(x, p, bias)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        # fp32 accumulation over K <= 300 terms: error well under 1e-5 of sum |x w|
+        assert ((y.double() - ref).abs() <= 1e-5 * scale).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", ROWS)
+def test_bf16_matches_float64_linear_on_bf16_operands(n, k, m):
+    w, b, x = case(n, k, m)
+    p = kernels.pack(w, "bf16")
+    assert torch.equal(p.dense(), w.bfloat16().float())
+    # The kernel rounds x to bf16 too (vdpbf16ps): with both operands rounded, the products are
+    # exact and only the fp32 accumulation differs from float64.
+    ref, scale = reference(x.bfloat16().float(), p, b)
+    y = kernels.linear(x, p, b)
+    assert ((y.double() - ref).abs() <= 1e-5 * scale).all()
+    # Against fp32 x, the error is x's bf16 rounding: at most 2^-9 relative per element.
+    ref32, scale32 = reference(x, p, b)
+    assert ((y.double() - ref32).abs() <= 2**-9 * scale32 + 1e-5 * scale32).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("group_size", [32, 4, 96])
+def test_int8_error_is_within_the_activation_quantisation_bound(n, k, m, group_size):
+    w, b, x = case(n, k, m)
+    p = kernels.pack(w, "int8", group_size=group_size)
+    ref, scale = reference(x, p, b)
+    y = kernels.linear(x, p, b)
+    # x is quantised per group like llama.cpp's q8_0: each x[k] moves by at most amax(group)/254,
+    # so |y - ref| <= sum_k amax(group of k)/254 * |W[n, k]| (plus fp32 accumulation).
+    xg = F.pad(x.double().abs(), (0, -k % group_size)).view(m, -1, group_size).amax(-1)
+    step = xg.repeat_interleave(group_size, dim=1)[:, :k] / 254
+    bound = step @ p.dense().double().abs().T
+    assert ((y.double() - ref).abs() <= bound * 1.0001 + 1e-5 * scale).all()
+    # and the bound is not vacuous: the typical error is a few thousandths of the output scale
+    assert (y.double() - ref).abs().mean() <= 0.01 * scale.mean()
+
+
+def test_int8_quantisation_matches_gguf_q8_0():
+    w = torch.randn(24, 320, generator=torch.Generator().manual_seed(1))
+    w[3, :32] = 0  # an all-zero block: scale 0, not a division by zero
+    w[5, 32:36] = torch.tensor([127.0, 2.5, -2.5, 0.49999997])  # d = 1: ties go away from 0,
+    # and 0.49999997 must not round up (floor(a + 0.5) would)
+    q, d = kernels.quantize_int8(w, 32)
+    blocks = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0).reshape(24, 10, 34)
+    ref_d = blocks[:, :, :2].copy().view(np.float16).squeeze(-1)
+    ref_q = blocks[:, :, 2:].copy().view(np.int8).reshape(24, 320)
+    assert np.array_equal(d.numpy(), ref_d)
+    assert np.array_equal(q.numpy(), ref_q)
+
+
+def test_pack_quantized_takes_gguf_q8_0_blocks_as_they_are():
+    w = np.random.default_rng(2).standard_normal((40, 128)).astype(np.float32)
+    blocks = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0).reshape(40, 4, 34)
+    d = torch.from_numpy(blocks[:, :, :2].copy().view(np.float16).squeeze(-1))
+    q = torch.from_numpy(blocks[:, :, 2:].copy().view(np.int8).reshape(40, 128))
+    p = kernels.pack_quantized(q, d)
+    expected = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(p.dense().numpy(), expected.reshape(40, 128))
+
+
+def test_bad_format_and_group_size_raise_tinyformers_errors():
+    with pytest.raises(TinyformersError, match="'int4'"):
+        kernels.pack(torch.randn(4, 8), "int4")
+    with pytest.raises(TinyformersError, match="multiple of 4"):
+        kernels.pack(torch.randn(4, 8), "int8", group_size=6)
+    with pytest.raises(TinyformersError, match="not int8"):
+        kernels.pack_quantized(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 3))
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", kernels.FORMATS)
+def test_batched_noncontiguous_and_bf16_inputs(fmt):
+    w, b, _ = case(50, 64, 1)
+    p = kernels.pack(w, fmt)
+    x = torch.randn(64, 6).T.reshape(2, 3, 64)  # [B, T, K], not contiguous
+    assert not x.is_contiguous()
+    y = kernels.linear(x, p, b)
+    rows = torch.stack([kernels.linear(r.contiguous(), p, b) for r in x.reshape(6, 1, 64)])
+    assert y.shape == (2, 3, 50)
+    # each output row is computed by the same code whatever the batch: bit-identical
+    assert torch.equal(y.reshape(6, 50), rows.reshape(6, 50))
+    yb = kernels.linear(x.bfloat16(), p, b)
+    assert yb.dtype == torch.bfloat16
+    assert torch.allclose(yb.float(), kernels.linear(x.bfloat16().float(), p, b), atol=0.1)
+
+
+@needs_kernels
+def test_results_do_not_depend_on_the_thread_count():
+    w, b, x = case(1000, 256, 8)
+    p = kernels.pack(w, "int8")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.linear(x, p, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, kernels.linear(x, p, b))
+
+
+@pytest.mark.parametrize("fmt", kernels.FORMATS)
+def test_fallback_matches_the_kernel_path(fmt, monkeypatch):
+    w, b, x = case(100, 70, 3)
+    p = kernels.pack(w, fmt)
+    expected = kernels.linear(x, p, b)
+    monkeypatch.setattr(packed, "load_ops", lambda: (None, "test"))
+    got = kernels.linear(x, p, b)
+    ref, scale = reference(x, p, b)
+    # the fallback computes in fp32 with exact x: within fp32 error of the float64 reference
+    assert ((got.double() - ref).abs() <= 1e-5 * scale).all()
+    # and the kernel differs from it only by its documented activation rounding (see above)
+    tol = {"f32": 1e-5, "bf16": 2**-8, "int8": 0.02}[fmt]
+    assert ((expected.double() - got.double()).abs() <= tol * scale).all()
+
+
+def test_gradients_flow_through_the_torch_path():
+    w, b, x = case(20, 16, 2)
+    p = kernels.pack(w, "f32")
+    x.requires_grad_(True)
+    kernels.linear(x, p, b).sum().backward()
+    assert torch.allclose(x.grad, w.sum(0).expand(2, 16), atol=1e-5)
+
+
+def test_packed_weight_survives_state_dict_round_trip(tmp_path):
+    w, b, x = case(40, 64, 2)
+    p = kernels.pack(w, "int8", group_size=64)
+    torch.save(p.state_dict(), tmp_path / "w.pt")
+    tensors = torch.load(tmp_path / "w.pt", weights_only=True)
+    q = kernels.PackedWeight("int8", 40, 64, tensors["data"], tensors["scales"], group_size=64)
+    assert torch.equal(kernels.linear(x, q, b), kernels.linear(x, p, b))
+    for fmt in ("f32", "bf16"):  # dense() re-packs to the same bytes
+        p = kernels.pack(w, fmt)
+        assert torch.equal(kernels.pack(p.dense(), fmt).data, p.data)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_use_torch():
+    w, b, x = case(100, 70, 3)
+    p = kernels.pack(w, "int8").to("cuda")
+    y = kernels.linear(x.cuda(), p, b.cuda())
+    assert y.device.type == "cuda"
+    ref = F.linear(x, p.dense().cpu(), b)
+    assert torch.allclose(y.cpu(), ref, rtol=1e-4, atol=1e-4)  # TF32 off by default: fp32 math
+
+
+def test_a_failed_build_is_a_reason_not_a_crash(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # keep the real build untouched
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    ops, reason = build.load_ops.__wrapped__()
+    assert ops is None and "\n" not in reason
+    assert reason.endswith("no-such-compiler: not found"), reason
+
+
+def test_disabling_the_kernels_by_environment():
+    code = (
+        "from tinyformers import kernels; print(kernels.available(), kernels.unavailable_reason())"
+    )
+    env = {**os.environ, "TINYFORMERS_NO_KERNELS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False disabled by TINYFORMERS_NO_KERNELS=1", out.stderr

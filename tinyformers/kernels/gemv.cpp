@@ -1,0 +1,281 @@
+// Small-M matmul y[M, N] = x[M, K] @ W^T (+ bias) for decode: the weight is streamed once from
+// memory in the blocked layouts written by packing.py, so speed = weight bytes / bandwidth.
+//
+// Layouts (one block = NB consecutive output rows, stored as one contiguous stream):
+//   f32   [N/32][K][32]        float       acc[m] += x[m, k] * w[k, :]          (vfmadd231ps)
+//   bf16  [N/32][K/2][32][2]   bf16 pairs  acc[m] += x[m, k:k+2] . w[k/2, :, :] (vdpbf16ps)
+//   int8  [N/16][K/4][16][4]   w + 128 u8  acc[m] += x8[m, k:k+4] . w[k/4, :, :] (vpdpbusd)
+//         scales [N/16][K/G][16] fp16, one per G input columns of each output row
+// Rows of x are processed 8 at a time (the microkernel's register budget); for M > 8 each
+// block is reused from cache for the next 8 rows, so the weight still leaves DRAM once.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t MR = 8;  // rows of x per microkernel call
+
+// Calls f.template operator()<m>() for m in 1..8, so each row count gets its own unrolled kernel.
+template <typename F>
+void with_rows(int64_t m, F&& f) {
+  switch (m) {
+    case 1: f.template operator()<1>(); break;
+    case 2: f.template operator()<2>(); break;
+    case 3: f.template operator()<3>(); break;
+    case 4: f.template operator()<4>(); break;
+    case 5: f.template operator()<5>(); break;
+    case 6: f.template operator()<6>(); break;
+    case 7: f.template operator()<7>(); break;
+    default: f.template operator()<8>(); break;
+  }
+}
+
+// Splits the blocks of output rows over torch's own thread pool; within a block, rows of x
+// go 8 at a time. tile(block, m0, rows) does the work.
+template <typename Tile>
+void for_blocks(int64_t M, int64_t nblk, int64_t block_bytes, const Tile& tile) {
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / block_bytes);  // >= 64 KB per task
+  at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++)
+      for (int64_t m0 = 0; m0 < M; m0 += MR) tile(b, m0, std::min(MR, M - m0));
+  });
+}
+
+__mmask16 first_n(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// y[0:n] = acc (+ bias[0:n]) for the n <= 16 outputs that exist (the last block is padded).
+void store(float* y, const float* bias, __m512 acc, int64_t n) {
+  const __mmask16 mask = first_n(n);
+  if (bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, bias));
+  _mm512_mask_storeu_ps(y, mask, acc);
+}
+
+// subtle: GCC copies every accumulator twice per vpdpbusd when the intrinsic is used in a loop
+// (it does not tie the accumulator to the output register), which halves int8 speed at M = 8.
+__m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+
+// ---- f32: one block is [K][32]; two zmm of outputs per row of x.
+template <int M>
+void f32_tile(const float* x, int64_t K, const float* w, const float* bias, float* y,
+              int64_t ldy, int64_t n) {
+  __m512 acc[M][2];
+  for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k++) {
+    const __m512 w0 = _mm512_loadu_ps(w + k * 32), w1 = _mm512_loadu_ps(w + k * 32 + 16);
+    for (int m = 0; m < M; m++) {
+      const __m512 xm = _mm512_set1_ps(x[m * K + k]);
+      acc[m][0] = _mm512_fmadd_ps(w0, xm, acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(w1, xm, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < M; m++) {
+    store(y + m * ldy, bias, acc[m][0], n);
+    store(y + m * ldy + 16, bias ? bias + 16 : nullptr, acc[m][1], n - 16);
+  }
+}
+
+// ---- bf16: one block is [K/2][32][2]; x arrives as bf16 pairs (one uint32 per two columns).
+template <int M>
+void bf16_tile(const uint32_t* x, int64_t kpairs, const uint32_t* w, const float* bias, float* y,
+               int64_t ldy, int64_t n) {
+  __m512 acc[M][2];
+  for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < kpairs; p++) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * 32);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + p * 32 + 16);
+    for (int m = 0; m < M; m++) {
+      const __m512bh xm = (__m512bh)_mm512_set1_epi32(int(x[m * kpairs + p]));
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xm);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xm);
+    }
+  }
+  for (int m = 0; m < M; m++) {
+    store(y + m * ldy, bias, acc[m][0], n);
+    store(y + m * ldy + 16, bias ? bias + 16 : nullptr, acc[m][1], n - 16);
+  }
+}
+
+// x rows [M, K] float -> [M, kpairs] bf16 pairs, rounded to nearest even, odd K padded with 0.
+std::vector<uint32_t> to_bf16_pairs(const float* x, int64_t M, int64_t K, int64_t kpairs) {
+  std::vector<uint32_t> out(M * kpairs);
+  auto* dst = reinterpret_cast<uint16_t*>(out.data());
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t k = 0; k < 2 * kpairs; k += 16) {
+      const __m512 v = _mm512_maskz_loadu_ps(first_n(K - k), x + m * K + k);
+      const __m256i b = (__m256i)_mm512_cvtneps_pbh(v);
+      _mm256_mask_storeu_epi16(dst + m * 2 * kpairs + k, first_n(2 * kpairs - k), b);
+    }
+  return out;
+}
+
+// ---- int8: x is quantised per row and per group of G columns, like llama.cpp's q8_0:
+// x ~= sx * q with q in [-127, 127]. vpdpbusd multiplies unsigned by signed bytes, so the
+// weight is stored as w + 128 (unsigned) and the extra 128 * sum(q) is subtracted by starting
+// each group's accumulator at corr = -128 * sum(q).
+struct QuantRows {
+  std::vector<int8_t> q;     // [M, Kp]
+  std::vector<float> scale;  // [M, ngroups]
+  std::vector<int32_t> corr;  // [M, ngroups]
+};
+
+QuantRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t G) {
+  const int64_t ng = Kp / G;
+  QuantRows r{std::vector<int8_t>(M * Kp), std::vector<float>(M * ng), std::vector<int32_t>(M * ng)};
+  for (int64_t m = 0; m < M; m++) {
+    const float* xm = x + m * K;
+    for (int64_t g = 0; g < ng; g++) {
+      const int64_t k0 = g * G, k1 = k0 + G;
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t k = k0; k < k1; k += 16)
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(
+                                       first_n(std::min(k1, K) - k), xm + k)));
+      const float d = _mm512_reduce_max_ps(amax) / 127.0f;
+      const __m512 inv = _mm512_set1_ps(d > 0 ? 1.0f / d : 0.0f);
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t k = k0; k < k1; k += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(first_n(std::min(k1, K) - k), xm + k);
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));  // nearest even
+        _mm512_mask_cvtsepi32_storeu_epi8(r.q.data() + m * Kp + k, first_n(k1 - k), q);
+        sum = _mm512_add_epi32(sum, q);
+      }
+      r.scale[m * ng + g] = d;
+      r.corr[m * ng + g] = -128 * _mm512_reduce_add_epi32(sum);
+    }
+  }
+  return r;
+}
+
+template <int M>
+void int8_tile(const QuantRows& xr, int64_t m0, int64_t Kp, int64_t G, const uint8_t* w,
+               const uint16_t* scales, const float* bias, float* y, int64_t ldy, int64_t n) {
+  const int64_t ng = Kp / G, quads = G / 4;
+  const int8_t* xq = xr.q.data() + m0 * Kp;
+  const float* sx = xr.scale.data() + m0 * ng;
+  const int32_t* corr = xr.corr.data() + m0 * ng;
+  __m512 acc[M];
+  for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; g++) {
+    __m512i iacc[M];
+    for (int m = 0; m < M; m++) iacc[m] = _mm512_set1_epi32(corr[m * ng + g]);
+    const uint8_t* wg = w + g * G * 16;
+    for (int64_t p = 0; p < quads; p++) {
+      const __m512i wq = _mm512_loadu_si512(wg + p * 64);
+      for (int m = 0; m < M; m++) {
+        int32_t x4;
+        std::memcpy(&x4, xq + m * Kp + g * G + p * 4, 4);
+        iacc[m] = dpbusd(iacc[m], wq, _mm512_set1_epi32(x4));
+      }
+    }
+    const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(scales + g * 16)));
+    for (int m = 0; m < M; m++) {
+      const __m512 s = _mm512_mul_ps(sw, _mm512_set1_ps(sx[m * ng + g]));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]), s, acc[m]);
+    }
+  }
+  for (int m = 0; m < M; m++) store(y + m * ldy, bias, acc[m], n);
+}
+
+// ---- ops. Shapes and dtypes are checked in Python (packing.py); these checks guard memory.
+
+const float* bias_ptr(const std::optional<at::Tensor>& bias, int64_t n) {
+  if (!bias) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
+              "bias must be a contiguous float32 tensor of ", n, " values");
+  return bias->data_ptr<float>();
+}
+
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be a contiguous [M, K] float32 tensor");
+}
+
+at::Tensor gemv_f32(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                    int64_t n) {
+  check_x(x);
+  const int64_t M = x.size(0), K = x.size(1), nblk = w.size(0);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 3 &&
+                  w.size(1) == K && w.size(2) == 32 && nblk * 32 >= n,
+              "f32 weight must be [ceil(N/32), K, 32]");
+  const float* b = bias_ptr(bias, n);
+  at::Tensor y = at::empty({M, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_blocks(M, nblk, K * 32 * 4, [&](int64_t blk, int64_t m0, int64_t rows) {
+    with_rows(rows, [&]<int R>() {
+      f32_tile<R>(xp + m0 * K, K, wp + blk * K * 32, b ? b + blk * 32 : nullptr,
+                  yp + m0 * n + blk * 32, n, n - blk * 32);
+    });
+  });
+  return y;
+}
+
+at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w,
+                     const std::optional<at::Tensor>& bias, int64_t n) {
+  check_x(x);
+  const int64_t M = x.size(0), K = x.size(1), nblk = w.size(0), kpairs = w.size(1);
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.dim() == 4 &&
+                  kpairs == (K + 1) / 2 && w.size(2) == 32 && w.size(3) == 2 && nblk * 32 >= n,
+              "bf16 weight must be [ceil(N/32), ceil(K/2), 32, 2]");
+  const float* b = bias_ptr(bias, n);
+  at::Tensor y = at::empty({M, n}, x.options());
+  const std::vector<uint32_t> xb = to_bf16_pairs(x.data_ptr<float>(), M, K, kpairs);
+  const auto* wp = static_cast<const uint32_t*>(w.data_ptr());
+  float* yp = y.data_ptr<float>();
+  for_blocks(M, nblk, kpairs * 32 * 4, [&](int64_t blk, int64_t m0, int64_t rows) {
+    with_rows(rows, [&]<int R>() {
+      bf16_tile<R>(xb.data() + m0 * kpairs, kpairs, wp + blk * kpairs * 32,
+                   b ? b + blk * 32 : nullptr, yp + m0 * n + blk * 32, n, n - blk * 32);
+    });
+  });
+  return y;
+}
+
+at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& bias, int64_t n, int64_t group_size) {
+  check_x(x);
+  const int64_t M = x.size(0), K = x.size(1), nblk = w.size(0), Kp = w.size(1) * 4;
+  const int64_t G = group_size;
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 4 &&
+                  w.size(2) == 16 && w.size(3) == 4 && nblk * 16 >= n,
+              "int8 weight must be [ceil(N/16), Kp/4, 16, 4] uint8");
+  TORCH_CHECK(G > 0 && G % 4 == 0 && Kp % G == 0 && Kp >= K && Kp - K < G,
+              "group size must be a multiple of 4 dividing the padded K");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  scales.numel() == nblk * (Kp / G) * 16,
+              "int8 scales must be [ceil(N/16), Kp/G, 16] float16");
+  const float* b = bias_ptr(bias, n);
+  at::Tensor y = at::empty({M, n}, x.options());
+  const QuantRows xr = quantize_rows(x.data_ptr<float>(), M, K, Kp, G);
+  const auto* wp = static_cast<const uint8_t*>(w.data_ptr());
+  const auto* sp = static_cast<const uint16_t*>(scales.data_ptr());
+  float* yp = y.data_ptr<float>();
+  for_blocks(M, nblk, Kp * 16, [&](int64_t blk, int64_t m0, int64_t rows) {
+    with_rows(rows, [&]<int R>() {
+      int8_tile<R>(xr, m0, Kp, G, wp + blk * Kp * 16, sp + blk * (Kp / G) * 16,
+                   b ? b + blk * 16 : nullptr, yp + m0 * n + blk * 16, n, n - blk * 16);
+    });
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tinyformers, m) {
+  m.def("gemv_f32(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor", &gemv_f32);
+  m.def("gemv_bf16(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor", &gemv_bf16);
+  m.def("gemv_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias, int n, int group_size) -> Tensor",
+        &gemv_int8);
+}
