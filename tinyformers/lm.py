@@ -8,22 +8,41 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from tinyformers.errors import TinyformersError
+from tinyformers.generation import (
+    GenerationStats,
+    SamplingParams,
+    fit_context,
+    generate_tokens,
+    stream_text,
+)
+from tinyformers.loading.checkpoint import read_json
 from tinyformers.loading.loader import load_model
 
 
 class LanguageModel:
     """A loaded model. Example: `tinyformers.load("gpt2").generate("Hello", max_new_tokens=20)`."""
 
-    def __init__(self, net: nn.Module, tokenizer, source: Path, load_seconds: float = 0.0):
+    def __init__(
+        self,
+        net: nn.Module,
+        tokenizer,
+        source: Path,
+        eos_ids: set[int],
+        load_seconds: float = 0.0,
+    ) -> None:
         self.net = net
         self.tokenizer = tokenizer
         self.source = source
+        self.eos_ids = eos_ids  # every id that ends a sequence (Llama 3 style models have several)
         self.load_seconds = load_seconds
+        self.last_stats = GenerationStats()  # token counts and timings of the last generation
 
     @property
     def config(self):
@@ -45,6 +64,105 @@ class LanguageModel:
                 attention_mask = torch.as_tensor(attention_mask, device=self.device)
             return self.net(input_ids, attention_mask)
 
+    def generate(
+        self,
+        prompt: str | list[str],
+        max_new_tokens: int = 256,
+        *,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repetition_penalty: float = 1.0,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        truncate: bool = False,
+    ) -> str | list[str]:
+        """The continuation of `prompt` (a list of prompts gives a list, generated as one batch).
+
+        temperature 0 is greedy; top_k 0, top_p 1, min_p 0 and repetition_penalty 1 are off.
+        Generation ends at an EOS token, a `stop` string (cut from the text) or max_new_tokens.
+        A prompt that does not fit the context with max_new_tokens raises ContextLengthError,
+        unless `truncate` keeps its most recent tokens.
+        """
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        texts = [""] * len(prompts)
+        for row, delta in self._stream(prompts, max_new_tokens, params, stop, truncate):
+            texts[row] += delta
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(
+        self, prompt: str | list[int], max_new_tokens: int = 256, **options
+    ) -> Iterator[str]:
+        """The continuation of `prompt` (text, or token ids such as a rendered chat) as text
+        deltas, each as soon as it is complete UTF-8.
+
+        Takes the same options as `generate`; the deltas concatenate to what it returns.
+        """
+        stop, truncate = options.pop("stop", None), options.pop("truncate", False)
+        params = SamplingParams(**options)
+        for _, delta in self._stream([prompt], max_new_tokens, params, stop, truncate):
+            yield delta
+
+    def generate_ids(
+        self,
+        input_ids: list[int] | list[list[int]] | Tensor,
+        max_new_tokens: int = 256,
+        **options,
+    ) -> list[int] | list[list[int]]:
+        """New token ids for prompt ids (one list, or a batch of lists of any lengths).
+
+        Each row ends after its EOS token (included) or max_new_tokens. Options as `generate`,
+        except `stop` (stop strings need text: use `generate`).
+        """
+        truncate = options.pop("truncate", False)
+        params = SamplingParams(**options)
+        if isinstance(input_ids, Tensor):
+            input_ids = input_ids.tolist()
+        single = bool(input_ids) and isinstance(input_ids[0], int)
+        prompts = [input_ids] if single else input_ids
+        prompts = [self._fit(list(p), max_new_tokens, truncate) for p in prompts]
+        out: list[list[int]] = [[] for _ in prompts]
+        self.last_stats = GenerationStats()
+        steps = generate_tokens(
+            self.net, prompts, max_new_tokens, params, self.eos_ids, stats=self.last_stats
+        )
+        for tokens in steps:
+            for row, token in enumerate(tokens):
+                if token is not None:
+                    out[row].append(token)
+        return out[0] if single else out
+
+    def _stream(self, prompts, max_new_tokens, params, stop, truncate):
+        if self.tokenizer is None:
+            raise TinyformersError(
+                f"{self.source}: no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
+                "use generate_ids with token ids"
+            )
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        ids = [p if isinstance(p, list) else self._encode(p) for p in prompts]
+        ids = [self._fit(p, max_new_tokens, truncate) for p in ids]
+        self.last_stats = GenerationStats()
+        return stream_text(
+            self.net,
+            self.tokenizer,
+            ids,
+            max_new_tokens,
+            params,
+            self.eos_ids,
+            stop,
+            self.last_stats,
+        )
+
+    def _encode(self, prompt: str) -> list[int]:
+        ids = self.tokenizer.encode(prompt)
+        bos = self.tokenizer.bos_token_id
+        return ids if ids or bos is None else [bos]  # an empty prompt starts from BOS
+
+    def _fit(self, prompt: list[int], max_new_tokens: int, truncate: bool) -> list[int]:
+        return fit_context(prompt, max_new_tokens, self.config.context_length, truncate)
+
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.net.parameters())
         name = type(self.net).__name__
@@ -63,7 +181,8 @@ def load(
     start = time.perf_counter()
     net, path = load_model(name_or_path, dtype, device)
     tokenizer = _tokenizer_for(path)
-    return LanguageModel(net, tokenizer, path, time.perf_counter() - start)
+    eos_ids = _eos_ids(net.config, tokenizer, path)
+    return LanguageModel(net, tokenizer, path, eos_ids, time.perf_counter() - start)
 
 
 def _tokenizer_for(path: Path):
@@ -74,3 +193,16 @@ def _tokenizer_for(path: Path):
         (path / f).is_file() for f in ("tokenizer.json", "vocab.json")
     )
     return load_tokenizer(path) if has_files else None
+
+
+def _eos_ids(config, tokenizer, path: Path) -> set[int]:
+    """EOS ids from every place a checkpoint declares them (vllm #4180: honour all of them)."""
+    declared = [config.eos_token_id]
+    if tokenizer is not None:
+        declared += tokenizer.eos_token_ids
+    if path.is_dir() and (path / "generation_config.json").is_file():
+        declared.append(read_json(path / "generation_config.json").get("eos_token_id"))
+    ids: set[int] = set()
+    for value in declared:
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    return ids
