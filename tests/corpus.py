@@ -243,3 +243,12 @@ def hf_gpt2():
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
     return hf
+
+
+@lru_cache(maxsize=1)
+def hf_smollm_from_gguf():
+    """transformers' own GGUF -> tokenizer conversion of the SmolLM2 file (about 5 s)."""
+    import transformers
+
+    gguf = smollm2_gguf()
+    return transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
