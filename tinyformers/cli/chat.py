@@ -1,0 +1,131 @@
+"""`tinyformers chat`: talk with an instruct model.
+
+On a terminal: a prompt with line editing and history; each answer streams as it is generated.
+Otherwise: all of stdin is one message, the answer goes to stdout, and the command exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+from tinyformers.chat import Conversation
+from tinyformers.cli.options import (
+    add_model_arguments,
+    add_sampling_arguments,
+    load_from_args,
+    sampling_options,
+)
+from tinyformers.errors import TinyformersError
+
+HELP = """\
+/reset        forget the conversation (the system message stays)
+/system TEXT  set the system message and start over (/system alone: the template's default)
+/help         this list
+/quit, /exit  leave (Ctrl-D too)
+Ctrl-C stops an answer; what was shown of it stays in the conversation."""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("chat", help="talk with an instruct model", description=__doc__)
+    add_model_arguments(p)
+    add_sampling_arguments(p, max_new_tokens=512)
+    p.add_argument("--system", "-s", help="system message (default: the chat template's, if any)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if sys.stdin.isatty():
+        return _repl(_load(args), args)
+    message = sys.stdin.read().strip()
+    if not message:
+        raise TinyformersError("stdin is empty: no message to answer")
+    model = _load(args)
+    _answer(model, Conversation(args.system, [{"role": "user", "content": message}]), args)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    """The model, refused now rather than at the first message if it cannot chat."""
+    model = load_from_args(args)
+    if model.tokenizer is None or model.tokenizer.chat_template is None:
+        raise TinyformersError(
+            f"{model.source}: no chat template in the tokenizer files (a base model?); "
+            "`tinyformers generate` continues plain text"
+        )
+    return model
+
+
+def _repl(model, args: argparse.Namespace) -> int:
+    with contextlib.suppress(ImportError):  # Windows has no readline: plain input()
+        import readline  # noqa: F401  (gives input() line editing and history)
+    chat = Conversation(args.system)
+    print("Type a message; /help lists commands; Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except KeyboardInterrupt:  # as in a shell: drop the line, prompt again
+            print()
+            continue
+        except EOFError:
+            print()
+            return 0
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if _command(line, chat):
+                return 0
+            continue
+        chat.turns.append({"role": "user", "content": line})
+        try:
+            _answer(model, chat, args)
+        except KeyboardInterrupt:
+            print("\n[interrupted]", end="", file=sys.stderr)
+        except TinyformersError as e:  # a message too long, a template that refuses a role
+            print(f"error: {e}", file=sys.stderr)
+        if chat.turns[-1]["role"] == "user":  # no answer was started: forget the message
+            chat.turns.pop()
+        print("\n")  # end the answer's line, then a blank line
+
+
+def _command(line: str, chat: Conversation) -> bool:
+    """Run a /command; True when it asks to quit."""
+    name, _, text = line.strip().partition(" ")
+    if name in ("/quit", "/exit"):
+        return True
+    if name == "/reset":
+        chat.turns.clear()
+        print("[conversation cleared]", file=sys.stderr)
+    elif name == "/system":
+        chat.system = text.strip() or None
+        chat.turns.clear()
+        state = "set" if chat.system else "back to the template's default"
+        print(f"[system message {state}; conversation cleared]", file=sys.stderr)
+    elif name in ("/help", "/?"):
+        print(HELP, file=sys.stderr)
+    else:
+        print(f"unknown command {name}; /help lists them", file=sys.stderr)
+    return False
+
+
+def _answer(model, chat: Conversation, args: argparse.Namespace) -> None:
+    """Stream the answer to the last user message to stdout and add it to the conversation."""
+    context = model.config.context_length
+    ids, dropped = chat.fit(model.tokenizer, context, args.max_new_tokens)
+    if dropped:
+        turns = "turn" if dropped == 1 else "turns"
+        print(
+            f"[dropped {dropped} oldest {turns} to fit the {context}-token context]",
+            file=sys.stderr,
+        )
+    answer = ""
+    try:
+        # Token ids go in as they are: the template wrote every BOS the model needs.
+        for delta in model.stream(ids, args.max_new_tokens, **sampling_options(args)):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+            answer += delta
+    finally:  # Ctrl-C included: the part the user saw is part of the conversation
+        chat.turns.append({"role": "assistant", "content": answer})
