@@ -184,3 +184,17 @@ def test_tokenizer_json_that_is_not_byte_level(tmp_path, change, message):
     write_json(tmp_path, {**json.loads(tiny_bpe(False).to_str()), **change})
     with pytest.raises(TokenizerError, match=rf"tokenizer\.json: {message}"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [1, 2],
+        {"model": None},
+        {"model": {"type": "BPE"}, "decoder": {"type": "ByteLevel"}, "added_tokens": [{"id": 1}]},
+    ],
+)
+def test_tokenizer_json_with_the_wrong_structure(tmp_path, data):
+    write_json(tmp_path, data)
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json: not the structure of a tokenizer"):
+        load_tokenizer(tmp_path)

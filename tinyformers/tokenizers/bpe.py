@@ -100,7 +100,7 @@ class Tokenizer:
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
-        # The model loader appends generation_config's extra stop ids here.
+        # More stop ids (generation_config.json's eos list) get appended by the loaders.
         self.eos_token_ids: list[int] = [] if eos_token_id is None else [eos_token_id]
         self.bos_token = None if bos_token_id is None else self.id_to_text(bos_token_id)
         self.eos_token = None if eos_token_id is None else self.id_to_text(eos_token_id)

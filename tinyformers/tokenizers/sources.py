@@ -113,7 +113,14 @@ def _gguf_list(metadata: dict[str, Any], key: str, source: str) -> list[str]:
 def from_tokenizer_json(path: Path) -> Tokenizer:
     """A Hugging Face `tokenizer.json` with a byte-level BPE model, plus its folder's side files."""
     data = _read_json(path)
-    model = data.get("model") or {}
+    try:
+        return _from_tokenizer_data(data, path)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise TokenizerError(f"{path}: not the structure of a tokenizer.json ({e!r})") from e
+
+
+def _from_tokenizer_data(data: dict[str, Any], path: Path) -> Tokenizer:
+    model = data["model"]
     if model.get("type") != "BPE":
         raise TokenizerError(
             f"{path}: model type {model.get('type')!r} is not supported (expected 'BPE')"
@@ -259,9 +266,8 @@ def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
     template = config.get("chat_template")
-    if isinstance(
-        template, list
-    ):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+    # Some configs hold several: [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+    if isinstance(template, list):
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     return template
 
