@@ -110,8 +110,10 @@ def test_million_characters_without_spaces_match_hf(tok):
     rng = random.Random(0)
     text = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=1_000_000))
     assert tok.encode(text) == hf_gpt2().encode(text).ids
-    digits = "7" * 200_000  # one \p{N}+ piece where every pair is the same merge
-    assert tok.encode(digits) == hf_gpt2().encode(digits).ids
+    # one \p{N}+ piece where every pair is the same merge; whitespace runs that end in the
+    # \s+(?!\S) lookahead (tiktoken 0.14's regex overflows its stack on the spaces)
+    for run in ["7" * 200_000, " " * 1_000_000 + "a", "\n" * 200_000]:
+        assert tok.encode(run) == hf_gpt2().encode(run).ids
 
 
 # -- sources and their errors ----------------------------------------------------------------
