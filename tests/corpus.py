@@ -204,6 +204,15 @@ def smollm2_gguf() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def llama_cpp_vectors(name: str) -> list[tuple[str, list[int]]]:
+    """llama.cpp's `.inp`/`.out` pairs: inputs split on the marker, read as bytes (README)."""
+    inputs = (PEER_DIR / f"ggml-vocab-{name}.gguf.inp").read_bytes().decode("utf-8")
+    inputs = inputs.split("\n__ggml_vocab_test__\n")[:-1]  # the last marker leaves one empty item
+    outputs = (PEER_DIR / f"ggml-vocab-{name}.gguf.out").read_bytes().decode("utf-8")
+    ids = [[int(i) for i in line.split()] for line in outputs.split("\n")[: len(inputs)]]
+    return list(zip(inputs, ids, strict=True))
+
+
 def utf8_safe(text: str) -> str:
     """tiktoken's fix-up for lone surrogates (HF tokenizers refuses such strings)."""
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")

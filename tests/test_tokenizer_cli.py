@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from corpus import GPT2_DIR, tiktoken_gpt2
-from test_tokenizer_gguf import llama_cpp_vectors
+from corpus import GPT2_DIR, llama_cpp_vectors, tiktoken_gpt2
 
 from tinyformers.cli import main
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from corpus import GPT2_DIR, PEER_DIR, hf_smollm_from_gguf, smollm2_gguf
+from corpus import GPT2_DIR, PEER_DIR, hf_smollm_from_gguf, llama_cpp_vectors, smollm2_gguf
 from gguf import GGUFReader
 
 from tinyformers.errors import TokenizerError
@@ -11,15 +11,6 @@ from tinyformers.loading.gguf import read_gguf
 from tinyformers.tokenizers import from_gguf_metadata, load_tokenizer
 
 GPT2_GGUF = PEER_DIR / "ggml-vocab-gpt-2.gguf"
-
-
-def llama_cpp_vectors(name: str) -> list[tuple[str, list[int]]]:
-    """llama.cpp's `.inp`/`.out` pairs: inputs split on the marker, read as bytes (README)."""
-    inputs = (PEER_DIR / f"ggml-vocab-{name}.gguf.inp").read_bytes().decode("utf-8")
-    inputs = inputs.split("\n__ggml_vocab_test__\n")[:-1]  # the last marker leaves one empty item
-    outputs = (PEER_DIR / f"ggml-vocab-{name}.gguf.out").read_bytes().decode("utf-8")
-    ids = [[int(i) for i in line.split()] for line in outputs.split("\n")[: len(inputs)]]
-    return list(zip(inputs, ids, strict=True))
 
 
 def reference_metadata(path) -> dict:
