@@ -10,9 +10,9 @@ import torch
 from conftest import hf_gpt2, left_padded_batch
 
 import tinyformers
-from tinyformers.generation import SamplingParams
 from tinyformers.generation import sampling as S
 from tinyformers.generation.generate import StopText
+from tinyformers.generation.params import SamplingParams
 
 GREEDY = {"temperature": 0}
 

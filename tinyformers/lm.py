@@ -15,13 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from tinyformers.errors import TinyformersError
-from tinyformers.generation import (
+from tinyformers.generation.generate import (
     GenerationStats,
-    SamplingParams,
     fit_context,
     generate_tokens,
     stream_text,
 )
+from tinyformers.generation.params import SamplingParams
 from tinyformers.loading.checkpoint import read_json
 from tinyformers.loading.loader import load_model
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tinyformers.generation import SamplingParams
+from tinyformers.generation.params import SamplingParams
 
 DEFAULTS = SamplingParams()
 
