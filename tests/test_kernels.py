@@ -140,6 +140,12 @@ def test_batched_noncontiguous_and_bf16_inputs(fmt):
     assert torch.allclose(yb.float(), kernels.linear(x.bfloat16().float(), p, b), atol=0.1)
 
 
+def test_wrong_input_width_raises():
+    p = kernels.pack(torch.randn(8, 70), "bf16")  # 69 columns would fit the 35 padded pairs
+    with pytest.raises(RuntimeError, match="x has 69 columns, the weight 70"):
+        kernels.linear(torch.randn(2, 69), p)
+
+
 @needs_kernels
 def test_results_do_not_depend_on_the_thread_count():
     w, b, x = case(1000, 256, 8)

@@ -197,19 +197,26 @@ const float* bias_ptr(const std::optional<at::Tensor>& bias, int64_t n) {
 }
 
 void check_x(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "x must be a contiguous [M, K] float32 tensor");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be a contiguous [..., K > 0] float32 tensor");
+}
+
+// y [..., n] for x [..., K]: reshaping here saves two Python-side views per call.
+at::Tensor empty_out(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return at::empty(shape, x.options());
 }
 
 at::Tensor gemv_f32(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                     int64_t n) {
   check_x(x);
-  const int64_t M = x.size(0), K = x.size(1), nblk = w.size(0);
+  const int64_t K = x.size(-1), M = x.numel() / K, nblk = w.size(0);
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 3 &&
                   w.size(1) == K && w.size(2) == 32 && nblk * 32 >= n,
               "f32 weight must be [ceil(N/32), K, 32]");
   const float* b = bias_ptr(bias, n);
-  at::Tensor y = at::empty({M, n}, x.options());
+  at::Tensor y = empty_out(x, n);
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -225,12 +232,12 @@ at::Tensor gemv_f32(const at::Tensor& x, const at::Tensor& w, const std::optiona
 at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w,
                      const std::optional<at::Tensor>& bias, int64_t n) {
   check_x(x);
-  const int64_t M = x.size(0), K = x.size(1), nblk = w.size(0), kpairs = w.size(1);
+  const int64_t K = x.size(-1), M = x.numel() / K, nblk = w.size(0), kpairs = w.size(1);
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.dim() == 4 &&
                   kpairs == (K + 1) / 2 && w.size(2) == 32 && w.size(3) == 2 && nblk * 32 >= n,
               "bf16 weight must be [ceil(N/32), ceil(K/2), 32, 2]");
   const float* b = bias_ptr(bias, n);
-  at::Tensor y = at::empty({M, n}, x.options());
+  at::Tensor y = empty_out(x, n);
   const std::vector<uint32_t> xb = to_bf16_pairs(x.data_ptr<float>(), M, K, kpairs);
   const auto* wp = static_cast<const uint32_t*>(w.data_ptr());
   float* yp = y.data_ptr<float>();
@@ -246,7 +253,7 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w,
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                      const std::optional<at::Tensor>& bias, int64_t n, int64_t group_size) {
   check_x(x);
-  const int64_t M = x.size(0), K = x.size(1), nblk = w.size(0), Kp = w.size(1) * 4;
+  const int64_t K = x.size(-1), M = x.numel() / K, nblk = w.size(0), Kp = w.size(1) * 4;
   const int64_t G = group_size;
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 4 &&
                   w.size(2) == 16 && w.size(3) == 4 && nblk * 16 >= n,
@@ -257,7 +264,7 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
                   scales.numel() == nblk * (Kp / G) * 16,
               "int8 scales must be [ceil(N/16), Kp/G, 16] float16");
   const float* b = bias_ptr(bias, n);
-  at::Tensor y = at::empty({M, n}, x.options());
+  at::Tensor y = empty_out(x, n);
   const QuantRows xr = quantize_rows(x.data_ptr<float>(), M, K, Kp, G);
   const auto* wp = static_cast<const uint8_t*>(w.data_ptr());
   const auto* sp = static_cast<const uint16_t*>(scales.data_ptr());

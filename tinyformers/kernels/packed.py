@@ -127,18 +127,21 @@ def linear(x: Tensor, w: PackedWeight, bias: Tensor | None = None) -> Tensor:
     Runs the kernel on CPU tensors when it is available (computing in float32), torch's
     F.linear on the dense weight otherwise (CUDA, autograd, no kernels).
     """
-    ops, _ = load_ops()
-    if ops is None or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+    # subtle: this runs ~200 times per token for a small model, so every check here is a cheap
+    # one (views are made in C++, buffers read without nn.Module.__getattr__).
+    ops = load_ops()[0]
+    if ops is None or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
         return F.linear(x, w.dense().to(x.dtype), bias)
-    x2 = x.reshape(-1, w.k)
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.float().contiguous()
+    if x.shape[-1] != w.k:
+        raise RuntimeError(f"kernels.linear: x has {x.shape[-1]} columns, the weight {w.k}")
+    x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.float().contiguous()
+    buffers = w._buffers
     if w.fmt == "f32":
-        y = ops.gemv_f32(x2, w.data, bias, w.n)
+        y = ops.gemv_f32(x32, buffers["data"], bias, w.n)
     elif w.fmt == "bf16":
-        y = ops.gemv_bf16(x2, w.data, bias, w.n)
+        y = ops.gemv_bf16(x32, buffers["data"], bias, w.n)
     else:
-        y = ops.gemv_int8(x2, w.data, w.scales, bias, w.n, w.group_size)
-    return y.view(*x.shape[:-1], w.n).to(x.dtype)
+        y = ops.gemv_int8(x32, buffers["data"], buffers["scales"], bias, w.n, w.group_size)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
