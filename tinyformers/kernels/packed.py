@@ -1,7 +1,7 @@
 """Pack a weight once at load into the layout its kernel streams, then multiply by it.
 
-Layouts (gemv.cpp has the picture): blocks of 32 output rows (16 for int8) stored as one
-contiguous stream each; N is padded with zero rows to whole blocks, K to the format's step.
+Layouts (gemv.cpp has the picture): blocks of 32 output rows (16 for int8 and q4) stored as
+one contiguous stream each; N is padded with zero rows to whole blocks, K to the format's step.
 """
 
 import torch
@@ -10,9 +10,10 @@ from torch import Tensor, nn
 
 from ..errors import TinyformersError
 from .build import load_ops
+from .quantize import pad, quantize_int8, quantize_q4
 
-FORMATS = ("f32", "bf16", "int8")
-BLOCK = {"f32": 32, "bf16": 32, "int8": 16}  # output rows per block
+FORMATS = ("f32", "bf16", "int8", "q4")
+BLOCK = {"f32": 32, "bf16": 32, "int8": 16, "q4": 16}  # output rows per block
 
 
 class PackedWeight(nn.Module):
@@ -34,39 +35,26 @@ class PackedWeight(nn.Module):
         self.register_buffer("scales", scales)
 
     def extra_repr(self) -> str:
-        group = f", group_size={self.group_size}" if self.fmt == "int8" else ""
+        group = f", group_size={self.group_size}" if self.group_size else ""
         return f"{self.fmt}, n={self.n}, k={self.k}{group}"
 
     def dense(self) -> Tensor:
-        """[N, K] float32: the weight exactly as the kernel sees it (dequantised for int8)."""
-        nb, nk = self.data.shape[0] * BLOCK[self.fmt], self.data.shape[1]
-        if self.fmt == "f32":  # [nb/32, K, 32] -> [nb, K]
-            w = self.data.transpose(1, 2).reshape(nb, nk)
-        elif self.fmt == "bf16":  # [nb/32, Kp/2, 32, 2] -> [nb, Kp]
-            w = self.data.permute(0, 2, 1, 3).reshape(nb, nk * 2).float()
-        else:  # [nb/16, Kp/4, 16, 4] uint8 (w + 128), scales [nb/16, Kp/G, 16] -> [nb, Kp]
-            q = self.data.permute(0, 2, 1, 3).reshape(nb, nk * 4).float() - 128
-            s = self.scales.permute(0, 2, 1).reshape(nb, -1).float()
-            w = q * s.repeat_interleave(self.group_size, dim=1)
+        """[N, K] float32: the weight exactly as the kernel sees it (dequantised if quantised)."""
+        data, rows = self.data, self.data.shape[0] * BLOCK[self.fmt]
+        if self.fmt == "f32":  # (N/32, K, 32)
+            w = data.transpose(1, 2).reshape(rows, -1)
+        elif self.fmt == "bf16":  # (N/32, Kp/2, 32, 2)
+            w = data.permute(0, 2, 1, 3).reshape(rows, -1).float()
+        elif self.fmt == "int8":  # (N/16, Kp/4, 16, 4) holding w + 128; scales (N/16, Kp/G, 16)
+            q = data.permute(0, 2, 1, 3).reshape(rows, -1).float() - 128
+            d = self.scales.transpose(1, 2).reshape(rows, -1).float()
+            w = q * d.repeat_interleave(self.group_size, dim=1)
+        else:  # q4: (N/16, Kp/32, 4, 16, 4) nibble pairs; scales (N/16, Kp/32, 2, 16): d, m
+            q = torch.stack([data & 15, data >> 4], dim=2)  # (N/16, Kp/32, 2, 4, 16, 4)
+            q = q.permute(0, 4, 1, 2, 3, 5).reshape(rows, -1).float()
+            d, m = self.scales.permute(2, 0, 3, 1).reshape(2, rows, -1).float()
+            w = q * d.repeat_interleave(32, dim=1) + m.repeat_interleave(32, dim=1)
         return w[: self.n, : self.k]
-
-
-def _pad(t: Tensor, rows: int, cols: int) -> Tensor:
-    """Zero-pad a 2-D tensor at the end up to multiples of rows and cols."""
-    return F.pad(t, (0, -t.shape[1] % cols, 0, -t.shape[0] % rows))
-
-
-def quantize_int8(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per group of G columns, as GGUF Q8_0 does for G = 32: d = max|w| / 127,
-    q = round(w / d) with ties away from zero. Returns q [N, Kp] int8 and d [N, Kp/G] float16,
-    K zero-padded to Kp, a multiple of G."""
-    w = _pad(weight.float(), 1, group_size)
-    blocks = w.view(w.shape[0], -1, group_size)  # (N, Kp/G, G)
-    d = blocks.abs().amax(-1, keepdim=True) / 127
-    a = (blocks * torch.where(d == 0, 0.0, 1 / d)).abs()  # subtle: ggml multiplies by 1/d
-    # subtle: floor(a + 0.5) rounds 0.49999997 up (the sum rounds to 1.0); ggml's roundf does not
-    q = blocks.sign() * (a.floor() + (2 * (a - a.floor())).floor())
-    return q.to(torch.int8).view_as(w), d.squeeze(-1).half()
 
 
 def _check(fmt: str, group_size: int) -> None:
@@ -77,48 +65,69 @@ def _check(fmt: str, group_size: int) -> None:
             f"kernels.pack: int8 group_size {group_size} must be a positive "
             "multiple of 4 (vpdpbusd reads 4 columns at once)"
         )
+    if fmt == "q4" and group_size != 32:
+        raise TinyformersError(f"kernels.pack: q4 group_size is 32 (GGUF's), not {group_size}")
 
 
 def pack(weight: Tensor, fmt: str, *, group_size: int = 32) -> PackedWeight:
-    """Repack (and for int8, quantise) a weight [N, K] for `linear`.
+    """Repack (and for int8 and q4, quantise) a weight [N, K] for `linear`.
 
-    fmt: "f32", "bf16" (rounded to nearest even) or "int8" (one fp16 scale per group_size
-    input columns; 32 = GGUF Q8_0, K = per output channel).
+    fmt: "f32"; "bf16" (rounded to nearest even); "int8" (GGUF Q8_0's rounding, one fp16 scale
+    per group_size input columns: 32 = Q8_0, K = per output channel); "q4" (GGUF Q4_1's).
     Example: w = pack(layer.weight, "int8"); y = linear(x, w, layer.bias)
     """
     n, k = weight.shape
     _check(fmt, group_size)
     if fmt == "int8":
-        q, scales = quantize_int8(weight, group_size)
-        return _pack_int8(q, scales, k)
+        return _pack_int8(*quantize_int8(weight, group_size), k)
+    if fmt == "q4":
+        return _pack_q4(*quantize_q4(weight), k)
     step = 1 if fmt == "f32" else 2
-    w = _pad(weight.to(torch.float32 if fmt == "f32" else torch.bfloat16), 32, step)
+    w = pad(weight.to(torch.float32 if fmt == "f32" else torch.bfloat16), 32, step)
     blocks = w.view(w.shape[0] // 32, 32, w.shape[1] // step, step)  # (N/32, 32, K/step, step)
     data = blocks.permute(0, 2, 1, 3).contiguous()  # (N/32, K/step, 32, step)
     return PackedWeight(fmt, n, k, data.squeeze(-1) if fmt == "f32" else data)
 
 
-def pack_quantized(q: Tensor, scales: Tensor) -> PackedWeight:
-    """Pack int8 weights that are already quantised, without requantising: q [N, K] int8 and
-    scales [N, K/G] (GGUF Q8_0 blocks give G = 32). Scales are stored as float16."""
+def pack_quantized(q: Tensor, scales: Tensor, mins: Tensor | None = None) -> PackedWeight:
+    """Pack GGUF-style quantised weights as they are, without requantising.
+
+    int8: q [N, K] int8, scales [N, K/G] (Q8_0: G = 32).
+    q4: q [N, K] uint8 in 0..15, scales and mins [N, K/32], w = scales * q + mins
+    (Q4_1 as stored; Q4_0 is mins = -8 * scales). Scales and mins are stored as float16.
+    """
     n, k = q.shape
-    group_size = k // scales.shape[1]
-    if q.dtype != torch.int8 or scales.shape[0] != n or group_size * scales.shape[1] != k:
+    want = torch.int8 if mins is None else torch.uint8
+    group_size = k // max(scales.shape[-1], 1)
+    shapes = [scales.shape] + ([] if mins is None else [mins.shape])
+    if q.dtype != want or any(s != (n, k // group_size) for s in shapes) or k % group_size:
         raise TinyformersError(
-            f"kernels.pack_quantized: q {tuple(q.shape)} {q.dtype} and scales "
-            f"{tuple(scales.shape)} are not int8 [N, K] and [N, K/G]"
+            f"kernels.pack_quantized: q {tuple(q.shape)} {q.dtype}, scales {tuple(scales.shape)}"
+            f" do not fit {want} [N, K] and [N, K/G]"
         )
-    _check("int8", group_size)
-    return _pack_int8(q, scales.half(), k)
+    _check("int8" if mins is None else "q4", group_size)
+    if mins is None:
+        return _pack_int8(q, scales.half(), k)
+    return _pack_q4(q, scales.half(), mins.half(), k)
 
 
 def _pack_int8(q: Tensor, scales: Tensor, k: int) -> PackedWeight:
     n, kp = q.shape
     group_size = kp // scales.shape[1]
-    u8 = (_pad(q, 16, 1).to(torch.int16) + 128).to(torch.uint8)  # vpdpbusd wants unsigned w
+    u8 = (pad(q, 16, 1).to(torch.int16) + 128).to(torch.uint8)  # vpdpbusd wants unsigned w
     data = u8.view(-1, 16, kp // 4, 4).permute(0, 2, 1, 3).contiguous()  # (N/16, Kp/4, 16, 4)
-    s = _pad(scales, 16, 1).view(-1, 16, kp // group_size).transpose(1, 2).contiguous()
+    s = pad(scales, 16, 1).view(-1, 16, kp // group_size).transpose(1, 2).contiguous()
     return PackedWeight("int8", n, k, data, s, group_size)
+
+
+def _pack_q4(q: Tensor, d: Tensor, m: Tensor, k: int) -> PackedWeight:
+    n, kp = q.shape
+    q = pad(q, 16, 1).view(-1, 16, kp // 32, 2, 4, 4)  # (N/16, 16, groups, half, quad, 4)
+    nibbles = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # quads 0-3 low, quads 4-7 high
+    data = nibbles.permute(0, 2, 3, 1, 4).contiguous()  # (N/16, groups, quad, 16, 4)
+    dm = torch.stack([pad(d, 16, 1), pad(m, 16, 1)], dim=-1)  # (N, groups, 2)
+    scales = dm.view(-1, 16, kp // 32, 2).permute(0, 2, 3, 1).contiguous()  # (N/16, groups, 2, 16)
+    return PackedWeight("q4", n, k, data, scales, 32)
 
 
 def linear(x: Tensor, w: PackedWeight, bias: Tensor | None = None) -> Tensor:
@@ -142,6 +151,8 @@ def linear(x: Tensor, w: PackedWeight, bias: Tensor | None = None) -> Tensor:
         y = ops.gemv_f32(x32, buffers["data"], bias, w.n)
     elif w.fmt == "bf16":
         y = ops.gemv_bf16(x32, buffers["data"], bias, w.n)
-    else:
+    elif w.fmt == "int8":
         y = ops.gemv_int8(x32, buffers["data"], buffers["scales"], bias, w.n, w.group_size)
+    else:
+        y = ops.gemv_q4(x32, buffers["data"], buffers["scales"], bias, w.n)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
