@@ -200,8 +200,8 @@ def status_mb(field):  # VmHWM is this process's own peak (ru_maxrss inherits py
     return int(line.split()[1]) / 1024
 base = status_mb("VmRSS")
 model = tinyformers.load(sys.argv[1])
-storages = {p.data_ptr(): p.numel() * p.element_size() for p in model.net.parameters()}
-weights = sum(storages.values()) / 2**20  # tied lm_head counted once
+tensors = [*model.net.parameters(), *model.net.buffers()]  # packed weights are buffers
+weights = sum({t.data_ptr(): t.nbytes for t in tensors}.values()) / 2**20  # shared ones once
 print(f"{weights:.1f} {status_mb('VmHWM') - base:.1f}")
 """
 

@@ -173,13 +173,22 @@ def load(
     name_or_path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    quantize: str | None = None,
 ) -> LanguageModel:
     """Load a checkpoint folder, a .gguf file or a Hugging Face name (cache first, then the Hub).
 
     dtype: float32 (default), bfloat16 or float16; device: cpu (default) or cuda.
+    quantize: "int8" stores every matrix as int8 with a scale per 32 weights (GGUF Q8_0's
+    layout) and computes in float32: the fastest CPU mode.
+    On a CPU with AVX-512, float32, bfloat16 and int8 weights run on our decode kernels.
     """
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize {quantize!r} is not supported (expected int8)")
+    if quantize and dtype not in (None, "float32", torch.float32):
+        raise ValueError(f"quantize int8 computes in float32: leave dtype unset, not {dtype}")
     start = time.perf_counter()
     net, path = load_model(name_or_path, dtype, device)
+    _use_kernels(net, quantize)
     tokenizer = _tokenizer_for(path)
     eos_ids = _eos_ids(net.config, tokenizer, path)
     return LanguageModel(net, tokenizer, path, eos_ids, time.perf_counter() - start)
@@ -206,3 +215,23 @@ def _eos_ids(config, tokenizer, path: Path) -> set[int]:
     for value in declared:
         ids.update(value if isinstance(value, list) else [] if value is None else [value])
     return ids
+
+
+def _use_kernels(net: nn.Module, quantize: str | None) -> None:
+    """Pack the model's matrices for our CPU kernels when they can run here."""
+    from tinyformers import kernels
+    from tinyformers.kernels.modules import pack_model
+
+    param = next(net.parameters())
+    fmt = "int8" if quantize else {torch.float32: "f32", torch.bfloat16: "bf16"}.get(param.dtype)
+    if fmt is None or param.device.type != "cpu":
+        if quantize:
+            raise ValueError("quantize int8 runs on the CPU kernels: use device cpu")
+        return  # float16 and CUDA: torch's own kernels are the fast path
+    if not kernels.available():
+        if quantize:
+            raise TinyformersError(
+                f"quantize int8 needs the CPU kernels: {kernels.unavailable_reason()}"
+            )
+        return
+    pack_model(net, fmt)

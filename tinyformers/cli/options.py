@@ -35,6 +35,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="weights dtype (default float32)",
     )
+    parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="int8 weights (a scale per 32), computed in float32: the fastest CPU mode",
+    )
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
 
 
@@ -97,6 +103,11 @@ def load_from_args(args: argparse.Namespace):
     from tinyformers.loading.hub import default_model
 
     try:
-        return tinyformers.load(args.model or default_model(), dtype=args.dtype, device=args.device)
-    except ValueError as e:  # a bad --device (no CUDA) reaches here
+        return tinyformers.load(
+            args.model or default_model(),
+            dtype=args.dtype,
+            device=args.device,
+            quantize=args.quantize,
+        )
+    except ValueError as e:  # a bad --device (no CUDA), --quantize with --dtype
         raise tinyformers.TinyformersError(str(e)) from e

@@ -55,15 +55,22 @@ def pack_model(net: nn.Module, fmt: str) -> nn.Module:
         for name, m in parent.named_children()
         if isinstance(m, nn.Embedding)
     }
-    for parent in list(net.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            packed = pack(child.weight.detach(), fmt)
-            tied = embedding_of.get(child.weight.data_ptr())
-            if tied is not None:  # the same matrix: lm_head = wte
-                owner, attr = tied
-                setattr(owner, attr, PackedEmbedding(packed, child.weight.dtype))
-            bias = None if child.bias is None else child.bias.detach()
-            setattr(parent, name, PackedLinear(packed, bias))
+    # (parent, name) pairs, not the modules: holding the old Linears would keep every dense
+    # weight alive until the end, two copies of the model at the peak.
+    linears = [
+        (parent, name)
+        for parent in net.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
+    for parent, name in linears:
+        child = getattr(parent, name)
+        packed = pack(child.weight.detach(), fmt)
+        tied = embedding_of.get(child.weight.data_ptr())
+        if tied is not None:  # the same matrix: lm_head = wte
+            owner, attr = tied
+            setattr(owner, attr, PackedEmbedding(packed, child.weight.dtype))
+        bias = None if child.bias is None else child.bias.detach()
+        setattr(parent, name, PackedLinear(packed, bias))
+        del child
     return net

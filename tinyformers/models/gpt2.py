@@ -138,7 +138,7 @@ class GPT2(nn.Module):
 
     def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
         hs = self.config.n_embd // self.config.n_head
-        dtype, device = self.wte.weight.dtype, self.wte.weight.device
+        dtype, device = self.ln_f.weight.dtype, self.ln_f.weight.device
         return [
             KVCache(batch, self.config.n_head, max_len, hs, dtype, device)
             for _ in range(self.config.n_layer)

@@ -186,7 +186,7 @@ class Llama(nn.Module):
 
     def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
         c = self.config
-        dtype, device = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
+        dtype, device = self.norm.weight.dtype, self.norm.weight.device
         return [
             KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, device)
             for _ in range(c.num_hidden_layers)
