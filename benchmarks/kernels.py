@@ -56,6 +56,31 @@ def variants(fmt: str, ws: list[torch.Tensor]):
             lambda x: [F.linear(x[w.shape[1]].half(), w) for w in wh],
             nbytes(*wh),
         )
+    elif fmt == "q4":
+        ours = [kernels.pack(w, "q4") for w in ws]
+        yield (
+            "ours q4",
+            lambda x: [kernels.linear(x[w.k], w) for w in ours],
+            sum(nbytes(w.data, w.scales) for w in ours),
+        )
+        # torch's weight-only int4 (groups of 32, bf16 scales and zeros, bf16 activations)
+        q = [
+            (
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(  # N padded to 16: its rule
+                    torch.randint(
+                        0, 16, (-(-w.shape[0] // 16) * 16, w.shape[1]), dtype=torch.int32
+                    ),
+                    1,
+                ),
+                torch.randn(w.shape[1] // 32, -(-w.shape[0] // 16) * 16, 2).bfloat16(),
+            )
+            for w in ws
+        ]
+        step = lambda x: [  # noqa: E731
+            torch.ops.aten._weight_int4pack_mm_for_cpu(x[s.shape[0] * 32].bfloat16(), w, 32, s)
+            for w, s in q
+        ]
+        yield "torch int4pack_mm", step, sum(nbytes(w, s) for w, s in q)
     else:
         for name, group in (("G=32", 32), ("G=K", 0)):
             ours = [kernels.pack(w, "int8", group_size=group or w.shape[1]) for w in ws]
@@ -103,7 +128,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,8", help="rows of x per step (decode batch)")
     ap.add_argument("--reps", type=int, default=11)
     ap.add_argument("--models", default="gpt2,smollm2")
-    ap.add_argument("--formats", default="f32,bf16,int8,fp16")
+    ap.add_argument("--formats", default="f32,bf16,int8,q4,fp16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"threads={args.threads}  kernels: {kernels.unavailable_reason() or 'compiled'}")
