@@ -223,6 +223,14 @@ def test_fallback_matches_the_kernel_path(fmt, monkeypatch):
     assert ((expected.double() - got.double()).abs() <= tol * scale).all()
 
 
+@pytest.mark.parametrize("fmt", kernels.FORMATS)
+def test_rows_are_an_embedding_lookup_into_the_packed_matrix(fmt):
+    w = torch.randn(50, 40, generator=torch.Generator().manual_seed(4))
+    p = kernels.pack(w, fmt)
+    ids = torch.tensor([[0, 17, 49], [33, 16, 15]])  # across block edges, the padded last block
+    assert torch.equal(p.rows(ids), F.embedding(ids, p.dense()))  # dense() is checked above
+
+
 def test_gradients_flow_through_the_torch_path():
     w, b, x = case(20, 16, 2)
     p = kernels.pack(w, "f32")

@@ -40,21 +40,30 @@ class PackedWeight(nn.Module):
 
     def dense(self) -> Tensor:
         """[N, K] float32: the weight exactly as the kernel sees it (dequantised if quantised)."""
-        data, rows = self.data, self.data.shape[0] * BLOCK[self.fmt]
-        if self.fmt == "f32":  # (N/32, K, 32)
-            w = data.transpose(1, 2).reshape(rows, -1)
-        elif self.fmt == "bf16":  # (N/32, Kp/2, 32, 2)
-            w = data.permute(0, 2, 1, 3).reshape(rows, -1).float()
-        elif self.fmt == "int8":  # (N/16, Kp/4, 16, 4) holding w + 128; scales (N/16, Kp/G, 16)
-            q = data.permute(0, 2, 1, 3).reshape(rows, -1).float() - 128
-            d = self.scales.transpose(1, 2).reshape(rows, -1).float()
-            w = q * d.repeat_interleave(self.group_size, dim=1)
-        else:  # q4: (N/16, Kp/32, 4, 16, 4) nibble pairs; scales (N/16, Kp/32, 2, 16): d, m
-            q = torch.stack([data & 15, data >> 4], dim=2)  # (N/16, Kp/32, 2, 4, 16, 4)
-            q = q.permute(0, 4, 1, 2, 3, 5).reshape(rows, -1).float()
-            d, m = self.scales.permute(2, 0, 3, 1).reshape(2, rows, -1).float()
-            w = q * d.repeat_interleave(32, dim=1) + m.repeat_interleave(32, dim=1)
-        return w[: self.n, : self.k]
+        return self.rows(torch.arange(self.n, device=self.data.device))
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """Rows `ids` of the weight as [..., K] float32: an embedding lookup for a tied lm_head.
+
+        Example: PackedWeight of wte [V, C], ids [B, T] -> [B, T, C]
+        """
+        block, r = ids // BLOCK[self.fmt], ids % BLOCK[self.fmt]  # where each row sits
+        # subtle: advanced indices split by a slice put the index dims first: (..., rest)
+        if self.fmt == "f32":  # data (N/32, K, 32)
+            w = self.data[block, :, r]
+        elif self.fmt == "bf16":  # data (N/32, Kp/2, 32, 2)
+            w = self.data[block, :, r, :].flatten(-2).float()
+        elif (
+            self.fmt == "int8"
+        ):  # data (N/16, Kp/4, 16, 4) holding w + 128; scales (N/16, Kp/G, 16)
+            q = self.data[block, :, r, :].flatten(-2).float() - 128
+            w = q * self.scales[block, :, r].float().repeat_interleave(self.group_size, dim=-1)
+        else:  # q4: data (N/16, Kp/32, 4, 16, 4), byte j = quads j and j + 4; scales (.., 2, 16)
+            nibbles = self.data[block, :, :, r, :]  # (..., Kp/32, 4, 4)
+            q = torch.stack([nibbles & 15, nibbles >> 4], dim=-3).flatten(-4).float()
+            d, m = self.scales[block, :, :, r].float().repeat_interleave(32, dim=-2).unbind(-1)
+            w = q * d + m
+        return w[..., : self.k]
 
 
 def _check(fmt: str, group_size: int) -> None:
