@@ -61,6 +61,12 @@ void store(float* y, const float* bias, __m512 acc, int64_t n) {
   _mm512_mask_storeu_ps(y, mask, acc);
 }
 
+// The 32 outputs of one f32 or bf16 block row, of which n exist.
+void store32(float* y, const float* bias, const __m512 (&acc)[2], int64_t n) {
+  store(y, bias, acc[0], n);
+  store(y + 16, bias ? bias + 16 : nullptr, acc[1], n - 16);
+}
+
 // subtle: with the intrinsic, GCC 12 copies the accumulators around each vpdpbusd in a loop (it
 // does not tie the accumulator to the output register): int8 and q4 measured 5-10% slower.
 __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
@@ -82,10 +88,7 @@ void f32_tile(const float* x, int64_t K, const float* w, const float* bias, floa
       acc[m][1] = _mm512_fmadd_ps(w1, xm, acc[m][1]);
     }
   }
-  for (int m = 0; m < M; m++) {
-    store(y + m * ldy, bias, acc[m][0], n);
-    store(y + m * ldy + 16, bias ? bias + 16 : nullptr, acc[m][1], n - 16);
-  }
+  for (int m = 0; m < M; m++) store32(y + m * ldy, bias, acc[m], n);
 }
 
 // ---- bf16: one block is [K/2][32][2]; x arrives as bf16 pairs (one uint32 per two columns).
@@ -103,10 +106,7 @@ void bf16_tile(const uint32_t* x, int64_t kpairs, const uint32_t* w, const float
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xm);
     }
   }
-  for (int m = 0; m < M; m++) {
-    store(y + m * ldy, bias, acc[m][0], n);
-    store(y + m * ldy + 16, bias ? bias + 16 : nullptr, acc[m][1], n - 16);
-  }
+  for (int m = 0; m < M; m++) store32(y + m * ldy, bias, acc[m], n);
 }
 
 // x rows [M, K] float -> [M, kpairs] bf16 pairs, rounded to nearest even, odd K padded with 0.
