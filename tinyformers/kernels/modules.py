@@ -6,10 +6,9 @@ lm_head, so the model keeps one copy of that matrix, as before packing.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from .packed import BLOCK, PackedWeight, linear, pack
+from .packed import PackedWeight, linear, pack
 
 
 class PackedLinear(nn.Module):
@@ -27,28 +26,22 @@ class PackedLinear(nn.Module):
 class PackedEmbedding(nn.Module):
     """Embedding lookup from a PackedWeight [V, C]: row i of the matrix is token i's vector."""
 
-    def __init__(self, weight: PackedWeight, dtype: torch.dtype) -> None:
+    def __init__(self, weight: PackedWeight) -> None:
         super().__init__()
         self.weight = weight
-        self.dtype = dtype
 
     def forward(self, ids: Tensor) -> Tensor:
-        w, rows = self.weight, BLOCK[self.weight.fmt]
-        block, row = ids // rows, ids % rows  # where each token's row sits in the blocks
-        if w.fmt == "f32":  # data (N/32, K, 32)
-            out = w.data[block, :, row]  # (..., K)
-        elif w.fmt == "bf16":  # data (N/32, K/2, 32, 2)
-            out = w.data[block, :, row, :].flatten(-2).float()  # (..., Kp)
-        else:  # data (N/16, Kp/4, 16, 4) as w + 128, scales (N/16, Kp/G, 16)
-            q = w.data[block, :, row, :].flatten(-2).float() - 128  # (..., Kp)
-            scales = w.scales[block, :, row].float()  # (..., Kp/G)
-            out = q * scales.repeat_interleave(w.group_size, dim=-1)
-        return out[..., : w.k].to(self.dtype)
+        return self.weight.rows(ids)  # (..., C) float32
 
 
 def pack_model(net: nn.Module, fmt: str) -> nn.Module:
     """Replace every nn.Linear of `net` by a PackedLinear in `fmt` ("f32", "bf16", "int8"),
-    and a tied embedding by a PackedEmbedding over the same packed matrix."""
+    and a tied embedding by a PackedEmbedding over the same packed matrix.
+
+    Everything else (norms, biases, position embeddings, so activations and the KV cache)
+    becomes float32: the kernels compute in float32 anyway, these tensors are a few percent of
+    the bytes, and torch's CPU attention is several times slower in bfloat16.
+    """
     embedding_of = {
         m.weight.data_ptr(): (parent, name)
         for parent in net.modules()
@@ -69,8 +62,10 @@ def pack_model(net: nn.Module, fmt: str) -> nn.Module:
         tied = embedding_of.get(child.weight.data_ptr())
         if tied is not None:  # the same matrix: lm_head = wte
             owner, attr = tied
-            setattr(owner, attr, PackedEmbedding(packed, child.weight.dtype))
+            setattr(owner, attr, PackedEmbedding(packed))
         bias = None if child.bias is None else child.bias.detach()
         setattr(parent, name, PackedLinear(packed, bias))
         del child
+    for p in net.parameters():
+        p.data = p.data.float()
     return net
