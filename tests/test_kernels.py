@@ -235,8 +235,13 @@ def test_gradients_flow_through_the_torch_path():
     w, b, x = case(20, 16, 2)
     p = kernels.pack(w, "f32")
     x.requires_grad_(True)
+    b.requires_grad_(True)
     kernels.linear(x, p, b).sum().backward()
     assert torch.allclose(x.grad, w.sum(0).expand(2, 16), atol=1e-5)
+    assert torch.equal(b.grad, torch.full((20,), 2.0))  # two rows, each adds b once
+    x.grad = b.grad = None
+    kernels.linear(x.detach(), p, b).sum().backward()  # only the bias needs a gradient
+    assert torch.equal(b.grad, torch.full((20,), 2.0))
 
 
 def test_packed_weight_survives_state_dict_round_trip(tmp_path):

@@ -148,7 +148,10 @@ def linear(x: Tensor, w: PackedWeight, bias: Tensor | None = None) -> Tensor:
     # subtle: this runs ~200 times per token for a small model, so every check here is a cheap
     # one (views are made in C++, buffers read without nn.Module.__getattr__).
     ops = load_ops()[0]
-    if ops is None or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if ops is None or not x.is_cpu or needs_grad:
         return F.linear(x, w.dense().to(x.dtype), bias)
     if x.shape[-1] != w.k:
         raise RuntimeError(f"kernels.linear: x has {x.shape[-1]} columns, the weight {w.k}")
