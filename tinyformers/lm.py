@@ -179,16 +179,21 @@ def load(
 
     dtype: float32 (default), bfloat16 or float16; device: cpu (default) or cuda.
     quantize: "int8" stores every matrix as int8 with a scale per 32 weights (GGUF Q8_0's
-    layout) and computes in float32: the fastest CPU mode.
+    layout); "gguf" computes on a GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks, as llama.cpp
+    does. Both run on the CPU kernels, with activations quantized to int8 per 32 as well.
     On a CPU with AVX-512, float32, bfloat16 and int8 weights run on our decode kernels.
     """
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize {quantize!r} is not supported (expected int8)")
+    if quantize not in (None, "int8", "gguf"):
+        raise ValueError(f"quantize {quantize!r} is not supported (expected int8 or gguf)")
     if quantize and dtype not in (None, "float32", torch.float32):
         raise ValueError(f"quantize int8 computes in float32: leave dtype unset, not {dtype}")
     start = time.perf_counter()
-    net, path = load_model(name_or_path, dtype, device)
-    _use_kernels(net, quantize)
+    if quantize == "gguf":
+        _kernels_or_error(quantize, torch.device(device or "cpu"))
+        net, path = load_model(name_or_path, dtype, device, native_gguf=True)
+    else:
+        net, path = load_model(name_or_path, dtype, device)
+        _use_kernels(net, quantize)
     tokenizer = _tokenizer_for(path)
     eos_ids = _eos_ids(net.config, tokenizer, path)
     return LanguageModel(net, tokenizer, path, eos_ids, time.perf_counter() - start)
@@ -223,15 +228,20 @@ def _use_kernels(net: nn.Module, quantize: str | None) -> None:
     from tinyformers.kernels.modules import pack_model
 
     param = next(net.parameters())
-    fmt = "int8" if quantize else {torch.float32: "f32", torch.bfloat16: "bf16"}.get(param.dtype)
-    if fmt is None or param.device.type != "cpu":
-        if quantize:
-            raise ValueError("quantize int8 runs on the CPU kernels: use device cpu")
-        return  # float16 and CUDA: torch's own kernels are the fast path
-    if not kernels.available():
-        if quantize:
-            raise TinyformersError(
-                f"quantize int8 needs the CPU kernels: {kernels.unavailable_reason()}"
-            )
+    if quantize:
+        _kernels_or_error(quantize, param.device)
+        pack_model(net, "int8")
         return
-    pack_model(net, fmt)
+    fmt = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(param.dtype)
+    if fmt is not None and param.device.type == "cpu" and kernels.available():
+        pack_model(net, fmt)  # else float16 or CUDA: torch's own kernels are the fast path
+
+
+def _kernels_or_error(quantize: str, device: torch.device) -> None:
+    from tinyformers import kernels
+
+    if device.type != "cpu":
+        raise ValueError(f"quantize {quantize} runs on the CPU kernels: use device cpu")
+    if not kernels.available():
+        reason = kernels.unavailable_reason()
+        raise TinyformersError(f"quantize {quantize} needs the CPU kernels: {reason}")

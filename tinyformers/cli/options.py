@@ -37,9 +37,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--quantize",
-        choices=["int8"],
+        choices=["int8", "gguf"],
         default=None,
-        help="int8 weights (a scale per 32), computed in float32: the fastest CPU mode",
+        help="int8: int8 weights (a scale per 32); gguf: a GGUF file's own Q8_0/Q4 blocks",
     )
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
 

@@ -34,9 +34,12 @@ class PackedEmbedding(nn.Module):
         return self.weight.rows(ids)  # (..., C) float32
 
 
-def pack_model(net: nn.Module, fmt: str) -> nn.Module:
+def pack_model(
+    net: nn.Module, fmt: str, prepacked: dict[str, PackedWeight] | None = None
+) -> nn.Module:
     """Replace every nn.Linear of `net` by a PackedLinear in `fmt` ("f32", "bf16", "int8"),
-    and a tied embedding by a PackedEmbedding over the same packed matrix.
+    and a tied embedding by a PackedEmbedding over the same packed matrix. `prepacked` gives
+    weights already packed (a GGUF file's own blocks) by module name: they are used as they are.
 
     Everything else (norms, biases, position embeddings, so activations and the KV cache)
     becomes float32: the kernels compute in float32 anyway, these tensors are a few percent of
@@ -51,14 +54,15 @@ def pack_model(net: nn.Module, fmt: str) -> nn.Module:
     # (parent, name) pairs, not the modules: holding the old Linears would keep every dense
     # weight alive until the end, two copies of the model at the peak.
     linears = [
-        (parent, name)
-        for parent in net.modules()
+        (parent, name, f"{parent_name}.{name}".lstrip("."))
+        for parent_name, parent in net.named_modules()
         for name, child in parent.named_children()
         if isinstance(child, nn.Linear)
     ]
-    for parent, name in linears:
+    prepacked = prepacked or {}
+    for parent, name, full_name in linears:
         child = getattr(parent, name)
-        packed = pack(child.weight.detach(), fmt)
+        packed = prepacked.get(full_name) or pack(child.weight.detach(), fmt)
         tied = embedding_of.get(child.weight.data_ptr())
         if tied is not None:  # the same matrix: lm_head = wte
             owner, attr = tied

@@ -197,3 +197,23 @@ def q8_0_split(raw: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor,
     scales = _view(blocks[:, :2], torch.float16).reshape(*shape[:-1], shape[-1] // 32)
     qs = blocks[:, 2:].contiguous().view(torch.int8).reshape(shape)
     return qs, scales
+
+
+def q4_split(
+    raw: torch.Tensor, ggml_type: GGMLType, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q4_1 bytes as (4-bit values 0..15 of `shape` uint8, fp16 scales, fp16 mins), with
+    w = scale * q + min per 32 weights along the last dim (Q4_0: min = -8 * scale).
+
+    For 4-bit matmuls that never inflate the weights. Example: (576, 576) Q4_1 -> q (576, 576),
+    scales and mins (576, 18).
+    """
+    assert ggml_type in (GGMLType.Q4_0, GGMLType.Q4_1) and shape[-1] % 32 == 0
+    blocks = raw.view(-1, BLOCK_LAYOUT[ggml_type][1])
+    groups = (*shape[:-1], shape[-1] // 32)
+    d = _view(blocks[:, :2], torch.float16).reshape(groups)
+    if ggml_type == GGMLType.Q4_0:
+        m, start = -8 * d, 2
+    else:
+        m, start = _view(blocks[:, 2:4], torch.float16).reshape(groups), 4
+    return _unpack(blocks[:, start:], 16, 4).reshape(shape), d, m

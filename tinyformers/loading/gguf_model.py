@@ -12,12 +12,17 @@ import torch
 from torch import nn
 
 from tinyformers.errors import CheckpointError
-from tinyformers.loading.gguf import read_gguf
+from tinyformers.loading.ggml_quants import GGMLType, q4_split, q8_0_split
+from tinyformers.loading.gguf import GGUFFile, read_gguf
 from tinyformers.loading.loader import build
 from tinyformers.models import get_architecture
 
 
-def load_gguf_model(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_gguf_model(
+    path: Path, dtype: torch.dtype, device: torch.device, native: bool = False
+) -> nn.Module:
+    """The model of a GGUF file; `native`: its Q8_0/Q4_0/Q4_1 matrices stay in their blocks
+    and run on our CPU kernels (as llama.cpp computes), the rest is dequantized to `dtype`."""
     with read_gguf(path) as gguf:
         architecture = gguf.metadata.get("general.architecture")
         try:
@@ -41,4 +46,33 @@ def load_gguf_model(path: Path, dtype: torch.dtype, device: torch.device) -> nn.
                 )
         weights = {names[name]: gguf.tensor(name) for name in gguf.tensors}
         weights = arch.sanitize_gguf(weights, config)
-        return build(arch.Model, config, weights, dtype, device, source=path)
+        model = build(arch.Model, config, weights, dtype, device, source=path)
+        if native:
+            from tinyformers.kernels.modules import pack_model
+
+            pack_model(model, "f32", prepacked=_native_blocks(gguf, arch, config, names))
+        return model
+
+
+def _native_blocks(gguf: GGUFFile, arch, config, names: dict[str, str]) -> dict:
+    """Packed kernel weights made straight from the file's Q8_0 / Q4_0 / Q4_1 blocks, by the
+    name of the module they belong to; the layout fixes of `sanitize_gguf` (row permutations)
+    are applied to each part of the blocks alike."""
+    from tinyformers.kernels import pack_quantized
+
+    parts: dict[str, tuple[torch.Tensor, ...]] = {}
+    for name, info in gguf.tensors.items():
+        if len(info.shape) != 2:
+            continue
+        if info.ggml_type == GGMLType.Q8_0:
+            parts[names[name]] = q8_0_split(gguf.raw(name), info.shape)
+        elif info.ggml_type in (GGMLType.Q4_0, GGMLType.Q4_1):
+            parts[names[name]] = q4_split(gguf.raw(name), info.ggml_type, info.shape)
+    by_part = [
+        arch.sanitize_gguf({k: v[i] for k, v in parts.items() if len(v) > i}, config)
+        for i in range(3)  # values, scales, mins (Q8_0 has no mins)
+    ]
+    return {
+        name.removesuffix(".weight"): pack_quantized(*(p[name] for p in by_part[: len(v)]))
+        for name, v in parts.items()
+    }

@@ -54,14 +54,20 @@ def load_model(
     name_or_path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    native_gguf: bool = False,
 ) -> tuple[nn.Module, Path]:
-    """The model of a checkpoint folder (or name) and the folder it came from."""
+    """The model of a checkpoint folder (or name) and the folder it came from.
+
+    native_gguf: a GGUF's quantized matrices run as stored (see `load_gguf_model`).
+    """
     dtype, device = parse_dtype(dtype), parse_device(device)
     path = resolve(name_or_path)
     if path.is_file() and path.suffix == ".gguf":
         from tinyformers.loading.gguf_model import load_gguf_model
 
-        return load_gguf_model(path, dtype, device), path
+        return load_gguf_model(path, dtype, device, native_gguf), path
+    if native_gguf:
+        raise CheckpointError(f"{path}: quantize gguf keeps a GGUF file's blocks: not a GGUF file")
     if not path.is_dir():
         raise CheckpointError(f"{path}: expected a checkpoint folder (config.json + weights)")
     config_path = path / "config.json"

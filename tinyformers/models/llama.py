@@ -290,7 +290,8 @@ def sanitize_gguf(weights: dict[str, Tensor], config: LlamaConfig) -> dict[str, 
     ):
         for i in range(config.num_hidden_layers):
             key = f"layers.{i}.self_attn.{name}.weight"
-            weights[key] = unpermute_qk(weights[key], n_head)
+            if key in weights:
+                weights[key] = unpermute_qk(weights[key], n_head)
     return weights
 
 
