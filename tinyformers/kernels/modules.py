@@ -6,6 +6,9 @@ lm_head, so the model keeps one copy of that matrix, as before packing.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+
 from torch import Tensor, nn
 
 from .packed import PackedWeight, linear, pack
@@ -45,9 +48,9 @@ def pack_model(
     becomes float32: the kernels compute in float32 anyway, these tensors are a few percent of
     the bytes, and torch's CPU attention is several times slower in bfloat16.
     """
-    embedding_of = {
-        m.weight.data_ptr(): (parent, name)
-        for parent in net.modules()
+    embedding_of = {  # the matrix of each embedding -> where the embedding sits
+        m.weight.data_ptr(): (parent, name, f"{parent_name}.{name}".lstrip("."))
+        for parent_name, parent in net.named_modules()
         for name, m in parent.named_children()
         if isinstance(m, nn.Embedding)
     }
@@ -60,16 +63,37 @@ def pack_model(
         if isinstance(child, nn.Linear)
     ]
     prepacked = prepacked or {}
+    # Largest first: while the big lm_head is packed, nothing else has been freed yet, and the
+    # smaller ones then reuse the memory freed behind them (peak: one copy of the lm_head).
+    linears.sort(key=lambda item: -getattr(item[0], item[1]).weight.numel())
     for parent, name, full_name in linears:
         child = getattr(parent, name)
-        packed = prepacked.get(full_name) or pack(child.weight.detach(), fmt)
-        tied = embedding_of.get(child.weight.data_ptr())
-        if tied is not None:  # the same matrix: lm_head = wte
-            owner, attr = tied
+        owner, attr, tied_name = embedding_of.get(child.weight.data_ptr(), (None, None, None))
+        packed = (
+            prepacked.get(full_name) or prepacked.get(tied_name) or pack(child.weight.detach(), fmt)
+        )
+        if owner is not None:  # the same matrix: lm_head = wte
             setattr(owner, attr, PackedEmbedding(packed))
         bias = None if child.bias is None else child.bias.detach()
         setattr(parent, name, PackedLinear(packed, bias))
         del child
+        _return_freed_memory()
     for p in net.parameters():
         p.data = p.data.float()
     return net
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def _return_freed_memory() -> None:
+    """subtle: glibc keeps freed heap memory for reuse, and the packed copies are allocated
+    before the dense weights they replace are freed, so without handing the freed memory back
+    RSS would grow towards both layouts of every matrix."""
+    if trim := _malloc_trim():
+        trim(0)

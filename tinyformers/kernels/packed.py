@@ -92,9 +92,15 @@ def pack(weight: Tensor, fmt: str, *, group_size: int = 32) -> PackedWeight:
     if fmt == "q4":
         return _pack_q4(*quantize_q4(weight), k)
     step = 1 if fmt == "f32" else 2
-    w = pad(weight.to(torch.float32 if fmt == "f32" else torch.bfloat16), 32, step)
-    blocks = w.view(w.shape[0] // 32, 32, w.shape[1] // step, step)  # (N/32, 32, K/step, step)
-    data = blocks.permute(0, 2, 1, 3).contiguous()  # (N/32, K/step, 32, step)
+    dtype = torch.float32 if fmt == "f32" else torch.bfloat16
+    nb, kp = -(-n // 32), -(-k // step) * step  # whole blocks of rows, whole steps of columns
+    # subtle: written block by block straight into the packed buffer; padding and permuting the
+    # whole matrix would hold two extra copies of it (the 50257-row lm_head: 300 MB) at once.
+    data = torch.zeros(nb, kp // step, 32, step, dtype=dtype)  # (N/32, K/step, 32, step)
+    for b in range(0, nb, 64):
+        rows = weight[b * 32 : (b + 64) * 32].to(dtype)  # up to 64 blocks of 32 rows
+        rows = pad(rows, 32, step).view(-1, 32, kp // step, step)  # (blocks, 32, K/step, step)
+        data[b : b + rows.shape[0]] = rows.permute(0, 2, 1, 3)
     return PackedWeight(fmt, n, k, data.squeeze(-1) if fmt == "f32" else data)
 
 

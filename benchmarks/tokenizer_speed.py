@@ -6,7 +6,7 @@ same tokenizer again). Lone surrogates are fixed up first, the way tiktoken does
 refuses them. Then one 1,000,000-character piece without spaces (the quadratic-merge trap).
 Ratios are ours / reference speed, so 0.25 means four times slower.
 
-Usage: python benchmarks/tokenize.py [--reps 3] [--mb 5]
+Usage: python benchmarks/tokenizer_speed.py [--reps 3] [--mb 5]
 """
 
 import sys
