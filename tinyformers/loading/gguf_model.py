@@ -37,12 +37,26 @@ def load_gguf_model(
         names = arch.gguf_names(config)
         for name, info in gguf.tensors.items():
             ours = names.get(name)
-            if ours is None or ours not in expected:
+            if ours is None:
                 raise CheckpointError(f"{path}: unexpected tensor {name} for {architecture}")
-            if info.shape != tuple(expected[ours].shape):
+            if ours in expected and info.shape != tuple(expected[ours].shape):
                 raise CheckpointError(
                     f"{path}: tensor {name} has shape {info.shape}, "
                     f"expected {tuple(expected[ours].shape)} for this {architecture} config"
+                )
+        # The layout fixes (row permutations, stacked matrices) rehearsed on shapes alone.
+        layout = {names[n]: torch.empty(i.shape, device="meta") for n, i in gguf.tensors.items()}
+        try:
+            layout = arch.sanitize_gguf(layout, config)
+        except (RuntimeError, ValueError) as e:
+            raise CheckpointError(
+                f"{path}: tensors do not fit this {architecture} config: {e}"
+            ) from e
+        for ours, t in layout.items():
+            if ours not in expected or t.shape != expected[ours].shape:
+                raise CheckpointError(
+                    f"{path}: {ours} of shape {tuple(t.shape)} does not fit this "
+                    f"{architecture} config"
                 )
         weights = {names[name]: gguf.tensor(name) for name in gguf.tensors}
         weights = arch.sanitize_gguf(weights, config)
@@ -73,6 +87,6 @@ def _native_blocks(gguf: GGUFFile, arch, config, names: dict[str, str]) -> dict:
         for i in range(3)  # values, scales, mins (Q8_0 has no mins)
     ]
     return {
-        name.removesuffix(".weight"): pack_quantized(*(p[name] for p in by_part[: len(v)]))
-        for name, v in parts.items()
+        name.removesuffix(".weight"): pack_quantized(*(p[name] for p in by_part if name in p))
+        for name in by_part[0]
     }
