@@ -36,8 +36,12 @@ class LanguageModel:
         source: Path,
         eos_ids: set[int],
         load_seconds: float = 0.0,
+        compile: bool = False,
     ) -> None:
         self.net = net
+        # Decode steps through torch.compile; dynamic shapes, so a new prompt length or batch
+        # does not compile again. The first generation pays for the compile.
+        self.decode = torch.compile(net, dynamic=True) if compile else None
         self.tokenizer = tokenizer
         self.source = source
         self.eos_ids = eos_ids  # every id that ends a sequence (Llama 3 style models have several)
@@ -126,7 +130,13 @@ class LanguageModel:
         out: list[list[int]] = [[] for _ in prompts]
         self.last_stats = GenerationStats()
         steps = generate_tokens(
-            self.net, prompts, max_new_tokens, params, self.eos_ids, stats=self.last_stats
+            self.net,
+            prompts,
+            max_new_tokens,
+            params,
+            self.eos_ids,
+            stats=self.last_stats,
+            decode=self.decode,
         )
         for tokens in steps:
             for row, token in enumerate(tokens):
@@ -153,6 +163,7 @@ class LanguageModel:
             self.eos_ids,
             stop,
             self.last_stats,
+            self.decode,
         )
 
     def _encode(self, prompt: str) -> list[int]:
@@ -174,6 +185,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     quantize: str | None = None,
+    compile: bool = False,
 ) -> LanguageModel:
     """Load a checkpoint folder, a .gguf file or a Hugging Face name (cache first, then the Hub).
 
@@ -181,6 +193,7 @@ def load(
     quantize: "int8" stores every matrix as int8 with a scale per 32 weights (GGUF Q8_0's
     layout); "gguf" computes on a GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks, as llama.cpp
     does. Both run on the CPU kernels, with activations quantized to int8 per 32 as well.
+    compile: run decode steps through torch.compile (needs a C++ compiler on CPU).
     On a CPU with AVX-512, float32, bfloat16 and int8 weights run on our decode kernels.
     """
     if quantize not in (None, "int8", "gguf"):
@@ -196,7 +209,7 @@ def load(
         _use_kernels(net, quantize)
     tokenizer = _tokenizer_for(path)
     eos_ids = _eos_ids(net.config, tokenizer, path)
-    return LanguageModel(net, tokenizer, path, eos_ids, time.perf_counter() - start)
+    return LanguageModel(net, tokenizer, path, eos_ids, time.perf_counter() - start, compile)
 
 
 def _tokenizer_for(path: Path):

@@ -42,6 +42,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="int8: int8 weights (a scale per 32); gguf: a GGUF file's own Q8_0/Q4 blocks",
     )
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the decode step (slow first run)"
+    )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -108,6 +111,7 @@ def load_from_args(args: argparse.Namespace):
             dtype=args.dtype,
             device=args.device,
             quantize=args.quantize,
+            compile=args.compile,
         )
     except ValueError as e:  # a bad --device (no CUDA), --quantize with --dtype
         raise tinyformers.TinyformersError(str(e)) from e

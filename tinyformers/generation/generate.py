@@ -7,7 +7,7 @@ step), per-row stopping on EOS ids and on stop strings, and text deltas for stre
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -60,11 +60,13 @@ def generate_tokens(
     eos_ids: set[int],
     done: list[bool] | None = None,
     stats: GenerationStats | None = None,
+    decode: Callable | None = None,
 ) -> Iterator[list[int | None]]:
     """Each step's new token per row; None for a row that finished before this step.
 
     A row finishes on one of `eos_ids` (the EOS token is still yielded) or when the caller sets
     `done[row]` (a stop string). Generation ends when every row is done or after max_new_tokens.
+    `decode` runs the one-token steps in place of `net` (a compiled net: its shapes are static).
     """
     device = next(net.parameters()).device
     B, T = len(prompts), max(len(p) for p in prompts)
@@ -87,6 +89,7 @@ def generate_tokens(
 
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens, start = T, time.perf_counter()
+    step_net = net if decode is None else decode
     cache = net.make_cache(B, total)
     logits = net(ids, mask, cache=cache, input_pos=torch.arange(T, device=device), last_only=True)
     for step in range(max_new_tokens):
@@ -105,7 +108,7 @@ def generate_tokens(
         if all(done) or step == max_new_tokens - 1:
             return
         input_pos = torch.tensor([T + step], device=device)
-        logits = net(token[:, None], mask, cache=cache, input_pos=input_pos, last_only=True)
+        logits = step_net(token[:, None], mask, cache=cache, input_pos=input_pos, last_only=True)
 
 
 class StopText:
@@ -166,11 +169,12 @@ def stream_text(
     eos_ids: set[int],
     stop: list[str],
     stats: GenerationStats | None = None,
+    decode: Callable | None = None,
 ) -> Iterator[tuple[int, str]]:
     """(row, text delta) as tokens arrive; each row ends on EOS, a stop string or the limit."""
     texts = [StopText(tokenizer, stop) for _ in prompts]
     done = [False] * len(prompts)
-    steps = generate_tokens(net, prompts, max_new_tokens, params, eos_ids, done, stats)
+    steps = generate_tokens(net, prompts, max_new_tokens, params, eos_ids, done, stats, decode)
     for tokens in steps:
         for row, token in enumerate(tokens):
             if token is None or token in eos_ids:

@@ -48,4 +48,19 @@ def load_ops() -> tuple[object | None, str | None]:
         lines = str(e).splitlines() or [type(e).__name__]
         said = [ln for ln in lines if any(w in ln for w in ("error:", "not found", "required"))]
         return None, f"{SOURCE}: build failed: {(said or lines)[0].strip()[:200]}"
+    _register_fakes()
     return torch.ops.tinyformers, None
+
+
+def _register_fakes() -> None:
+    """Shape-only versions of the ops, so torch.compile can trace a model that calls them."""
+
+    def out(x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], n))
+
+    for name in ("gemv_f32", "gemv_bf16"):
+        torch.library.register_fake(f"tinyformers::{name}")(lambda x, w, bias, n: out(x, n))
+    torch.library.register_fake("tinyformers::gemv_int8")(
+        lambda x, w, scales, bias, n, group_size: out(x, n)
+    )
+    torch.library.register_fake("tinyformers::gemv_q4")(lambda x, w, scales, bias, n: out(x, n))

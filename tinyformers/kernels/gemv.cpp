@@ -347,10 +347,18 @@ at::Tensor gemv_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 
 }  // namespace
 
+// Schemas apart from the CPU kernels, so torch.compile can be given shape-only versions (build.py).
 TORCH_LIBRARY(tinyformers, m) {
-  m.def("gemv_f32(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor", &gemv_f32);
-  m.def("gemv_bf16(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor", &gemv_bf16);
+  m.def("gemv_f32(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor");
+  m.def("gemv_bf16(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias, int n, int group_size)"
-        " -> Tensor", &gemv_int8);
-  m.def("gemv_q4(Tensor x, Tensor w, Tensor scales, Tensor? bias, int n) -> Tensor", &gemv_q4);
+        " -> Tensor");
+  m.def("gemv_q4(Tensor x, Tensor w, Tensor scales, Tensor? bias, int n) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tinyformers, CPU, m) {
+  m.impl("gemv_f32", &gemv_f32);
+  m.impl("gemv_bf16", &gemv_bf16);
+  m.impl("gemv_int8", &gemv_int8);
+  m.impl("gemv_q4", &gemv_q4);
 }

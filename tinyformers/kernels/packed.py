@@ -145,6 +145,14 @@ def _pack_q4(q: Tensor, d: Tensor, m: Tensor, k: int) -> PackedWeight:
     return PackedWeight("q4", n, k, data, scales, 32)
 
 
+_OPS: list = []  # the loaded ops, or None: a plain value torch.compile can trace through
+
+
+def _ops():
+    _OPS.append(load_ops()[0])
+    return _OPS[0]
+
+
 def linear(x: Tensor, w: PackedWeight, bias: Tensor | None = None) -> Tensor:
     """y = x @ W^T (+ bias): x [..., K] -> y [..., N] in x's dtype.
 
@@ -153,7 +161,7 @@ def linear(x: Tensor, w: PackedWeight, bias: Tensor | None = None) -> Tensor:
     """
     # subtle: this runs ~200 times per token for a small model, so every check here is a cheap
     # one (views are made in C++, buffers read without nn.Module.__getattr__).
-    ops = load_ops()[0]
+    ops = _OPS[0] if _OPS else _ops()
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or (bias is not None and bias.requires_grad)
     )
