@@ -7,6 +7,8 @@ Models: GPT-2-124M (random weights, real shape, written by transformers) and Smo
 measures: load time, prefill tok/s (128-token prompt), decode tok/s (128 new tokens, batch 1),
 batch-8 decode tok/s, and peak RSS. Every timing is the best of a few runs after a warm-up.
 Both sides decode by the same clock: time(prompt + n new) - time(prompt + 1 new), EOS ignored.
+Our modes: float32, bfloat16, int8 (quantize="int8"), gguf (the file's own Q4_1/Q8_0 blocks),
+and +compile (torch.compile of the decode step). Perplexity is on benchmarks/perplexity.txt.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ CONFIGS = {
     "gpt2": [
         ("hf", "float32"),
         ("ours", "float32"),
+        ("ours", "float32+compile"),
         ("hf", "bfloat16"),
         ("ours", "bfloat16"),
+        ("ours", "bfloat16+compile"),
         ("ours", "int8"),
     ],
     "smollm2": [
@@ -41,6 +45,9 @@ CONFIGS = {
         ("hf", "bfloat16"),
         ("ours", "bfloat16"),
         ("ours", "int8"),
+        ("ours", "int8+compile"),
+        ("ours", "gguf"),
+        ("ours", "gguf+compile"),
         ("llama.cpp", "Q8_0"),
         ("llama.cpp", "Q4_1"),
     ],
@@ -99,11 +106,15 @@ def run_ours(model_name: str, mode: str) -> dict:
     import tinyformers
 
     path = gpt2_checkpoint() if model_name == "gpt2" else smollm2_gguf()
+    base, _, extra = mode.partition("+")  # "int8+compile": quantize int8, torch.compile
+    quantized = base in ("int8", "gguf")
     start = time.perf_counter()
-    if mode == "int8":
-        model = tinyformers.load(path, quantize="int8")
-    else:
-        model = tinyformers.load(path, dtype=mode)
+    model = tinyformers.load(
+        path,
+        dtype=None if quantized else base,
+        quantize=base if quantized else None,
+        compile=extra == "compile",
+    )
     load_s = time.perf_counter() - start
     model.eos_ids = set()  # always generate the full count
     prompt = prompt_ids(model.config.vocab_size)
@@ -205,7 +216,9 @@ def run_llama_cpp(model_name: str, mode: str) -> dict:
 
 
 def measure(run, load_s: float) -> dict:
-    run(1, 2)()  # warm-up
+    run(1, 8)()  # warm-up (and, for compiled decode, its compiles: one per new shape)
+    if run(BATCH, 8) is not None:
+        run(BATCH, 8)()
     one = best_seconds(run(1, 1))
     full = best_seconds(run(1, NEW_TOKENS + 1))
     batch1, batch_full = run(BATCH, 1), run(BATCH, BATCH_NEW + 1)
@@ -272,7 +285,7 @@ def main() -> None:
     print(f"{cpu}, {os.cpu_count()} cores, {args.threads} threads, torch threads = {args.threads}")
     for model_name in args.models.split(","):
         for impl, mode in CONFIGS[model_name]:
-            if only and f"{impl}:{mode}" not in only:
+            if only and f"{impl}:{mode}" not in only:  # e.g. --only hf:float32,ours:float32
                 continue
             r = run_config(impl, model_name, mode, args.threads)
             if r is not None:
@@ -298,7 +311,7 @@ def print_table(results: list[dict]) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        same = hf.get((r["model"], r["mode"]))
+        same = hf.get((r["model"], r["mode"].split("+")[0]))  # float32+compile vs float32
         base, cpp = hf32.get(r["model"]), q8.get(r["model"])
         print(
             f"| {r['model']} | {r['impl']} | {r['mode']} | {fmt(r['load_s'], '.2f')} | "

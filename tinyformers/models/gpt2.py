@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tinyformers.models import expand_gguf_names
 from tinyformers.models.kv_cache import KVCache, positions_and_mask
 
 ACTIVATIONS = {
@@ -225,18 +226,14 @@ def gguf_names(config: GPT2Config) -> dict[str, str]:
         "output.weight": "lm_head.weight",
     }
     per_layer = {
-        "attn_norm": "ln_1",
-        "attn_qkv": "attn.c_attn",
-        "attn_output": "attn.c_proj",
-        "ffn_norm": "ln_2",
-        "ffn_up": "mlp.c_fc",
-        "ffn_down": "mlp.c_proj",
+        "attn_norm": "h.{i}.ln_1",
+        "attn_qkv": "h.{i}.attn.c_attn",
+        "attn_output": "h.{i}.attn.c_proj",
+        "ffn_norm": "h.{i}.ln_2",
+        "ffn_up": "h.{i}.mlp.c_fc",
+        "ffn_down": "h.{i}.mlp.c_proj",
     }
-    for i in range(config.n_layer):
-        for ours_gguf, ours in per_layer.items():
-            for kind in ("weight", "bias"):
-                names[f"blk.{i}.{ours_gguf}.{kind}"] = f"h.{i}.{ours}.{kind}"
-    return names
+    return expand_gguf_names(names, per_layer, config.n_layer)
 
 
 def sanitize_gguf(weights: dict[str, Tensor], config: GPT2Config) -> dict[str, Tensor]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyformers.loading.gguf import unpermute_qk
+from tinyformers.models import expand_gguf_names
 from tinyformers.models.kv_cache import KVCache, positions_and_mask
 
 
@@ -288,21 +289,17 @@ def gguf_names(config: LlamaConfig) -> dict[str, str]:
         "output.weight": "lm_head.weight",
     }
     per_layer = {
-        "attn_norm": "input_layernorm",
-        "attn_q": "self_attn.q_proj",
-        "attn_k": "self_attn.k_proj",
-        "attn_v": "self_attn.v_proj",
-        "attn_output": "self_attn.o_proj",
-        "ffn_norm": "post_attention_layernorm",
-        "ffn_gate": "mlp.gate_proj",
-        "ffn_up": "mlp.up_proj",
-        "ffn_down": "mlp.down_proj",
+        "attn_norm": "layers.{i}.input_layernorm",
+        "attn_q": "layers.{i}.self_attn.q_proj",
+        "attn_k": "layers.{i}.self_attn.k_proj",
+        "attn_v": "layers.{i}.self_attn.v_proj",
+        "attn_output": "layers.{i}.self_attn.o_proj",
+        "ffn_norm": "layers.{i}.post_attention_layernorm",
+        "ffn_gate": "layers.{i}.mlp.gate_proj",
+        "ffn_up": "layers.{i}.mlp.up_proj",
+        "ffn_down": "layers.{i}.mlp.down_proj",
     }
-    for i in range(config.num_hidden_layers):
-        for theirs, ours in per_layer.items():
-            for kind in ("weight", "bias"):
-                names[f"blk.{i}.{theirs}.{kind}"] = f"layers.{i}.{ours}.{kind}"
-    return names
+    return expand_gguf_names(names, per_layer, config.num_hidden_layers)
 
 
 def sanitize_gguf(weights: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tensor]:
