@@ -12,7 +12,7 @@ from importlib import import_module
 
 from tinyformers.errors import TinyformersError
 
-COMMANDS = ("generate", "chat", "tokenize", "bench")
+COMMANDS = ("generate", "chat", "tokenize")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,13 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="tinyformers", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMANDS:
-        try:
-            module = import_module(f"tinyformers.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"tinyformers.cli.{name}":
-                raise
-            continue  # subcommand not built yet
-        module.add_parser(subparsers)
+        import_module(f"tinyformers.cli.{name}").add_parser(subparsers)
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0
