@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 
 from tinyformers.chat import Conversation
@@ -59,6 +60,9 @@ def _load(args: argparse.Namespace):
 
 
 def _repl(model, args: argparse.Namespace) -> int:
+    # Ctrl-C is part of this REPL (stop an answer, clear a line): take it back even when the
+    # process was started with SIGINT ignored, as shells do for background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with contextlib.suppress(ImportError):  # Windows has no readline: plain input()
         import readline  # noqa: F401  (gives input() line editing and history)
     chat = Conversation(args.system)
