@@ -7,6 +7,7 @@ Hugging Face checkpoint's tensor names and layout onto the model's, and for GGUF
 
 from __future__ import annotations
 
+from dataclasses import MISSING, fields
 from importlib import import_module
 from types import ModuleType
 
@@ -34,3 +35,13 @@ def expand_gguf_names(
             for kind in ("weight", "bias"):
                 out[f"blk.{i}.{theirs}.{kind}"] = f"{ours.format(i=i)}.{kind}"
     return out
+
+
+def config_fields(cls: type, d: dict) -> dict:
+    """The entries of a checkpoint's config dict that are fields of the dataclass `cls`
+    (unknown keys ignored, None taken as absent); ValueError names a missing required one."""
+    for f in fields(cls):
+        if f.default is MISSING and not isinstance(d.get(f.name), int):
+            raise ValueError(f"field {f.name!r} is missing or not an integer")
+    known = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in known and v is not None}

@@ -9,14 +9,14 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tinyformers.models import expand_gguf_names
+from tinyformers.models import config_fields, expand_gguf_names
 from tinyformers.models.kv_cache import KVCache, positions_and_mask
 
 ACTIVATIONS = {
@@ -50,11 +50,7 @@ class GPT2Config:
     @classmethod
     def from_dict(cls, d: dict) -> GPT2Config:
         """Map a checkpoint's config dict; unknown keys are ignored, missing required ones named."""
-        known = {f.name for f in fields(cls)}
-        for f in fields(cls):
-            if f.default is MISSING and not isinstance(d.get(f.name), int):
-                raise ValueError(f"field {f.name!r} is missing or not an integer")
-        config = cls(**{k: v for k, v in d.items() if k in known and v is not None})
+        config = cls(**config_fields(cls, d))
         if config.activation_function not in ACTIVATIONS:
             raise ValueError(
                 f"activation_function {config.activation_function!r} is not supported "

@@ -8,14 +8,14 @@ C = hidden_size, nh = num_attention_heads, nkv = num_key_value_heads, hs = head_
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyformers.loading.gguf import unpermute_qk
-from tinyformers.models import expand_gguf_names
+from tinyformers.models import config_fields, expand_gguf_names
 from tinyformers.models.kv_cache import KVCache, positions_and_mask
 
 
@@ -49,11 +49,7 @@ class LlamaConfig:
             d.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
             if rope.get("rope_type", "default") != "default":
                 d.setdefault("rope_scaling", rope)
-        for f in fields(cls):
-            if f.default is MISSING and not isinstance(d.get(f.name), int):
-                raise ValueError(f"field {f.name!r} is missing or not an integer")
-        known = {f.name for f in fields(cls)}
-        config = cls(**{k: v for k, v in d.items() if k in known and v is not None})
+        config = cls(**config_fields(cls, d))
         config.num_key_value_heads = config.num_key_value_heads or config.num_attention_heads
         config.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
         if config.hidden_act != "silu":
