@@ -22,7 +22,7 @@ from tinyformers.generation.generate import (
     stream_text,
 )
 from tinyformers.generation.params import SamplingParams
-from tinyformers.loading.checkpoint import read_json
+from tinyformers.loading.json_file import read_json
 from tinyformers.loading.loader import load_model
 
 
@@ -199,7 +199,7 @@ def load(
     if quantize not in (None, "int8", "gguf"):
         raise ValueError(f"quantize {quantize!r} is not supported (expected int8 or gguf)")
     if quantize and dtype not in (None, "float32", torch.float32):
-        raise ValueError(f"quantize int8 computes in float32: leave dtype unset, not {dtype}")
+        raise ValueError(f"quantize {quantize} computes in float32: leave dtype unset, not {dtype}")
     start = time.perf_counter()
     if quantize == "gguf":
         _kernels_or_error(quantize, torch.device(device or "cpu"))
@@ -223,11 +223,15 @@ def _tokenizer_for(path: Path):
 
 
 def _eos_ids(config, tokenizer, path: Path) -> set[int]:
-    """EOS ids from every place a checkpoint declares them (vllm #4180: honour all of them)."""
+    """EOS ids from every place a checkpoint declares them (vllm #4180: honour all of them).
+
+    The tokenizer's list already holds generation_config.json's; a folder without tokenizer
+    files has only config.json and generation_config.json to say.
+    """
     declared = [config.eos_token_id]
     if tokenizer is not None:
         declared += tokenizer.eos_token_ids
-    if path.is_dir() and (path / "generation_config.json").is_file():
+    elif path.is_dir() and (path / "generation_config.json").is_file():
         declared.append(read_json(path / "generation_config.json").get("eos_token_id"))
     ids: set[int] = set()
     for value in declared:

@@ -8,7 +8,6 @@ refused, never executed (CVE-2025-32434).
 
 from __future__ import annotations
 
-import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from tinyformers.errors import CheckpointError
+from tinyformers.loading.json_file import read_json
 from tinyformers.loading.safetensors import load_safetensors
 
 WEIGHT_FILES = (
@@ -24,18 +24,6 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
     "pytorch_model.bin",
 )
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: not found") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

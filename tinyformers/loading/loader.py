@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from tinyformers.errors import CheckpointError
-from tinyformers.loading.checkpoint import read_json, read_weights
+from tinyformers.loading.checkpoint import read_weights
 from tinyformers.loading.hub import resolve
+from tinyformers.loading.json_file import read_json
 from tinyformers.models import get_architecture
 
 DTYPES = {

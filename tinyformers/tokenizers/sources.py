@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import regex
 
 from tinyformers.errors import TokenizerError
+from tinyformers.loading.json_file import read_json
 from tinyformers.tokenizers.bpe import GPT2_PATTERN, Tokenizer
 
 LLAMA3_PATTERN = (
@@ -112,7 +112,7 @@ def _gguf_list(metadata: dict[str, Any], key: str, source: str) -> list[str]:
 
 def from_tokenizer_json(path: Path) -> Tokenizer:
     """A Hugging Face `tokenizer.json` with a byte-level BPE model, plus its folder's side files."""
-    data = _read_json(path)
+    data = read_json(path, TokenizerError, require_object=False)  # structure checked below
     try:
         return _from_tokenizer_data(data, path)
     except (KeyError, TypeError, AttributeError) as e:
@@ -163,7 +163,7 @@ def _from_tokenizer_data(data: dict[str, Any], path: Path) -> Tokenizer:
 
 def from_vocab_merges(vocab_path: Path, merges_path: Path) -> Tokenizer:
     """GPT-2's original pair of files (`encoder.json`/`vocab.bpe` under HF's names)."""
-    vocab = _read_json(vocab_path)
+    vocab = read_json(vocab_path, TokenizerError)
     if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
         raise TokenizerError(f"{vocab_path}: expected a JSON object of token -> integer id")
     try:
@@ -216,7 +216,7 @@ def _with_side_files(
     generation_config.json: a token named in the first two wins over an id in the last."""
     config = _side_config(folder)
     generation = (
-        _read_json(folder / "generation_config.json")
+        read_json(folder / "generation_config.json", TokenizerError)
         if (folder / "generation_config.json").is_file()
         else {}
     )
@@ -258,7 +258,7 @@ def _side_config(folder: Path) -> dict[str, Any]:
     config: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later one wins
         if (folder / name).is_file():
-            config.update(_read_json(folder / name))
+            config.update(read_json(folder / name, TokenizerError))
     return config
 
 
@@ -318,11 +318,3 @@ def _merge_pair(merge: str | list[str], source: str, where: str) -> tuple[str, s
     if len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
         raise TokenizerError(f"{source}: {where}: expected two tokens, got {merge!r}")
     return parts[0], parts[1]
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: not a readable JSON file ({e})") from e
