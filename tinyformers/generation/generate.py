@@ -66,7 +66,7 @@ def generate_tokens(
 
     A row finishes on one of `eos_ids` (the EOS token is still yielded) or when the caller sets
     `done[row]` (a stop string). Generation ends when every row is done or after max_new_tokens.
-    `decode` runs the one-token steps in place of `net` (a compiled net: its shapes are static).
+    `decode` runs the one-token steps in place of `net` (the net under torch.compile).
     """
     device = next(net.parameters()).device
     B, T = len(prompts), max(len(p) for p in prompts)

@@ -231,16 +231,18 @@ FUSED = {  # our stacked matrix -> the checkpoint's matrices, in stacking order
 
 def fuse(weights: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tensor]:
     """Stack each layer's q, k, v (and gate, up) rows into one matrix; any tensor type works,
-    so a GGUF file's quantized blocks stack the same way."""
+    so a GGUF file's quantized blocks stack the same way.
+
+    A group with a member missing stays as it is: the loader's strict key check then names
+    what is missing, and a GGUF whose q, k, v blocks are not all of one kind keeps the dense
+    weights for that matrix.
+    """
     for i in range(config.num_hidden_layers):
         for ours, theirs in FUSED.items():
             for kind in ("weight", "bias"):
-                parts = [weights.pop(f"layers.{i}.{t}.{kind}", None) for t in theirs]
-                if all(p is not None for p in parts):
-                    weights[f"layers.{i}.{ours}.{kind}"] = torch.cat(parts)
-                elif any(p is not None for p in parts):
-                    missing = theirs[parts.index(None)]
-                    raise ValueError(f"layer {i} has no {missing}.{kind} beside the others")
+                keys = [f"layers.{i}.{t}.{kind}" for t in theirs]
+                if all(k in weights for k in keys):
+                    weights[f"layers.{i}.{ours}.{kind}"] = torch.cat([weights.pop(k) for k in keys])
     return weights
 
 
