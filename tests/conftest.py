@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to the real data in ../shared and random-init HF GPT-2 checkpoints."""
+"""Shared fixtures: paths to the real data in tests/data and random-init HF GPT-2 checkpoints."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-GPT2_DATA = SHARED / "data" / "gpt2"
-PEER_DATA = SHARED / "data" / "peer"
+DATA = Path(__file__).resolve().parent / "data"
+GPT2_DATA = DATA / "gpt2"
+PEER_DATA = DATA / "peer"
 
 
 def gpt2_config_dict(**overrides) -> dict:

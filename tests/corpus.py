@@ -193,9 +193,9 @@ def surrogates(rng: random.Random, doc: str) -> str:
 
 # -- references, built offline from the same files ------------------------------------------
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-GPT2_DIR = SHARED / "data" / "gpt2"
-PEER_DIR = SHARED / "data" / "peer"
+DATA = Path(__file__).resolve().parent / "data"
+GPT2_DIR = DATA / "gpt2"
+PEER_DIR = DATA / "peer"
 
 
 def smollm2_gguf() -> Path:

@@ -219,7 +219,7 @@ def test_absent_bos_renders_as_nothing_like_hf():
 
 
 def test_model_without_template_is_a_clear_error():
-    gpt2 = load_tokenizer(Path(__file__).resolve().parents[1].parent / "shared/data/gpt2")
+    gpt2 = load_tokenizer(Path(__file__).resolve().parent / "data" / "gpt2")
     with pytest.raises(TinyformersError, match="no chat template"):
         encode_chat(gpt2, TURNS[:1])
 

