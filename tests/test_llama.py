@@ -127,20 +127,13 @@ def test_smollm2_eos_is_im_end(smollm2):
     assert smollm2.eos_ids == {smollm2.tokenizer.special_tokens["<|im_end|>"]}
 
 
-def test_partial_qkv_group_stays_unstacked_and_a_missing_member_is_named(tmp_path):
-    """A GGUF whose q, k, v blocks are not all of one kind hands `fuse` a partial group (native
-    mode keeps the dense weights for that matrix); a checkpoint lacking one is named."""
+def test_missing_projection_is_named(tmp_path):
+    """The model keeps the checkpoint's own q, k, v: a checkpoint lacking one is named."""
     from safetensors.torch import load_file, save_file
 
-    from tinyformers.models import llama
-
-    config = llama.LlamaConfig.from_dict(SMOLLM2)
-    partial = {"layers.0.self_attn.q_proj.weight": torch.zeros(576, 576),
-               "layers.0.self_attn.k_proj.weight": torch.zeros(192, 576)}  # fmt: skip
-    assert set(llama.fuse(dict(partial), config)) == set(partial)
     hf_llama().save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     del state["model.layers.0.self_attn.v_proj.weight"]
     save_file(state, tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"missing tensor layers.0.self_attn.qkv_proj.weight"):
+    with pytest.raises(CheckpointError, match=r"missing tensor layers.0.self_attn.v_proj.weight"):
         tinyformers.load(tmp_path)

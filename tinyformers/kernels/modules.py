@@ -9,18 +9,24 @@ from __future__ import annotations
 import ctypes
 import functools
 
+import torch
 from torch import Tensor, nn
 
-from .packed import PackedWeight, linear, pack
+from .packed import PackedWeight, linear, pack, pack_quantized
 
 
 class PackedLinear(nn.Module):
-    """nn.Linear with its weight in a kernel layout (f32, bf16 or int8)."""
+    """nn.Linear with its weight in a kernel layout (f32, bf16, int8 or q4);
+    `weight.dense()` gives the [out, in] matrix back, as the kernel sees it."""
 
     def __init__(self, weight: PackedWeight, bias: Tensor | None) -> None:
         super().__init__()
         self.weight = weight
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.in_features, self.out_features = weight.k, weight.n
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
@@ -38,49 +44,79 @@ class PackedEmbedding(nn.Module):
 
 
 def pack_model(
-    net: nn.Module, fmt: str, prepacked: dict[str, PackedWeight] | None = None
+    net: nn.Module, fmt: str, quantized: dict[str, tuple[Tensor, ...]] | None = None
 ) -> nn.Module:
     """Replace every nn.Linear of `net` by a PackedLinear in `fmt` ("f32", "bf16", "int8"),
-    and a tied embedding by a PackedEmbedding over the same packed matrix. `prepacked` gives
-    weights already packed (a GGUF file's own blocks) by module name: they are used as they are.
+    and a tied embedding by a PackedEmbedding over the same packed matrix.
+
+    `quantized` gives a GGUF file's own blocks by module name, as `pack_quantized` takes them
+    (values, scales[, mins]): those are packed as stored, never requantised. Projections that
+    a module lists in `FUSED` (Llama's q, k, v) are stacked into one packed matrix, so one
+    pass over x computes them all; a group whose members are not all of one kind (a GGUF
+    mixing Q8_0 and Q4 blocks) stays apart.
 
     Everything else (norms, biases, position embeddings, so activations and the KV cache)
     becomes float32: the kernels compute in float32 anyway, these tensors are a few percent of
     the bytes, and torch's CPU attention is several times slower in bfloat16.
     """
+    quantized = quantized or {}
     embedding_of = {  # the matrix of each embedding -> where the embedding sits
         m.weight.data_ptr(): (parent, name, f"{parent_name}.{name}".lstrip("."))
         for parent_name, parent in net.named_modules()
         for name, m in parent.named_children()
         if isinstance(m, nn.Embedding)
     }
-    # (parent, name) pairs, not the modules: holding the old Linears would keep every dense
-    # weight alive until the end, two copies of the model at the peak.
-    linears = [
-        (parent, name, f"{parent_name}.{name}".lstrip("."))
-        for parent_name, parent in net.named_modules()
-        for name, child in parent.named_children()
-        if isinstance(child, nn.Linear)
-    ]
-    prepacked = prepacked or {}
+    # (parent, packed name, member names) triples, not the modules: holding the old Linears
+    # would keep every dense weight alive until the end, two copies of the model at the peak.
+    jobs = []
+    for parent_name, parent in net.named_modules():
+        prefix = f"{parent_name}.".lstrip(".")
+        grouped: set[str] = set()
+        for fused, members in getattr(parent, "FUSED", {}).items():
+            kinds = {_kind(getattr(parent, m, None), quantized.get(prefix + m)) for m in members}
+            if len(kinds) == 1 and None not in kinds:
+                jobs.append((parent, prefix, fused, members))
+                grouped.update(members)
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear) and name not in grouped:
+                jobs.append((parent, prefix, name, (name,)))
     # Largest first: while the big lm_head is packed, nothing else has been freed yet, and the
     # smaller ones then reuse the memory freed behind them (peak: one copy of the lm_head).
-    linears.sort(key=lambda item: -getattr(item[0], item[1]).weight.numel())
-    for parent, name, full_name in linears:
-        child = getattr(parent, name)
-        owner, attr, tied_name = embedding_of.get(child.weight.data_ptr(), (None, None, None))
-        packed = (
-            prepacked.get(full_name) or prepacked.get(tied_name) or pack(child.weight.detach(), fmt)
-        )
+    jobs.sort(key=lambda job: -sum(getattr(job[0], m).weight.numel() for m in job[3]))
+    for parent, prefix, name, members in jobs:
+        linears = [getattr(parent, m) for m in members]
+        owner, attr, tied_name = embedding_of.get(linears[0].weight.data_ptr(), (None,) * 3)
+        blocks = [quantized.get(prefix + m) or quantized.get(tied_name) for m in members]
+        if blocks[0] is not None:  # stacked part by part: values, scales, mins
+            packed = pack_quantized(*(_rows(part) for part in zip(*blocks, strict=True)))
+        else:
+            packed = pack(_rows([lin.weight.detach() for lin in linears]), fmt)
         if owner is not None:  # the same matrix: lm_head = wte
             setattr(owner, attr, PackedEmbedding(packed))
-        bias = None if child.bias is None else child.bias.detach()
+        biases = [lin.bias for lin in linears]
+        bias = None if biases[0] is None else _rows([b.detach() for b in biases])
+        for m in members:
+            delattr(parent, m)
         setattr(parent, name, PackedLinear(packed, bias))
-        del child
+        del linears, biases
         _return_freed_memory()
     for p in net.parameters():
         p.data = p.data.float()
     return net
+
+
+def _kind(linear: nn.Module | None, blocks: tuple[Tensor, ...] | None) -> tuple | None:
+    """What must agree for matrices to stack: being a Linear, bias or not, and the block
+    format (number of parts and their dtypes: Q8_0 and Q4 blocks cannot share a matrix)."""
+    if not isinstance(linear, nn.Linear):
+        return None
+    parts = None if blocks is None else tuple(p.dtype for p in blocks)
+    return linear.bias is None, parts
+
+
+def _rows(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """The tensors stacked by rows (one tensor as it is, without a copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 @functools.cache

@@ -15,7 +15,7 @@ from tinyformers.errors import CheckpointError
 from tinyformers.loading.ggml_quants import GGMLType, q4_split, q8_0_split
 from tinyformers.loading.gguf import GGUFFile, read_gguf
 from tinyformers.loading.loader import build
-from tinyformers.models import get_architecture
+from tinyformers.models import check_layer_count, get_architecture
 
 
 def load_gguf_model(
@@ -29,6 +29,7 @@ def load_gguf_model(
             arch = get_architecture(architecture)
             n_vocab = len(gguf.metadata.get("tokenizer.ggml.tokens", []))
             config = arch.gguf_config(gguf.metadata, n_vocab)
+            check_layer_count(config.layer_count, gguf.tensors)
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{path}: {e}") from e
         config.tie_word_embeddings = "output.weight" not in gguf.tensors
@@ -64,16 +65,14 @@ def load_gguf_model(
         if native:
             from tinyformers.kernels.modules import pack_model
 
-            pack_model(model, "f32", prepacked=_native_blocks(gguf, arch, config, names))
+            pack_model(model, "f32", quantized=_native_blocks(gguf, arch, config, names))
         return model
 
 
 def _native_blocks(gguf: GGUFFile, arch, config, names: dict[str, str]) -> dict:
-    """Packed kernel weights made straight from the file's Q8_0 / Q4_0 / Q4_1 blocks, by the
-    name of the module they belong to; the layout fixes of `sanitize_gguf` (row permutations)
-    are applied to each part of the blocks alike."""
-    from tinyformers.kernels import pack_quantized
-
+    """The file's Q8_0 / Q4_0 / Q4_1 matrices as `pack_quantized` takes them (values, scales
+    and, for Q4, mins), by the name of the module they belong to; the layout fixes of
+    `sanitize_gguf` (row permutations) are applied to each part of the blocks alike."""
     parts: dict[str, tuple[torch.Tensor, ...]] = {}
     for name, info in gguf.tensors.items():
         if len(info.shape) != 2:
@@ -87,6 +86,6 @@ def _native_blocks(gguf: GGUFFile, arch, config, names: dict[str, str]) -> dict:
         for i in range(3)  # values, scales, mins (Q8_0 has no mins)
     ]
     return {
-        name.removesuffix(".weight"): pack_quantized(*(p[name] for p in by_part if name in p))
+        name.removesuffix(".weight"): tuple(p[name] for p in by_part if name in p)
         for name in by_part[0]
     }

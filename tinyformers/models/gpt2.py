@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyformers.models import config_fields, expand_gguf_names
+from tinyformers.models.hooks import HookPoint, Hooks
 from tinyformers.models.kv_cache import KVCache, positions_and_mask
 
 ACTIVATIONS = {
@@ -64,9 +65,33 @@ class GPT2Config:
     def context_length(self) -> int:
         return self.n_positions
 
+    @property
+    def layer_count(self) -> int:
+        return self.n_layer
+
+
+class LayerNorm(nn.Module):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dimension (Ba et al., 2016)."""
+
+    def __init__(self, dim: int, eps: float, hooks: Hooks, name: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+        self.hook = HookPoint(hooks, name)
+        self.fast = False  # set at load: torch's fused layer_norm, the same math in one kernel
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fast and not self.hook.listening:
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        x = x - x.mean(-1, keepdim=True)  # (B, T, C), centred
+        scale = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()  # (B, T, 1): the std
+        x = self.hook("hook_normalized", x / scale)  # mean 0, variance 1 per token
+        return x * self.weight + self.bias
+
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+    def __init__(self, config: GPT2Config, layer_idx: int, hooks: Hooks) -> None:
         super().__init__()
         self.n_head = config.n_head
         # q, k and v projections fused in one matrix, as the checkpoint stores them.
@@ -77,61 +102,82 @@ class CausalSelfAttention(nn.Module):
         if config.scale_attn_by_inverse_layer_idx:  # a stability trick of some GPT-2 variants
             self.scale /= layer_idx + 1
         self.upcast = config.reorder_and_upcast_attn  # scores and softmax in float32
+        self.hook = HookPoint(hooks, f"blocks.{layer_idx}.attn.")
+        self.fast = False  # set at load: SDPA's fused kernel in place of the written-out math
 
     def forward(self, x: Tensor, mask: Tensor, cache: KVCache | None, input_pos: Tensor) -> Tensor:
         B, T, C = x.shape
+        hs = C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = self.hook("hook_q", q.view(B, T, self.n_head, hs)).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.hook("hook_k", k.view(B, T, self.n_head, hs)).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.hook("hook_v", v.view(B, T, self.n_head, hs)).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(input_pos, k, v)  # (B, nh, S, hs)
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()
-        # softmax(q k^T * scale, masked) v: (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        y = y.to(x.dtype).transpose(1, 2).reshape(B, T, C)  # heads side by side again
-        return self.c_proj(y)
+        if not self.fast or self.hook.listening:
+            # softmax(q k^T * scale, masked) v (Vaswani et al., 2017)
+            scores = q @ k.transpose(-2, -1) * self.scale  # (B, nh, T, hs) @ (B, nh, hs, S)
+            scores = scores.masked_fill(~mask, float("-inf"))  # no future, no padding slots
+            scores = self.hook("hook_attn_scores", scores)  # (B, nh, T, S)
+            pattern = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # each row sums to 1
+            pattern = self.hook("hook_pattern", pattern)  # (B, nh, T, S)
+            z = pattern @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
+        else:  # the same equation in SDPA's fused kernel
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        z = self.hook("hook_z", z.to(x.dtype).transpose(1, 2))  # (B, T, nh, hs)
+        return self.c_proj(z.reshape(B, T, C))  # heads side by side again, then mixed
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPT2Config) -> None:
+    def __init__(self, config: GPT2Config, layer_idx: int, hooks: Hooks) -> None:
         super().__init__()
         n_inner = config.n_inner or 4 * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, n_inner)
         self.act = ACTIVATIONS[config.activation_function]
         self.c_proj = nn.Linear(n_inner, config.n_embd)
+        self.hook = HookPoint(hooks, f"blocks.{layer_idx}.mlp.")
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        pre = self.hook("hook_pre", self.c_fc(x))  # (B, T, C) -> (B, T, 4C)
+        post = self.hook("hook_post", self.act(pre))  # (B, T, 4C)
+        return self.c_proj(post)  # (B, T, 4C) -> (B, T, C)
 
 
 class Block(nn.Module):
     """Pre-LN residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+    def __init__(self, config: GPT2Config, i: int, hooks: Hooks) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config)
+        eps = config.layer_norm_epsilon
+        self.ln_1 = LayerNorm(config.n_embd, eps, hooks, f"blocks.{i}.ln1.")
+        self.attn = CausalSelfAttention(config, i, hooks)
+        self.ln_2 = LayerNorm(config.n_embd, eps, hooks, f"blocks.{i}.ln2.")
+        self.mlp = MLP(config, i, hooks)
+        self.hook = HookPoint(hooks, f"blocks.{i}.")
 
     def forward(self, x: Tensor, mask: Tensor, cache: KVCache | None, input_pos: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x), mask, cache, input_pos)
-        return x + self.mlp(self.ln_2(x))
+        x = self.hook("hook_resid_pre", x)  # (B, T, C): the residual stream
+        attn_out = self.hook("hook_attn_out", self.attn(self.ln_1(x), mask, cache, input_pos))
+        x = self.hook("hook_resid_mid", x + attn_out)
+        mlp_out = self.hook("hook_mlp_out", self.mlp(self.ln_2(x)))
+        return self.hook("hook_resid_post", x + mlp_out)
 
 
 class GPT2(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.config = config
+        self.hooks = Hooks()  # the named activations of this model (models/hooks.py)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)  # learned positions
-        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.h = nn.ModuleList(Block(config, i, self.hooks) for i in range(config.n_layer))
+        self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon, self.hooks, "ln_final.")
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight  # one matrix reads tokens in and out
+        self.hook = HookPoint(self.hooks, "")
 
     def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
         hs = self.config.n_embd // self.config.n_head
@@ -161,12 +207,17 @@ class GPT2(nn.Module):
             input_pos = torch.arange(T, device=input_ids.device)
         n_keys = cache[0].k.shape[2] if cache is not None else T
         positions, mask = positions_and_mask(attention_mask, input_pos, n_keys, B)
-        x = self.wte(input_ids) + self.wpe(positions)  # (B, T, C)
+        x = self.hook("hook_embed", self.wte(input_ids))  # (B, T, C)
+        x = x + self.hook("hook_pos_embed", self.wpe(positions))  # (B, T, C)
         for i, block in enumerate(self.h):
             x = block(x, mask, cache[i] if cache is not None else None, input_pos)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
-        return self.lm_head(self.ln_f(x)).float()  # (B, T, V)
+        return self.unembed(x)
+
+    def unembed(self, x: Tensor) -> Tensor:
+        """Residual stream (B, T, C) -> float32 logits (B, T, V): final norm, then lm_head."""
+        return self.lm_head(self.ln_f(x)).float()
 
 
 # Checkpoint layout -----------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyformers.loading.gguf import unpermute_qk
-from tinyformers.models import config_fields, expand_gguf_names
+from tinyformers.models import check_value, config_fields, expand_gguf_names
+from tinyformers.models.hooks import HookPoint, Hooks
 from tinyformers.models.kv_cache import KVCache, positions_and_mask
 
 
@@ -45,7 +46,8 @@ class LlamaConfig:
     def from_dict(cls, d: dict) -> LlamaConfig:
         """Map a checkpoint's config dict; unknown keys are ignored, missing required ones named."""
         d = dict(d)
-        if rope := d.pop("rope_parameters", None):  # transformers >= 5 writes rope this way
+        if (rope := d.pop("rope_parameters", None)) is not None:  # transformers >= 5 writes this
+            check_value("rope_parameters", "dict", rope)
             d.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
             if rope.get("rope_type", "default") != "default":
                 d.setdefault("rope_scaling", rope)
@@ -59,28 +61,47 @@ class LlamaConfig:
                 f"num_attention_heads {config.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {config.num_key_value_heads}"
             )
-        rope_type = (config.rope_scaling or {}).get("rope_type", "default")
-        if config.rope_scaling and (config.rope_scaling.get("type") or rope_type) != "llama3":
-            raise ValueError(f"rope_scaling {config.rope_scaling} is not supported (only llama3)")
+        if config.head_dim % 2:  # rotary embeddings turn pairs of dimensions
+            raise ValueError(f"head_dim = {config.head_dim}: expected an even number")
+        if config.rope_scaling:
+            cls.check_rope_scaling(config.rope_scaling)
         return config
+
+    @staticmethod
+    def check_rope_scaling(s: dict) -> None:
+        """Llama 3.1's rope_scaling, the only kind supported, with every number `rope_frequencies`
+        divides by present, finite and > 0."""
+        if (s.get("type") or s.get("rope_type", "default")) != "llama3":
+            raise ValueError(f"rope_scaling {s!r:.100} is not supported (only llama3)")
+        for key in ("factor", "low_freq_factor", "high_freq_factor"):
+            check_value(f"rope_scaling.{key}", "float", s.get(key))
+        key = "original_max_position_embeddings"
+        check_value(f"rope_scaling.{key}", "int", s.get(key))
+        if not s["high_freq_factor"] > s["low_freq_factor"]:
+            raise ValueError("rope_scaling: expected high_freq_factor > low_freq_factor")
 
     @property
     def context_length(self) -> int:
         return self.max_position_embeddings
 
+    @property
+    def layer_count(self) -> int:
+        return self.num_hidden_layers
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight (Zhang & Sennrich, 2019), computed in float32 as the reference does."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, hooks: Hooks, name: str) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.hook = HookPoint(hooks, name)
 
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # rms 1 per token
+        return self.weight * self.hook("hook_normalized", x32.to(x.dtype))
 
 
 def rope_frequencies(config: LlamaConfig, device: torch.device) -> Tensor:
@@ -104,12 +125,14 @@ def rope_frequencies(config: LlamaConfig, device: torch.device) -> Tensor:
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate each pair (x[i], x[i + hs/2]) by its angle (RoPE, Su et al. 2021; HF layout)."""
-    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    x1, x2 = x.chunk(2, dim=-1)  # (B, T, nh, hs/2) each
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # stacked by kernels.pack_model
+
+    def __init__(self, config: LlamaConfig, i: int, hooks: Hooks) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = (
             config.num_attention_heads,
@@ -117,11 +140,14 @@ class Attention(nn.Module):
             config.head_dim,
         )
         C, bias = config.hidden_size, config.attention_bias
-        # q, k and v projections in one matrix (the checkpoint's three, stacked at load): one
-        # pass over x instead of three, which is what decode speed is made of.
-        self.sizes = [self.n_head * self.head_dim] + [self.n_kv_head * self.head_dim] * 2
-        self.qkv_proj = nn.Linear(C, sum(self.sizes), bias=bias)
+        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=bias)
+        self.scale = self.head_dim**-0.5  # 1 / sqrt(hs): keeps q.k near unit variance
+        self.hook = HookPoint(hooks, f"blocks.{i}.attn.")
+        self.fast = False  # set at load: SDPA's fused kernel in place of the written-out math
+        self.qkv_proj: nn.Module | None = None  # set when packing: q, k, v rows in one matrix
 
     def forward(
         self,
@@ -133,55 +159,94 @@ class Attention(nn.Module):
         input_pos: Tensor,
     ) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)  # (B, T, nh*hs), 2 x (B, T, nkv*hs)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # positions enter here, not in x
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B,T,nh*hs), 2x(B,T,nkv*hs)
+        else:  # packed for the kernels: one pass over x for the three (modules.pack_model)
+            q, k, v = self.qkv_proj(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        q = self.hook("hook_q", q.view(B, T, nh, hs))  # (B, T, nh, hs)
+        k = self.hook("hook_k", k.view(B, T, nkv, hs))  # (B, T, nkv, hs)
+        v = self.hook("hook_v", v.view(B, T, nkv, hs)).transpose(1, 2)  # (B, nkv, T, hs)
+        # Positions enter here, as rotations of q and k, never into the residual stream.
+        q = self.hook("hook_rot_q", rotate(q, cos, sin)).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.hook("hook_rot_k", rotate(k, cos, sin)).transpose(1, 2)  # (B, nkv, T, hs)
         if cache is not None:
             k, v = cache.update(input_pos, k, v)  # (B, nkv, S, hs)
-        # Each group of nh/nkv query heads shares one key/value head (GQA, Ainslie et al. 2023).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B,nh,T,hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh*hs) -> (B, T, C)
+        if not self.fast or self.hook.listening:
+            # Each group of nh/nkv query heads shares one key/value head (GQA, Ainslie et al.
+            # 2023): repeat each kv head for its group, then attention as in the paper.
+            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nkv, S, hs) -> (B, nh, S, hs)
+            v = v.repeat_interleave(nh // nkv, dim=1)  # (B, nkv, S, hs) -> (B, nh, S, hs)
+            scores = q @ k.transpose(-2, -1) * self.scale  # (B, nh, T, hs) @ (B, nh, hs, S)
+            scores = scores.masked_fill(~mask, float("-inf"))  # no future, no padding slots
+            scores = self.hook("hook_attn_scores", scores)  # (B, nh, T, S)
+            pattern = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # each row sums to 1
+            pattern = self.hook("hook_pattern", pattern)  # (B, nh, T, S)
+            z = pattern @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
+        else:  # the same equation in SDPA's fused kernel, kv heads shared without copies
+            z = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True
+            )
+        z = self.hook("hook_z", z.transpose(1, 2))  # (B, T, nh, hs)
+        return self.o_proj(z.reshape(B, T, nh * hs))  # (B, T, nh*hs) -> (B, T, C)
 
 
 class MLP(nn.Module):
     """SwiGLU (Shazeer, 2020): down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    FUSED = {"gate_up_proj": ("gate_proj", "up_proj")}  # stacked by kernels.pack_model
+
+    def __init__(self, config: LlamaConfig, i: int, hooks: Hooks) -> None:
         super().__init__()
         C, H, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_up_proj = nn.Linear(C, 2 * H, bias=bias)  # gate and up stacked, as q, k, v
+        self.gate_proj = nn.Linear(C, H, bias=bias)
+        self.up_proj = nn.Linear(C, H, bias=bias)
         self.down_proj = nn.Linear(H, C, bias=bias)
+        self.hook = HookPoint(hooks, f"blocks.{i}.mlp.")
+        self.gate_up_proj: nn.Module | None = None  # set when packing: gate and up rows stacked
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, C) -> 2 x (B, T, H)
-        return self.down_proj(F.silu(gate) * up)  # (B, T, H) -> (B, T, C)
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, C) -> 2 x (B, T, H)
+        else:  # packed for the kernels: one pass over x for both
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate = self.hook("hook_pre", gate)  # (B, T, H)
+        post = self.hook("hook_post", F.silu(gate) * up)  # the gate opens or shuts each unit
+        return self.down_proj(post)  # (B, T, H) -> (B, T, C)
 
 
 class Block(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, i: int, hooks: Hooks) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        C, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(C, eps, hooks, f"blocks.{i}.ln1.")
+        self.self_attn = Attention(config, i, hooks)
+        self.post_attention_layernorm = RMSNorm(C, eps, hooks, f"blocks.{i}.ln2.")
+        self.mlp = MLP(config, i, hooks)
+        self.hook = HookPoint(hooks, f"blocks.{i}.")
 
     def forward(self, x, cos, sin, mask, cache, input_pos) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.hook("hook_resid_pre", x)  # (B, T, C): the residual stream
+        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos)
+        x = self.hook("hook_resid_mid", x + self.hook("hook_attn_out", attn_out))
+        mlp_out = self.hook("hook_mlp_out", self.mlp(self.post_attention_layernorm(x)))
+        return self.hook("hook_resid_post", x + mlp_out)
 
 
 class Llama(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
+        self.hooks = Hooks()  # the named activations of this model (models/hooks.py)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            Block(config, i, self.hooks) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.hooks, "ln_final.")
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.hook = HookPoint(self.hooks, "")
 
     def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
         c = self.config
@@ -206,48 +271,28 @@ class Llama(nn.Module):
             input_pos = torch.arange(T, device=input_ids.device)
         n_keys = cache[0].k.shape[2] if cache is not None else T
         positions, mask = positions_and_mask(attention_mask, input_pos, n_keys, B)
-        x = self.embed_tokens(input_ids)  # (B, T, C)
+        x = self.hook("hook_embed", self.embed_tokens(input_ids))  # (B, T, C)
         # One angle per (position, pair of dimensions), shared by every layer.
-        angles = positions[..., None].float() * rope_frequencies(
-            self.config, x.device
-        )  # (B,T,hs/2)
-        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, hs): broadcast over heads
+        inv_freq = rope_frequencies(self.config, x.device)  # (hs/2,)
+        angles = positions[..., None].float() * inv_freq  # (B, T, hs/2)
+        angles = torch.cat((angles, angles), dim=-1)[:, :, None]  # (B, T, 1, hs): for every head
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache[i] if cache is not None else None, input_pos)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
-        return self.lm_head(self.norm(x)).float()  # (B, T, V)
+        return self.unembed(x)
+
+    def unembed(self, x: Tensor) -> Tensor:
+        """Residual stream (B, T, C) -> float32 logits (B, T, V): final norm, then lm_head."""
+        return self.lm_head(self.norm(x)).float()
 
 
 # Checkpoint layout -----------------------------------------------------------------------------
 
 
-FUSED = {  # our stacked matrix -> the checkpoint's matrices, in stacking order
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-}
-
-
-def fuse(weights: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tensor]:
-    """Stack each layer's q, k, v (and gate, up) rows into one matrix; any tensor type works,
-    so a GGUF file's quantized blocks stack the same way.
-
-    A group with a member missing stays as it is: the loader's strict key check then names
-    what is missing, and a GGUF whose q, k, v blocks are not all of one kind keeps the dense
-    weights for that matrix.
-    """
-    for i in range(config.num_hidden_layers):
-        for ours, theirs in FUSED.items():
-            for kind in ("weight", "bias"):
-                keys = [f"layers.{i}.{t}.{kind}" for t in theirs]
-                if all(k in weights for k in keys):
-                    weights[f"layers.{i}.{ours}.{kind}"] = torch.cat([weights.pop(k) for k in keys])
-    return weights
-
-
 def sanitize(weights: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tensor]:
-    """HF LlamaForCausalLM tensors -> our names (no `model.` prefix) and stacked matrices."""
+    """HF LlamaForCausalLM tensors -> our names (no `model.` prefix)."""
     out = {}
     for name, w in weights.items():
         name = name.removeprefix("model.")
@@ -256,7 +301,7 @@ def sanitize(weights: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tenso
         out[name] = w
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
-    return fuse(out, config)
+    return out
 
 
 def gguf_config(metadata: dict, n_vocab: int) -> LlamaConfig:
@@ -310,7 +355,7 @@ def sanitize_gguf(weights: dict[str, Tensor], config: LlamaConfig) -> dict[str, 
             key = f"layers.{i}.self_attn.{name}.weight"
             if key in weights:
                 weights[key] = unpermute_qk(weights[key], n_head)
-    return fuse(weights, config)
+    return weights
 
 
 # The names the registry (models/__init__.py) looks up in every architecture file.
