@@ -64,7 +64,7 @@ def test_piped_chat_sends_hf_template_ids_and_prints_hf_greedy_answer(
 
     monkeypatch.setattr(LanguageModel, "stream", spy)
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\n"))
-    code = main(["chat", "--model", str(folder), "--system", "Be brief.", "-t", "0", "-n", "6"])
+    code = main(["chat", "--model", str(folder), "--system", "Be brief.", "--temp", "0", "-n", "6"])
     out = capsys.readouterr()
     assert code == 0 and out.err == ""
 
@@ -113,7 +113,7 @@ def test_missing_default_model_says_how_to_install(monkeypatch, capsys):
 
 
 def test_repl_commands_errors_dropped_turns_and_ctrl_d(tiny_chat):
-    child = spawn_chat("--model", str(tiny_chat[0]), "-t", "0", "-n", "8")
+    child = spawn_chat("--model", str(tiny_chat[0]), "--temp", "0", "-n", "8")
     child.sendcontrol("c")  # at an empty prompt: a fresh prompt, as in a shell
     child.expect_exact(PROMPT)
     assert "/reset" in say(child, "/help")

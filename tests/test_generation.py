@@ -245,16 +245,16 @@ def test_cli_greedy_equals_hf_greedy(gpt2_small_dir, reference):
 
 
 def test_cli_reads_stdin_and_echoes(gpt2_small_dir):
-    run = cli("generate", "--model", str(gpt2_small_dir), "-t", "0", "-n", "5", "--echo",
+    run = cli("generate", "--model", str(gpt2_small_dir), "--temp", "0", "-n", "5", "--echo",
               stdin="Hello\n")  # fmt: skip
-    direct = cli("generate", "--model", str(gpt2_small_dir), "-t", "0", "-n", "5", "Hello")
+    direct = cli("generate", "--model", str(gpt2_small_dir), "--temp", "0", "-n", "5", "Hello")
     assert run.returncode == 0 and run.stdout == "Hello" + direct.stdout
 
 
 @pytest.mark.parametrize(
     "args, code, message",
     [
-        (["--temperature", "-1"], 2, "argument --temperature/-t: -1 is not a number >= 0"),
+        (["--temperature", "-1"], 2, "argument --temperature/--temp: -1 is not 0 (greedy) or a"),
         (["--top-p", "1.5"], 2, "argument --top-p: 1.5 is not in (0, 1]"),
         (["--top-p", "0"], 2, "argument --top-p: 0 is not in (0, 1]"),
         (["--max-new-tokens", "0"], 2, "argument --max-new-tokens/-n: 0 is not an integer > 0"),

@@ -1,4 +1,4 @@
-"""`tinyformers` command line: one module per subcommand, each with `add_parser(subparsers)`.
+"""The `tinyformers` command: one module per subcommand, each with `add_parser(subparsers)`.
 
 Errors reach the user as one line on stderr: exit 2 for a bad flag (argparse's convention),
 1 for anything else we can name (a missing file, a broken checkpoint, a prompt too long).
@@ -6,28 +6,42 @@ Errors reach the user as one line on stderr: exit 2 for a bad flag (argparse's c
 
 from __future__ import annotations
 
-import argparse
 import sys
 from importlib import import_module
 
+from tinyformers import __version__
+from tinyformers.cli.options import Parser
 from tinyformers.errors import TinyformersError
 
-COMMANDS = ("generate", "chat", "tokenize")
+# Subcommands, in the order `--help` lists them; each is tinyformers/cli/<name>.py.
+COMMANDS = ("generate", "chat", "tokenize", "perplexity")
 
+DESCRIPTION = """\
+Run GPT-2 and Llama-family language models on the CPU: generate text, chat, look at the
+tokens, measure perplexity. Without --model, the offline default SmolLM2-135M-Instruct."""
 
-class _Parser(argparse.ArgumentParser):
-    """argparse prints a usage block before the error; we print the error line only."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+EXAMPLES = """\
+examples:
+  echo "What is the capital of France?" | tinyformers chat --temp 0
+  tinyformers generate "Once upon a time" -n 50
+  tinyformers tokenize "Hello world"
+  tinyformers COMMAND --help      the flags of one command, with their defaults
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="tinyformers", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="tinyformers", description=DESCRIPTION, epilog=EXAMPLES)
+    parser.add_argument("--version", action="version", version=f"tinyformers {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name in COMMANDS:
         import_module(f"tinyformers.cli.{name}").add_parser(subparsers)
     args = parser.parse_args(argv)
+    if args.command is None:  # a bare `tinyformers`: say what it takes
+        parser.print_usage(sys.stderr)
+        print(
+            "tinyformers: error: name a command; `tinyformers --help` lists them", file=sys.stderr
+        )
+        return 2
     try:
         return args.run(args) or 0
     except TinyformersError as e:

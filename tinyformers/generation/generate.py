@@ -7,6 +7,7 @@ step), per-row stopping on EOS ids and on stop strings, and text deltas for stre
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -39,16 +40,22 @@ def fit_context(
 
 @dataclass
 class GenerationStats:
-    """What `--verbose` reports: prefill and decode timed apart (warm-up belongs to prefill)."""
+    """What `--verbose` reports: prefill, compile warm-up and decode, each timed apart."""
 
     prompt_tokens: int = 0  # of the longest prompt in the batch
     new_tokens: int = 0  # steps taken
     prefill_seconds: float = 0.0  # prompt forward + the first token
+    warmup_seconds: float = 0.0  # a compiled decode's first step, where torch.compile compiles
     decode_seconds: float = 0.0  # every later step
 
     @property
     def decode_tokens_per_second(self) -> float:
-        return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds else 0.0
+        steps = self.new_tokens - 1 - (self.warmup_seconds > 0)  # the warm-up step not counted
+        return steps / self.decode_seconds if self.decode_seconds else 0.0
+
+
+# Compiled decode steps that already ran once: their first step no longer compiles.
+_WARM: weakref.WeakSet = weakref.WeakSet()
 
 
 @torch.inference_mode()
@@ -90,6 +97,7 @@ def generate_tokens(
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens, start = T, time.perf_counter()
     step_net = net if decode is None else decode
+    warming = decode is not None and decode not in _WARM
     cache = net.make_cache(B, total)
     logits = net(ids, mask, cache=cache, input_pos=torch.arange(T, device=device), last_only=True)
     for step in range(max_new_tokens):
@@ -99,8 +107,11 @@ def generate_tokens(
         now = time.perf_counter()
         if step == 0:
             stats.prefill_seconds = now - start
+        elif step == 1 and warming:
+            stats.warmup_seconds = now - start - stats.prefill_seconds
+            _WARM.add(decode)
         else:
-            stats.decode_seconds = now - start - stats.prefill_seconds
+            stats.decode_seconds = now - start - stats.prefill_seconds - stats.warmup_seconds
         stats.new_tokens = step + 1
         yield [None if done[row] else t for row, t in enumerate(tokens)]
         for row, t in enumerate(tokens):

@@ -1,16 +1,24 @@
 """Compile gemv.cpp at first use and load its ops, or say in one line why that cannot happen.
 
-The build is cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and
-rebuilt only when the source changes. Set TINYFORMERS_NO_KERNELS=1 to force the torch path.
+The build lives in a folder keyed by everything that makes one build differ from another
+(torch and Python versions, CPU architecture, compiler and flags, the source's hash), under
+TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions)/tinyformers/. Two venvs or checkouts
+with the same key share one build; with different keys each keeps its own, so neither
+rebuilds the other's. Set TINYFORMERS_NO_KERNELS=1 to force the torch path.
 """
 
 import functools
+import hashlib
 import os
+import platform
+import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("gemv.cpp")
+NAME = "tinyformers_gemv"
 # What the kernels execute: AVX-512 F/BW/VL, vdpbf16ps, vpdpbusd, vcvtph2ps.
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma")
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni"]
@@ -30,6 +38,26 @@ def _cpu_problem() -> str | None:
     return f"this CPU lacks {', '.join(missing)}" if missing else None
 
 
+def build_key() -> str:
+    """16 hex digits that change whenever a build made here would differ."""
+    parts = [
+        torch.__version__,
+        str(torch.version.git_version),
+        sys.implementation.cache_tag,  # the Python ABI, e.g. cpython-311
+        platform.machine(),
+        os.environ.get("CXX", "c++"),
+        " ".join(CFLAGS),
+        hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def build_dir() -> Path:
+    """The folder of this environment's build (see the module docstring)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or "~/.cache/torch_extensions"
+    return Path(root).expanduser() / "tinyformers" / build_key()
+
+
 @functools.cache
 def load_ops() -> tuple[object | None, str | None]:
     """(torch.ops.tinyformers, None) once compiled and loaded, else (None, one-line reason)."""
@@ -38,18 +66,40 @@ def load_ops() -> tuple[object | None, str | None]:
     problem = _cpu_problem()
     if problem:
         return None, problem
+    folder = build_dir()
+    library = folder / f"{NAME}.so"
     try:
-        from torch.utils import cpp_extension
-
-        cpp_extension.load(
-            "tinyformers_gemv", [str(SOURCE)], extra_cflags=CFLAGS, is_python_module=False
-        )
+        if library.is_file() and not (folder / "lock").exists():
+            # subtle: never hand a finished build back to cpp_extension.load: its ninja file
+            # names this venv's torch headers and this checkout's path, so another environment
+            # with the same key would see a changed command and rebuild.
+            torch.ops.load_library(str(library))
+        else:
+            _compile(folder)
     except Exception as e:  # no compiler, no ninja, a compile error: all mean "use torch"
         lines = str(e).splitlines() or [type(e).__name__]
         said = [ln for ln in lines if any(w in ln for w in ("error:", "not found", "required"))]
         return None, f"{SOURCE}: build failed: {(said or lines)[0].strip()[:200]}"
     _register_fakes()
     return torch.ops.tinyformers, None
+
+
+def _compile(folder: Path) -> None:
+    from torch.utils import cpp_extension
+
+    print(f"tinyformers: compiling CPU kernels, once (~10 s), into {folder}", file=sys.stderr)
+    folder.mkdir(parents=True, exist_ok=True)
+    # The source is compiled from a copy inside the keyed folder, so the build does not
+    # depend on where this checkout lives.
+    source = folder / SOURCE.name
+    shutil.copyfile(SOURCE, source)
+    cpp_extension.load(
+        NAME,
+        [str(source)],
+        extra_cflags=CFLAGS,
+        build_directory=str(folder),
+        is_python_module=False,
+    )
 
 
 def _register_fakes() -> None:
