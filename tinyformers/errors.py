@@ -17,5 +17,13 @@ class TokenizerError(TinyformersError):
     """A tokenizer file that cannot be read or does not describe a byte-level BPE."""
 
 
+class TemplateError(TinyformersError):
+    """A chat template that fails to render, or goes past the time, size or depth limits."""
+
+
 class ContextLengthError(TinyformersError):
     """A prompt (plus the tokens asked for) longer than the model's context window."""
+
+
+class ParameterError(TinyformersError, ValueError):
+    """A generation setting out of its range (a ValueError too, as Python callers expect)."""

@@ -8,8 +8,6 @@ refused, never executed (CVE-2025-32434).
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ import torch
 from tinyformers.errors import CheckpointError
 from tinyformers.loading.json_file import read_json
 from tinyformers.loading.safetensors import load_safetensors
+from tinyformers.loading.torch_pickle import load_torch_pickle
 
 WEIGHT_FILES = (
     "model.safetensors.index.json",
@@ -47,6 +46,11 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: no weight_map")
     tensors: dict[str, torch.Tensor] = {}
+    for shard in weight_map.values():
+        if not _plain_file_name(shard):
+            raise CheckpointError(
+                f"{index_path}: shard name {shard!r:.100} is not a file name in this folder"
+            )
     for shard in dict.fromkeys(weight_map.values()):  # each once, in order
         shard_path = index_path.parent / shard
         if not shard_path.is_file():
@@ -62,22 +66,12 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_torch_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """A pytorch_model.bin, zip (memory-mapped) or legacy format, holding only tensors."""
-    is_zip = zipfile.is_zipfile(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as e:
-        # weights_only refused a global (a function, a class): the file wants to run code.
-        reason = next((ln for ln in str(e).splitlines() if "GLOBAL" in ln), "not plain tensors")
-        raise CheckpointError(
-            f"{path}: refused: the pickle needs more than tensors ({reason.strip()})"
-        ) from e
-    except Exception as e:  # truncated zip, bad magic, EOF in the middle of a pickle ...
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from e
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a dict of tensors")
-    return state
+def _plain_file_name(name) -> bool:
+    """A file name with no folder part: `../x`, `/etc/x` and `a/b` would read outside."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )

@@ -21,7 +21,7 @@ from tinyformers.errors import CheckpointError
 from tinyformers.loading.checkpoint import read_weights
 from tinyformers.loading.hub import resolve
 from tinyformers.loading.json_file import read_json
-from tinyformers.models import get_architecture
+from tinyformers.models import check_layer_count, get_architecture
 
 DTYPES = {
     "float32": torch.float32,
@@ -78,7 +78,14 @@ def load_model(
         config = arch.Config.from_dict(raw)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{config_path}: {e}") from e
-    weights = arch.sanitize(read_weights(path), config)
+    weights = read_weights(path)
+    try:
+        check_layer_count(config.layer_count, weights)
+        # subtle: sanitize transposes and stacks tensors; one of a shape no config could have
+        # (a 3-D Conv1D weight, q/k/v of unequal widths) fails there, before the shape check
+        weights = arch.sanitize(weights, config)
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: tensors do not fit the config: {e}") from e
     return build(arch.Model, config, weights, dtype, device, source=path), path
 
 

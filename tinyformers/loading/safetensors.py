@@ -10,7 +10,6 @@ file, copy each tensor out and tell the kernel we are done with the pages at onc
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from tinyformers.errors import CheckpointError
+from tinyformers.loading.json_file import parse_json
 
 DTYPES = {
     "F64": torch.float64,
@@ -45,10 +45,7 @@ def read_header(path: Path, size: int, f) -> tuple[dict, int]:
     (n,) = struct.unpack("<Q", head)
     if n > MAX_HEADER or 8 + n > size:
         raise CheckpointError(f"{path}: header length {n} does not fit the file ({size} bytes)")
-    try:
-        header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: header is not valid JSON: {e}") from e
+    header = parse_json(f.read(n), f"{path}: header", CheckpointError)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     header.pop("__metadata__", None)
@@ -56,10 +53,10 @@ def read_header(path: Path, size: int, f) -> tuple[dict, int]:
     end = 0
     for name, info in sorted(header.items(), key=lambda kv: _offsets(path, kv)[0]):
         begin, stop = _offsets(path, (name, info))
-        if info.get("dtype") not in DTYPES:
+        if not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name}: unsupported dtype {info.get('dtype')!r}")
         shape = info.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise CheckpointError(f"{path}: tensor {name}: bad shape {shape!r}")
         expected = math.prod(shape) * DTYPES[info["dtype"]].itemsize
         if stop - begin != expected:
@@ -84,11 +81,15 @@ def _offsets(path: Path, item: tuple[str, dict]) -> tuple[int, int]:
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
-        and all(isinstance(o, int) for o in offsets)
+        and all(_is_int(o) for o in offsets)
         and 0 <= offsets[0] <= offsets[1]
     ):
         raise CheckpointError(f"{path}: tensor {name}: bad data_offsets {offsets!r}")
     return offsets[0], offsets[1]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a size
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

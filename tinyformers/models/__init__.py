@@ -58,7 +58,9 @@ def config_fields(cls: type, d: dict) -> dict:
         value = d.get(f.name)
         if value is None:
             if f.default is MISSING:
-                raise ValueError(f"field {f.name!r} is missing (expected {_expected(f.name, f.type)})")
+                raise ValueError(
+                    f"field {f.name!r} is missing (expected {_expected(f.name, f.type)})"
+                )
             continue
         out[f.name] = check_value(f.name, str(f.type), value)
     return out
