@@ -60,7 +60,7 @@ def parse_json(text: str | bytes, where: str, error: type[TinyformersError]) -> 
     except RecursionError as e:
         raise error(f"{where}: JSON nested too deeply") from e
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise error(f"{where}: not valid JSON ({e})") from e
+        raise error(f"{where}: not a readable JSON file ({e})") from e
 
 
 def read_json(

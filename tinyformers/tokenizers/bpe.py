@@ -24,9 +24,22 @@ from tinyformers.errors import TokenizerError
 # GPT-2's pre-tokenization pattern (OpenAI's encoder.py; HF's ByteLevel pre-tokenizer uses it too).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
+# Split patterns of real tokenizers run as given; any other pattern a file brings runs under a
+# time limit (the regex module's `timeout=`), since one like (a|aa)+$ backtracks for ever.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+KNOWN_PATTERNS = frozenset({GPT2_PATTERN, LLAMA3_PATTERN, r"\p{N}", r"\p{N}+", r"\p{N}{1,3}"})
+MAX_PATTERN_CHARS = 2000
+MAX_REPEAT = 1000  # a{1000000000} alone takes the regex module minutes and GBs to compile
+_SPLIT_SECONDS = 0.5  # per call, plus a microsecond per character of text
+MAX_VOCAB = 1 << 22  # 4M tokens; the largest real vocabularies hold ~256K
+
 _CACHE_MAX_ENTRIES = 1 << 17  # pieces; cleared when full so memory stays bounded
 _CACHE_MAX_CHARS = 256  # longer pieces are rare and would pin megabytes in the cache
 _NO_MERGE = (1 << 62, -1)  # (rank, id) of a pair that never merges
+_LONG_PIECE = 4096  # tokens; longer pieces start merging in vectorised rounds (`_merge_rounds`)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -75,6 +88,7 @@ class Tokenizer:
     ) -> None:
         """`vocab` holds every token: ordinary ones in the byte alphabet, special/added as text."""
         self.source = source
+        _check_vocab(vocab, source)
         self.special_tokens: dict[str, int] = {t: _lookup(vocab, t, source) for t in special_tokens}
         self.added_tokens: dict[str, int] = {t: _lookup(vocab, t, source) for t in added_tokens}
         self._literal_ids = {**self.special_tokens, **self.added_tokens}
@@ -90,13 +104,20 @@ class Tokenizer:
         self._whole_pieces = (
             {self._id_to_bytes[i]: i for i in vocab.values()} if ignore_merges else None
         )
-        self._split = [regex.compile(p) for p in split_patterns]
+        self._split = [_compile_split(p, source) for p in split_patterns]
         self._cache: dict[str, list[int]] = {}
+        self._merge_arrays = None  # `_merge_table`, built on the first long piece
         self._matchers: dict[frozenset[str], regex.Pattern | None] = {}
         roles = {"bos": bos_token_id, "eos": eos_token_id, "pad": pad_token_id, "unk": unk_token_id}
         for name, i in roles.items():
-            if i is not None and not 0 <= i < self.vocab_size:
-                raise TokenizerError(f"{source}: {name} token id {i} is outside the vocabulary")
+            if i is not None and not (_is_int(i) and 0 <= i < self.vocab_size):
+                raise TokenizerError(
+                    f"{source}: {name} token id {i!r:.40} is outside the vocabulary"
+                )
+        if not isinstance(add_bos_token, bool):
+            raise TokenizerError(f"{source}: add_bos_token {add_bos_token!r:.40} is not a boolean")
+        if not isinstance(chat_template, str | None):
+            raise TokenizerError(f"{source}: the chat template is not a string")
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
@@ -170,8 +191,18 @@ class Tokenizer:
     def _pieces(self, text: str) -> list[str]:
         """Split with each pattern in turn; matches and the gaps between them are pieces."""
         pieces = [text] if text else []
-        for pattern in self._split:
-            pieces = [p for chunk in pieces for p in _split_isolated(pattern, chunk)]
+        for pattern, timeout in self._split:
+            if timeout is None:
+                pieces = [p for chunk in pieces for p in _split_isolated(pattern, chunk)]
+                continue
+            limit = timeout + 1e-6 * len(text)
+            try:
+                pieces = [p for c in pieces for p in _split_isolated(pattern, c, timeout=limit)]
+            except TimeoutError as e:
+                raise TokenizerError(
+                    f"{self.source}: split pattern {pattern.pattern!r:.80} took over {limit:.1f} s "
+                    f"on a text of {len(text)} characters (a pattern that backtracks?)"
+                ) from e
         return pieces
 
     def _encode_piece(self, piece: str) -> list[int]:
@@ -179,7 +210,8 @@ class Tokenizer:
         if self._whole_pieces is not None and data in self._whole_pieces:
             return [self._whole_pieces[data]]
         ids = [self._byte_ids[b] for b in data]
-        return self._merge([i for i in ids if i is not None] if None in ids else ids)
+        ids = [i for i in ids if i is not None] if None in ids else ids
+        return self._merge(self._merge_rounds(ids) if len(ids) > _LONG_PIECE else ids)
 
     def _merge(self, ids: list[int]) -> list[int]:
         """Apply merges lowest rank first, leftmost first on ties, in O(n log n).
@@ -208,6 +240,45 @@ class Tokenizer:
             if prv[i] >= 0 and (left := merges.get((ids[prv[i]], ids[i]))) is not None:
                 heapq.heappush(heap, (left[0], prv[i]))
         return [t for t in ids if t >= 0]
+
+    def _merge_rounds(self, ids: list[int]) -> list[int]:
+        """Merge a long piece in rounds while rounds pay: each round applies the lowest-ranked
+        pair present at every place at once (leftmost first where they overlap, as `_merge`
+        does), in numpy. 10 MB of one character then takes ~20 rounds, not 10^7 heap steps.
+
+        subtle: the state after a round is the state `_merge` reaches after the same rank, so
+        `_merge` finishes the piece once a round merges too few pairs to be worth it.
+        """
+        import numpy as np
+
+        keys, ranks, merged = self._merge_table()
+        a = np.asarray(ids, dtype=np.int64)
+        while len(a) > _LONG_PIECE:
+            pairs = a[:-1] * self.vocab_size + a[1:]
+            at = np.minimum(np.searchsorted(keys, pairs), len(keys) - 1)
+            rank = np.where(keys[at] == pairs, ranks[at], _NO_MERGE[0])
+            hits = np.flatnonzero(rank == rank.min())
+            if rank.min() == _NO_MERGE[0] or len(hits) * 64 < len(a):
+                break
+            # a run of hits (pair x x over x x x ...) overlaps: keep the 1st, 3rd, ... of each
+            new_run = np.concatenate(([True], np.diff(hits) != 1))
+            run_start = np.maximum.accumulate(np.where(new_run, np.arange(len(hits)), 0))
+            hits = hits[(np.arange(len(hits)) - run_start) % 2 == 0]
+            a[hits] = merged[at[hits[0]]]
+            a = np.delete(a, hits + 1)
+        return a.tolist()
+
+    def _merge_table(self):
+        """The merges as sorted arrays: pair key (left * vocab_size + right), rank, merged id."""
+        if self._merge_arrays is None:
+            import numpy as np
+
+            items = sorted((a * self.vocab_size + b, v) for (a, b), v in self._merges.items())
+            keys = np.array([k for k, _ in items] or [-1], dtype=np.int64)
+            ranks = np.array([v[0] for _, v in items] or [_NO_MERGE[0]], dtype=np.int64)
+            merged = np.array([v[1] for _, v in items] or [-1], dtype=np.int64)
+            self._merge_arrays = keys, ranks, merged
+        return self._merge_arrays
 
     # -- decoding --------------------------------------------------------------------------
 
@@ -254,7 +325,49 @@ class StreamDecoder:
         return self._utf8.decode(b"", final=True)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_vocab(vocab: dict[str, int], source: str) -> None:
+    """Every token a non-empty string, the ids exactly 0..n-1, each once."""
+    if not isinstance(vocab, dict) or not 0 < len(vocab) <= MAX_VOCAB:
+        raise TokenizerError(f"{source}: expected a vocabulary of 1 to {MAX_VOCAB} tokens")
+    for token, i in vocab.items():
+        if not isinstance(token, str) or not token:
+            raise TokenizerError(f"{source}: token {token!r:.40} is empty or not a string")
+        if not _is_int(i) or not 0 <= i < len(vocab):
+            raise TokenizerError(
+                f"{source}: token {token!r:.40} has id {i!r:.40}, expected 0..{len(vocab) - 1} "
+                "(ids are dense)"
+            )
+    if len(set(vocab.values())) != len(vocab):
+        seen: dict[int, str] = {}
+        twice = next(t for t, i in vocab.items() if seen.setdefault(i, t) != t)
+        raise TokenizerError(f"{source}: token {twice!r:.40} reuses id {vocab[twice]}")
+
+
+def _compile_split(pattern: str, source: str) -> tuple[regex.Pattern, float | None]:
+    """A split pattern and its time limit (None for the patterns of real tokenizers)."""
+    if not isinstance(pattern, str) or not 0 < len(pattern) <= MAX_PATTERN_CHARS:
+        raise TokenizerError(f"{source}: split pattern {pattern!r:.80} is empty or too long")
+    if pattern in KNOWN_PATTERNS:
+        return regex.compile(pattern), None
+    for m in regex.finditer(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}", pattern):
+        if any(n and int(n) > MAX_REPEAT for n in m.groups()):
+            raise TokenizerError(
+                f"{source}: split pattern {pattern!r:.80} repeats {m.group()} times "
+                f"(at most {MAX_REPEAT})"
+            )
+    try:
+        return regex.compile(pattern), _SPLIT_SECONDS
+    except (regex.error, OverflowError, RecursionError, ValueError) as e:
+        raise TokenizerError(f"{source}: split pattern {pattern!r:.80} is not a regex: {e}") from e
+
+
 def _lookup(vocab: dict[str, int], token: str, source: str) -> int:
+    if not isinstance(token, str) or not token:
+        raise TokenizerError(f"{source}: special or added token {token!r:.40} is empty")
     if token not in vocab:
         raise TokenizerError(f"{source}: token {token!r} is not in the vocabulary")
     return vocab[token]
@@ -262,12 +375,13 @@ def _lookup(vocab: dict[str, int], token: str, source: str) -> int:
 
 def _id_to_bytes(vocab: dict[str, int], literal: dict[str, int], source: str) -> list[bytes]:
     """Bytes of every id: literal tokens as their UTF-8 text, the rest through the byte alphabet."""
-    if not vocab or min(vocab.values()) < 0:
-        raise TokenizerError(f"{source}: the vocabulary is empty or has negative ids")
-    table: list[bytes | None] = [None] * (max(vocab.values()) + 1)
+    table: list[bytes | None] = [None] * len(vocab)  # ids are 0..n-1 (`_check_vocab`)
     for token, i in vocab.items():
         if token in literal:
-            table[i] = token.encode("utf-8")
+            try:
+                table[i] = token.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise TokenizerError(f"{source}: token {i} is not valid Unicode ({e})") from e
             continue
         try:
             table[i] = bytes(_BYTE_DECODER[c] for c in token)
@@ -299,14 +413,14 @@ def _pair_ranks(
     return table
 
 
-def _split_isolated(pattern: regex.Pattern, text: str) -> list[str]:
+def _split_isolated(pattern: regex.Pattern, text: str, timeout: float | None = None) -> list[str]:
     """Matches of `pattern` and the gaps between them, in order (HF's Split "isolated")."""
     if not pattern.groups:
-        found = pattern.findall(text)
+        found = pattern.findall(text, timeout=timeout)
         if sum(map(len, found)) == len(text):
             return found  # the usual case: the pattern covers every character
     pieces, end = [], 0
-    for m in pattern.finditer(text):
+    for m in pattern.finditer(text, timeout=timeout):
         if m.start() > end:
             pieces.append(text[end : m.start()])
         if m.end() > m.start():

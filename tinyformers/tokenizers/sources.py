@@ -5,19 +5,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import regex
 
 from tinyformers.errors import TokenizerError
-from tinyformers.loading.json_file import read_json
-from tinyformers.tokenizers.bpe import GPT2_PATTERN, Tokenizer
-
-LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+from tinyformers.loading.json_file import read_json, read_text
+from tinyformers.tokenizers.bpe import GPT2_PATTERN, LLAMA3_PATTERN, Tokenizer
 
 # llama.cpp's `tokenizer.ggml.pre` names -> split patterns, applied in order (llama-vocab.cpp).
 GGUF_PRE_PATTERNS = {
@@ -63,13 +60,18 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
 
 def from_gguf_metadata(metadata: dict[str, Any], source: str) -> Tokenizer:
     """The tokenizer described by a GGUF file's `tokenizer.ggml.*` keys (model `gpt2` only)."""
+    with _structure_errors(source, "GGUF tokenizer metadata"):
+        return _from_gguf_metadata(metadata, source)
+
+
+def _from_gguf_metadata(metadata: dict[str, Any], source: str) -> Tokenizer:
     model = metadata.get("tokenizer.ggml.model")
-    if model != "gpt2":
+    if not isinstance(model, str) or model != "gpt2":
         raise TokenizerError(
             f"{source}: tokenizer.ggml.model {model!r} is not supported (expected 'gpt2')"
         )
     pre = metadata.get("tokenizer.ggml.pre")
-    if pre not in GGUF_PRE_PATTERNS:
+    if not isinstance(pre, str) or pre not in GGUF_PRE_PATTERNS:
         raise TokenizerError(
             f"{source}: tokenizer.ggml.pre {pre!r} is not supported "
             f"(known: {', '.join(sorted(GGUF_PRE_PATTERNS))})"
@@ -77,6 +79,8 @@ def from_gguf_metadata(metadata: dict[str, Any], source: str) -> Tokenizer:
     tokens = _gguf_list(metadata, "tokenizer.ggml.tokens", source)
     merges = _gguf_list(metadata, "tokenizer.ggml.merges", source)
     types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not isinstance(types, list):
+        raise TokenizerError(f"{source}: tokenizer.ggml.token_type is not a list")
     if len(types) != len(tokens):
         raise TokenizerError(
             f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
@@ -94,7 +98,7 @@ def from_gguf_metadata(metadata: dict[str, Any], source: str) -> Tokenizer:
         eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
         ignore_merges=pre in _IGNORE_MERGES_PRE,
-        add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+        add_bos_token=metadata.get("tokenizer.ggml.add_bos_token", False),
         chat_template=metadata.get("tokenizer.chat_template"),
         source=source,
     )
@@ -113,10 +117,18 @@ def _gguf_list(metadata: dict[str, Any], key: str, source: str) -> list[str]:
 def from_tokenizer_json(path: Path) -> Tokenizer:
     """A Hugging Face `tokenizer.json` with a byte-level BPE model, plus its folder's side files."""
     data = read_json(path, TokenizerError, require_object=False)  # structure checked below
-    try:
+    with _structure_errors(path, "tokenizer.json"):
         return _from_tokenizer_data(data, path)
-    except (KeyError, TypeError, AttributeError) as e:
-        raise TokenizerError(f"{path}: not the structure of a tokenizer.json ({e!r})") from e
+
+
+@contextmanager
+def _structure_errors(source: str | Path, kind: str) -> Iterator[None]:
+    """A wrong type anywhere in a file's structure (a list where an object belongs, a number
+    for a token) becomes one TokenizerError naming the file, not a traceback."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+        raise TokenizerError(f"{source}: not the structure of a {kind} ({e!r:.200})") from e
 
 
 def _from_tokenizer_data(data: dict[str, Any], path: Path) -> Tokenizer:
@@ -164,12 +176,14 @@ def _from_tokenizer_data(data: dict[str, Any], path: Path) -> Tokenizer:
 def from_vocab_merges(vocab_path: Path, merges_path: Path) -> Tokenizer:
     """GPT-2's original pair of files (`encoder.json`/`vocab.bpe` under HF's names)."""
     vocab = read_json(vocab_path, TokenizerError)
-    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
-        raise TokenizerError(f"{vocab_path}: expected a JSON object of token -> integer id")
-    try:
-        lines = merges_path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{merges_path}: cannot read merges ({e})") from e
+    lines = read_text(merges_path, TokenizerError).splitlines()
+    with _structure_errors(vocab_path.parent, "vocab.json folder's side files"):
+        return _from_vocab_merges(vocab, lines, vocab_path, merges_path)
+
+
+def _from_vocab_merges(
+    vocab: dict, lines: list[str], vocab_path: Path, merges_path: Path
+) -> Tokenizer:
     merges = [
         _merge_pair(line, str(merges_path), f"line {n}")
         for n, line in enumerate(lines, start=1)
@@ -217,7 +231,7 @@ def _with_side_files(
     config = _side_config(folder)
     generation = (
         read_json(folder / "generation_config.json", TokenizerError)
-        if (folder / "generation_config.json").is_file()
+        if (folder / "generation_config.json").exists()
         else {}
     )
     ids: dict[str, int | None] = {}
@@ -242,13 +256,17 @@ def _with_side_files(
         pad_token_id=ids["pad"],
         ignore_merges=ignore_merges,
         unk_token_id=unk_token_id,
-        add_bos_token=bool(config.get("add_bos_token", False)),
+        add_bos_token=config.get("add_bos_token", False),
         chat_template=_chat_template(folder, config),
         source=source,
         merges_source=merges_source,
     )
     extra = generation.get("eos_token_id")
     for i in extra if isinstance(extra, list) else [extra]:
+        if i is not None and not (_is_id(i) and i < tokenizer.vocab_size):
+            raise TokenizerError(
+                f"{folder}: generation_config.json eos_token_id {i!r:.40} is not in the vocabulary"
+            )
         if i is not None and i not in tokenizer.eos_token_ids:
             tokenizer.eos_token_ids.append(i)
     return tokenizer
@@ -257,14 +275,14 @@ def _with_side_files(
 def _side_config(folder: Path) -> dict[str, Any]:
     config: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later one wins
-        if (folder / name).is_file():
+        if (folder / name).exists():
             config.update(read_json(folder / name, TokenizerError))
     return config
 
 
 def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if (folder / "chat_template.jinja").exists():
+        return read_text(folder / "chat_template.jinja", TokenizerError)
     template = config.get("chat_template")
     # Some configs hold several: [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
     if isinstance(template, list):
@@ -276,6 +294,10 @@ def _token_id(vocab: dict[str, int], token: str | None, where: str) -> int | Non
     if token is not None and token not in vocab:
         raise TokenizerError(f"{where} {token!r} is not in the vocabulary")
     return None if token is None else vocab[token]
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _token_text(value: Any) -> str | None:
