@@ -32,7 +32,7 @@ SMALL = {
 def random_model(arch_name: str, seed: int = 0) -> torch.nn.Module:
     arch = get_architecture(arch_name)
     torch.manual_seed(seed)
-    net = arch.Model(arch.Config.from_dict(SMALL[arch_name])).eval()
+    net = arch.Model(arch.Config.from_dict(SMALL[arch_name])).eval().requires_grad_(False)
     with torch.no_grad():
         for p in net.parameters():  # norms and biases random too, so no term hides
             p.copy_(torch.randn_like(p) * (0.1 if p.dim() == 1 else 0.3) + (p.dim() == 1))
