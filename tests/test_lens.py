@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import smollm2_gguf
 from test_models import VOCAB, random_model
 
