@@ -3,20 +3,35 @@
 Rendered the way Hugging Face's `apply_chat_template` does (same sandbox, options and helpers),
 so a template written for transformers gives the same text here; then encoded so that only the
 control tokens the template itself writes become control tokens.
+
+A template is a program from a stranger. Jinja's sandbox stops it reaching Python's internals;
+`_LimitedSandbox` also bounds what it may cost: rendering stops after `MAX_SECONDS` (checked
+on every template line and Python call), strings and lists built by `*`, `+`, `~`, `**` and
+size arguments (`center(10**9)`, `replace`) stay under `MAX_CHARS`, and so does the output.
+Every failure, whatever Python raised inside, is one TemplateError naming the model.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
-from functools import lru_cache
+from functools import lru_cache, wraps
 
 import jinja2
 import jinja2.ext
 import regex
+from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from tinyformers.errors import TinyformersError
+from tinyformers.errors import TemplateError, TinyformersError
+
+MAX_SECONDS = 0.5  # real templates render in about a millisecond
+MAX_CHARS = 4 * 2**20  # of any one string or list the template builds, and of the output
+MAX_TEMPLATE_CHARS = 2**17  # real templates, tool use included, are under 20K characters
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": text}
 
@@ -49,18 +64,33 @@ def render_chat(
     tokens = {
         k: v for k, v in [("bos_token", bos_token), ("eos_token", eos_token)] if v is not None
     }
+    # the messages themselves may be long: the output may hold them a few times over
+    limit = MAX_CHARS + 4 * sum(len(str(v)) for m in messages for v in m.values())
     try:
-        return _compile(template).render(
-            messages=messages,
-            tools=None,  # passed even when unused: templates test `tools is not none`
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            **tokens,
-        )
-    except jinja2.TemplateError as e:  # raise_exception, a syntax error, a sandbox violation
+        if len(template) > MAX_TEMPLATE_CHARS:
+            raise _LimitError(f"{len(template)} characters, over the {MAX_TEMPLATE_CHARS} limit")
+        compiled = _compile(template)
+        with _deadline(time.monotonic() + MAX_SECONDS):
+            chunks = compiled.generate(
+                messages=messages,
+                tools=None,  # passed even when unused: templates test `tools is not none`
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **tokens,
+            )
+            out, size = [], 0
+            for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise _LimitError(f"the output passes {limit} characters")
+                out.append(chunk)
+            return "".join(out)
+    except Exception as e:  # raise_exception, a syntax error, a sandbox violation, a limit, or
+        # anything Python raises inside (ZeroDivisionError, RecursionError, TypeError ...)
         where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
-        message = " ".join(str(e).split())  # one line, whatever the template wrote
-        raise TinyformersError(f"{source}: chat template error{where}: {message}") from e
+        kind = "" if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: "
+        message = " ".join(str(e).split())[:300]  # one line, whatever the template wrote
+        raise TemplateError(f"{source}: chat template error{where}: {kind}{message}") from e
 
 
 def encode_chat(
@@ -118,13 +148,147 @@ def _marked_pattern(control: regex.Pattern) -> regex.Pattern:
     return regex.compile(f"{_START}({control.pattern}){_END}|[{_START}{_END}]")
 
 
+class _LimitError(jinja2.TemplateError):
+    """A template went past MAX_SECONDS or MAX_CHARS."""
+
+
+@contextmanager
+def _deadline(deadline: float) -> Iterator[None]:
+    """Raise _LimitError on the first template line or Python call after `deadline`.
+
+    subtle: a nested loop over range(10**5) runs no Python call in its body, so the
+    check sits on the template's own lines too (a local tracer for its frames only).
+    The caller's tracer (a debugger, coverage) is put back afterwards.
+    """
+
+    def on_line(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _LimitError(f"rendering took over {MAX_SECONDS} s")
+        return on_line
+
+    def on_call(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _LimitError(f"rendering took over {MAX_SECONDS} s")
+        return on_line if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
+def _check_length(n: int) -> None:
+    if n > MAX_CHARS:
+        raise _LimitError(f"a value of {n} items passes the {MAX_CHARS} limit")
+
+
+def _check_size(value):
+    """`value` if it is not a string or list over MAX_CHARS."""
+    if isinstance(value, str | list | tuple | bytes):
+        _check_length(len(value))
+    return value
+
+
+def _check_sizes(args, kwargs) -> None:
+    """No size argument (a width, a count) over MAX_CHARS: 'x'.center(10**9) takes a GB."""
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, int) and not -MAX_CHARS <= v <= MAX_CHARS:
+            raise _LimitError(f"argument {v} passes the {MAX_CHARS} size limit")
+
+
+def _check_format(spec) -> None:
+    """No width of 7 digits or more in a format string ('{:>999999999}', '%999999999d')."""
+    if isinstance(spec, str) and regex.search(r"\d{7}", spec):
+        raise _LimitError("a format width passes the size limit")
+
+
+def _check_replace(text, old="", new="", *_) -> None:
+    if isinstance(text, str) and isinstance(old, str) and isinstance(new, str):
+        n = text.count(old) if old else len(text) + 1
+        _check_length(len(text) + n * (len(new) - len(old)))
+
+
+class _LimitedSandbox(ImmutableSandboxedEnvironment):
+    """Hugging Face's sandbox, with what any one operation may build bounded (see the top)."""
+
+    intercepted_binops = frozenset({"*", "+", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        ints = isinstance(left, int) and isinstance(right, int)
+        if operator == "**" and ints and abs(left) > 1 and right * abs(left).bit_length() > 4096:
+            raise _LimitError(f"{left} ** {right} passes the size limit")
+        if operator == "*":
+            for n, seq in ((left, right), (right, left)):
+                if isinstance(n, int) and isinstance(seq, str | list | tuple):
+                    _check_length(n * len(seq))
+        if operator == "+" and isinstance(left, str | list | tuple) and hasattr(right, "__len__"):
+            _check_length(len(left) + len(right))
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+        _check_sizes(args, kwargs)
+        if getattr(__obj, "__name__", "") == "replace":
+            _check_replace(getattr(__obj, "__self__", None), *args)
+        return _check_size(super().call(__context, __obj, *args, **kwargs))
+
+    def wrap_str_format(self, value):
+        # subtle: Jinja swaps str.format for its sandboxed formatter at attribute access,
+        # so the format string is checked here, not in `call`
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None:
+            _check_format(value.__self__)
+        return wrapped
+
+
+def _limited_filter(f):
+    """Filter `f` with the size checks; its value comes after the context Jinja may pass."""
+    first = 1 if getattr(f, "jinja_pass_arg", None) else 0
+
+    @wraps(f)  # keeps `jinja_pass_arg`, which tells Jinja what to pass first
+    def limited(*args, **kwargs):
+        value, params = (args[first], args[first + 1 :]) if len(args) > first else (None, ())
+        _check_sizes(params, kwargs)
+        if f.__name__ == "do_format":
+            _check_format(value)
+        elif f.__name__ == "do_replace":
+            _check_replace(str(value), *params)
+        return _check_size(f(*args, **kwargs))
+
+    return limited
+
+
+def _concat(values) -> str:
+    """Jinja's `~`, with the result's size checked before it is built."""
+    parts = [str(v) for v in values]
+    _check_length(sum(map(len, parts)))
+    return "".join(parts)
+
+
+class _LimitedCodeGenerator(CodeGenerator):
+    """Compiles `a ~ b` to a call of `_concat` (Jinja's own join checks nothing)."""
+
+    def visit_Concat(self, node, frame) -> None:
+        self.write("environment.concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+_LimitedSandbox.code_generator_class = _LimitedCodeGenerator
+_LimitedSandbox.concat = staticmethod(_concat)
+
+
 @lru_cache
 def _compile(template: str) -> jinja2.Template:
     """The template in Hugging Face's environment: immutable sandbox, trim_blocks, lstrip_blocks,
     loop controls, and the helpers templates on the Hub call."""
-    env = ImmutableSandboxedEnvironment(
+    env = _LimitedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
+    env.filters = {name: _limited_filter(f) for name, f in env.filters.items()}
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
