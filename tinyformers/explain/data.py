@@ -1,0 +1,99 @@
+"""What `tinyformers explain` shows, computed once from the model's own methods.
+
+The numbers come from `LanguageModel.run_with_cache` (logits, attention patterns) and
+`LanguageModel.logit_lens`; this file only ranks them and turns ids into readable pieces, so
+the terminal tables, the PNGs and the HTML page show the same values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from tinyformers.errors import ContextLengthError, TinyformersError
+from tinyformers.lens import act_name
+
+# How a piece's invisible characters are drawn, so ' Paris' and 'Paris' look different.
+VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
+
+
+@dataclass
+class Explanation:
+    """One prompt seen through the model. L layers, H heads, T tokens, k ranked tokens."""
+
+    model_name: str
+    ids: list[int]  # (T,) the prompt's token ids
+    pieces: list[str]  # (T,) each token as a label (piece_label)
+    next_ids: list[int]  # (k,) the most likely next tokens, best first
+    next_pieces: list[str]  # (k,)
+    next_probs: list[float]  # (k,) softmax of the last position's logits
+    next_logits: list[float]  # (k,)
+    lens_pieces: list[list[str]]  # (L + 1, T) top-1 token of the logit lens after l blocks
+    lens_probs: list[list[float]]  # (L + 1, T) its probability
+    patterns: dict[int, Tensor]  # layer -> (H, T, T) float32 attention weights, query x key
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.lens_probs) - 1
+
+
+def explain(model, text: str, top_k: int = 10, layers: list[int] | None = None) -> Explanation:
+    """Tokens, next-token ranking, logit lens and the attention patterns of `layers` (None: all).
+
+    Example: explain(tinyformers.load(), "The capital of France is").next_pieces[0] == "␣Paris"
+    """
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise TinyformersError(f"{model.source}: no tokenizer files: explain needs text")
+    ids = tokenizer.encode(text)
+    if not ids and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id]  # as generation does: an empty prompt starts from BOS
+    if not ids:
+        raise TinyformersError("the prompt is empty and the model has no BOS token to start from")
+    if len(ids) > model.config.context_length:
+        raise ContextLengthError(
+            f"the prompt is {len(ids)} tokens; the model's context is {model.config.context_length}"
+        )
+    n_layer = model.config.layer_count
+    layers = list(range(n_layer)) if layers is None else layers
+    logits, cache = model.run_with_cache(ids, names=[act_name("pattern", i) for i in layers])
+    probs = torch.softmax(logits[0, -1].float(), dim=-1)  # (V,)
+    top = probs.topk(min(top_k, probs.numel()))
+    lens = torch.softmax(model.logit_lens(ids).float(), dim=-1)  # (L + 1, T, V)
+    lens_probs, lens_ids = lens.max(dim=-1)  # (L + 1, T) each
+    label = {i: piece_label(tokenizer, i) for i in set(ids + top.indices.tolist())}
+    label.update({i: piece_label(tokenizer, i) for i in set(lens_ids.flatten().tolist())})
+    return Explanation(
+        model_name=model_name(model.source),
+        ids=ids,
+        pieces=[label[i] for i in ids],
+        next_ids=top.indices.tolist(),
+        next_pieces=[label[i] for i in top.indices.tolist()],
+        next_probs=top.values.tolist(),
+        next_logits=logits[0, -1, top.indices].tolist(),
+        lens_pieces=[[label[i] for i in row] for row in lens_ids.tolist()],
+        lens_probs=lens_probs.tolist(),
+        patterns={i: cache["pattern", i][0].float() for i in layers},
+    )
+
+
+def piece_label(tokenizer, token_id: int) -> str:
+    """The token's text with spaces, newlines and tabs drawn (␣ ↵ ⇥), other control
+    characters escaped; bytes that are part of a UTF-8 character shown as \\xNN."""
+    data = tokenizer.decode_bytes([token_id])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:  # one token may hold half an emoji: show its bytes
+        return "".join(f"\\x{b:02x}" for b in data)
+    return "".join(VISIBLE.get(c, c if c.isprintable() else repr(c)[1:-1]) for c in text)
+
+
+def model_name(source: Path) -> str:
+    """A short name for titles: the file's name, the folder's, or the Hub repo of a cache
+    snapshot (models--org--name/snapshots/<hash> -> org/name)."""
+    if source.parent.name == "snapshots":
+        return source.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return source.name
