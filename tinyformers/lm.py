@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from tinyformers import lens
-from tinyformers.errors import TinyformersError
+from tinyformers.errors import ContextLengthError, TinyformersError
 from tinyformers.generation.generate import (
     GenerationStats,
     fit_context,
@@ -183,7 +183,9 @@ class LanguageModel:
                 "use generate_ids with token ids"
             )
         stop = [stop] if isinstance(stop, str) else list(stop or [])
-        ids = [p if isinstance(p, list) else self._encode(p) for p in prompts]
+        ids = [
+            p if isinstance(p, list) else self._encode(p, max_new_tokens, truncate) for p in prompts
+        ]
         ids = [self._fit(p, max_new_tokens, truncate) for p in ids]
         self.last_stats = GenerationStats()
         return stream_text(
@@ -198,13 +200,38 @@ class LanguageModel:
             self.decode,
         )
 
-    def _encode(self, prompt: str) -> list[int]:
+    def _encode(self, prompt: str, max_new_tokens: int = 0, truncate: bool = False) -> list[int]:
+        # subtle: a token holds at most `max_token_bytes` bytes (and a character at least one),
+        # so a prompt of more characters than that times the room left can never fit: refuse
+        # it before tokenizing megabytes, or with `truncate` tokenize only a tail that still
+        # overfills the room twice (fit_context then keeps the latest tokens, far from the cut)
+        room = self.config.context_length - max_new_tokens
+        most = room * self.tokenizer.max_token_bytes
+        if max_new_tokens > 0 and room > 0 and len(prompt) > most:
+            if not truncate:
+                raise ContextLengthError(
+                    f"prompt of {len(prompt)} characters + {max_new_tokens} new tokens exceeds "
+                    f"the model's context of {self.config.context_length} tokens (a token holds "
+                    f"{self.tokenizer.max_token_bytes} bytes at most); use --truncate "
+                    "(truncate=True) or fewer new tokens"
+                )
+            prompt = prompt[-2 * most :]
         ids = self.tokenizer.encode(prompt)
         bos = self.tokenizer.bos_token_id
         return ids if ids or bos is None else [bos]  # an empty prompt starts from BOS
 
     def _fit(self, prompt: list[int], max_new_tokens: int, truncate: bool) -> list[int]:
-        return fit_context(prompt, max_new_tokens, self.config.context_length, truncate)
+        prompt = fit_context(prompt, max_new_tokens, self.config.context_length, truncate)
+        # The KV cache for prompt + new tokens is allocated whole: check it fits in memory
+        # first (a config may claim a context of 2^31 tokens; -n 10^9 must not crash).
+        per_token = sum(c.k.nbytes + c.v.nbytes for c in self.net.make_cache(1, 1))
+        need, free = (len(prompt) + max_new_tokens) * per_token, _free_memory(self.device)
+        if need > free:
+            raise ContextLengthError(
+                f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens needs "
+                f"{need / 2**30:.1f} GiB of KV cache; {free / 2**30:.1f} GiB is free"
+            )
+        return prompt
 
     def hook_names(self) -> list[str]:
         """Every named activation of this model, in the order they are computed."""
@@ -365,6 +392,20 @@ def _checked_threads(threads: int) -> int:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     return threads
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device` (MemAvailable for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kib * 1024
+    except (OSError, StopIteration, ValueError):  # not Linux: free pages, or no limit known
+        if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return 1 << 62
 
 
 def _tokenizer_for(path: Path):

@@ -51,6 +51,10 @@ def process_logits(logits: Tensor, params: SamplingParams, history: Tensor | Non
         logits = repetition_penalty(logits, history, params.repetition_penalty)
     if params.greedy:
         return logits
+    if params.temperature < 1e-6:
+        # subtle: logits / 1e-45 overflow to inf and the softmax gives NaN; shifted so the
+        # largest is 0 first, the others go to -inf and the draw is the argmax, as it should
+        logits = logits - logits.amax(dim=-1, keepdim=True)
     logits = logits / params.temperature
     if params.top_k > 0:
         logits = top_k(logits, params.top_k)

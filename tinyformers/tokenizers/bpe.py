@@ -94,6 +94,7 @@ class Tokenizer:
         self._literal_ids = {**self.special_tokens, **self.added_tokens}
         self._id_to_bytes = _id_to_bytes(vocab, self._literal_ids, source)
         self.vocab_size: int = len(self._id_to_bytes)
+        self.max_token_bytes = max(map(len, self._id_to_bytes))  # bounds the tokens of a text
         # subtle: some vocabularies lack a few byte tokens (SmolLM has no token for the control
         # bytes 4, 6, 19, 20, 22, 29). Such bytes become the unknown token if the source names
         # one for its BPE model, else they are dropped, as HF tokenizers and llama.cpp do.

@@ -45,7 +45,7 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
         with read_gguf(path) as gguf:
             return from_gguf_metadata(gguf.metadata, str(path))
     folder = path.parent if path.is_file() and path.name == "tokenizer.json" else path
-    if (folder / "tokenizer.json").is_file():
+    if (folder / "tokenizer.json").exists():
         return from_tokenizer_json(folder / "tokenizer.json")
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         return from_vocab_merges(folder / "vocab.json", folder / "merges.txt")
