@@ -106,3 +106,30 @@ def test_a_mixed_kind_group_stays_apart():
         "f32",
     ]
     assert isinstance(net.layers[1].self_attn.qkv_proj, PackedLinear)  # all f32: stacked
+
+
+@pytest.mark.parametrize("arch_name", sorted(SMALL))
+def test_rows_at_their_own_positions_decode_as_if_alone(arch_name):
+    """A continuous batch: prompts of 6 and 3 tokens prefilled alone into rows 0 and 1 of one
+    cache, then decoded together, each row at its own slot ([B, 1] input_pos)."""
+    net = random_model(arch_name)
+    set_fast_path(net, True)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, VOCAB, (1, n), generator=g) for n in (9, 6)]
+    prompt = [6, 3]
+    with torch.inference_mode():
+        alone = [net(s) for s in seqs]  # no cache: the reference
+        cache = net.make_cache(2, 16)
+        for row, (s, n) in enumerate(zip(seqs, prompt, strict=True)):
+            rows = [c.rows(slice(row, row + 1)) for c in cache]
+            logits = net(s[:, :n], cache=rows, input_pos=torch.arange(n))
+            # fp32 over 16 cache slots instead of n keys: rounding, 1e-5 of the largest logit
+            assert (logits - alone[row][:, :n]).abs().max() < 1e-5 * logits.abs().max()
+        for step in range(3):
+            pos = torch.tensor([[prompt[0] + step], [prompt[1] + step]])  # [B, 1]
+            ids = torch.cat([s[:, p] for s, p in zip(seqs, pos[:, 0], strict=True)])[:, None]
+            logits = net(ids, cache=cache, input_pos=pos)
+            for row in range(2):
+                expected = alone[row][0, pos[row, 0]]
+                error = (logits[row, 0] - expected).abs().max()
+                assert error < 1e-5 * expected.abs().max(), (row, step)

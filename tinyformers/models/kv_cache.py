@@ -30,17 +30,33 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v ([B, nh, T, hs]) at slots `input_pos` ([T]); return the whole cache."""
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
+        """Write k, v ([B, nh, T, hs]) at slots `input_pos`, [T] for every row or [B, T] a row
+        each (rows of a continuous batch sit at different positions); return the whole cache."""
+        if input_pos.dim() == 1:
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1]
+            # subtle: indices split by a slice put their dims first: [B, T, nh, hs]
+            self.k[rows, :, input_pos] = k.transpose(1, 2)
+            self.v[rows, :, input_pos] = v.transpose(1, 2)
         return self.k, self.v
+
+    def rows(self, index: slice) -> KVCache:
+        """A cache over some rows of this one, sharing its memory: a prompt prefilled alone
+        lands in its row of the batch."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[index], persistent=False)
+        view.register_buffer("v", self.v[index], persistent=False)
+        return view
 
 
 def positions_and_mask(
     attention_mask: Tensor | None, input_pos: Tensor, n_keys: int, batch: int
 ) -> tuple[Tensor, Tensor]:
     """Position ids [B, T] and the boolean attention mask [B, 1, T, n_keys] for queries at slots
-    `input_pos` ([T]) over keys at slots 0..n_keys-1.
+    `input_pos` ([T], or [B, T] when each row has its own) over keys at slots 0..n_keys-1.
 
     subtle: with left padding a token's position is its count of real tokens before it, not
     its slot (transformers #18478): positions come from the mask, or batched output would
@@ -48,12 +64,12 @@ def positions_and_mask(
     (an all-masked row gives NaN); its output is junk that nothing reads.
     """
     keys = torch.arange(n_keys, device=input_pos.device)
-    causal = keys[None, :] <= input_pos[:, None]  # [T, S]
+    input_pos = input_pos.expand(batch, -1)  # [B, T]
+    causal = keys <= input_pos[..., None]  # [B, T, S]
     if attention_mask is None:
-        positions = input_pos[None, :].expand(batch, -1)  # [B, T]
-        return positions, causal[None, None]  # [1, 1, T, S]
+        return input_pos, causal[:, None]  # positions are the slots; mask [B, 1, T, S]
     real = attention_mask.to(torch.bool)
-    positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, input_pos]  # [B, T]
-    itself = keys[None, :] == input_pos[:, None]  # [T, S]
-    mask = causal[None] & (real[:, None, :n_keys] | itself[None])  # [B, T, S]
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0).gather(1, input_pos)  # [B, T]
+    itself = keys == input_pos[..., None]  # [B, T, S]
+    mask = causal & (real[:, None, :n_keys] | itself)  # [B, T, S]
     return positions, mask[:, None]  # [B, 1, T, S]
