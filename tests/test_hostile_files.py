@@ -24,7 +24,8 @@ from hostile import assert_refused, run_cases
 
 from tinyformers.errors import CheckpointError
 
-GPT2 = {"model_type": "gpt2", "vocab_size": 8, "n_positions": 16, "n_embd": 8, "n_layer": 1, "n_head": 2}  # fmt: skip
+GPT2 = {"model_type": "gpt2", "vocab_size": 8, "n_positions": 16, "n_embd": 8, "n_layer": 1}
+GPT2["n_head"] = 2
 LLAMA = {
     "model_type": "llama",
     "vocab_size": 8,

@@ -33,12 +33,13 @@ LLAMA3_PATTERN = (
 KNOWN_PATTERNS = frozenset({GPT2_PATTERN, LLAMA3_PATTERN, r"\p{N}", r"\p{N}+", r"\p{N}{1,3}"})
 MAX_PATTERN_CHARS = 2000
 MAX_REPEAT = 1000  # a{1000000000} alone takes the regex module minutes and GBs to compile
-_SPLIT_SECONDS = 0.5  # per call, plus a microsecond per character of text
+_SPLIT_SECONDS = 0.25  # per call, plus a microsecond per character of text
 MAX_VOCAB = 1 << 22  # 4M tokens; the largest real vocabularies hold ~256K
 
 _CACHE_MAX_ENTRIES = 1 << 17  # pieces; cleared when full so memory stays bounded
 _CACHE_MAX_CHARS = 256  # longer pieces are rare and would pin megabytes in the cache
 _NO_MERGE = (1 << 62, -1)  # (rank, id) of a pair that never merges
+_NO_RANK = 2**31 - 1  # the same, in `_merge_rounds`' int32 arrays
 _LONG_PIECE = 4096  # tokens; longer pieces start merging in vectorised rounds (`_merge_rounds`)
 
 
@@ -107,7 +108,7 @@ class Tokenizer:
         )
         self._split = [_compile_split(p, source) for p in split_patterns]
         self._cache: dict[str, list[int]] = {}
-        self._merge_arrays = None  # `_merge_table`, built on the first long piece
+        self._merge_arrays = None  # `_ranks_of_pairs`' tables, built on the first long piece
         self._matchers: dict[frozenset[str], regex.Pattern | None] = {}
         roles = {"bos": bos_token_id, "eos": eos_token_id, "pad": pad_token_id, "unk": unk_token_id}
         for name, i in roles.items():
@@ -210,9 +211,10 @@ class Tokenizer:
         data = piece.encode("utf-8")
         if self._whole_pieces is not None and data in self._whole_pieces:
             return [self._whole_pieces[data]]
+        if len(data) > _LONG_PIECE:
+            return self._merge(self._merge_rounds(data))
         ids = [self._byte_ids[b] for b in data]
-        ids = [i for i in ids if i is not None] if None in ids else ids
-        return self._merge(self._merge_rounds(ids) if len(ids) > _LONG_PIECE else ids)
+        return self._merge([i for i in ids if i is not None] if None in ids else ids)
 
     def _merge(self, ids: list[int]) -> list[int]:
         """Apply merges lowest rank first, leftmost first on ties, in O(n log n).
@@ -222,11 +224,13 @@ class Tokenizer:
         Stale heap entries (a side already merged away) are skipped when popped.
         """
         merges = self._merges
+        heap = [(merges[p][0], i) for i, p in enumerate(pairwise(ids)) if p in merges]
+        if not heap:
+            return ids  # nothing to merge (a long run after `_merge_rounds`, often)
+        heapq.heapify(heap)
         n = len(ids)
         nxt = list(range(1, n + 1))
         prv = list(range(-1, n - 1))
-        heap = [(merges[p][0], i) for i, p in enumerate(pairwise(ids)) if p in merges]
-        heapq.heapify(heap)
         while heap:
             rank, i = heapq.heappop(heap)
             j = nxt[i]
@@ -242,44 +246,52 @@ class Tokenizer:
                 heapq.heappush(heap, (left[0], prv[i]))
         return [t for t in ids if t >= 0]
 
-    def _merge_rounds(self, ids: list[int]) -> list[int]:
+    def _merge_rounds(self, data: bytes) -> list[int]:
         """Merge a long piece in rounds while rounds pay: each round applies the lowest-ranked
         pair present at every place at once (leftmost first where they overlap, as `_merge`
-        does), in numpy. 10 MB of one character then takes ~20 rounds, not 10^7 heap steps.
+        does), in numpy. 10 MB of one character then takes a few rounds, not 10^7 heap steps.
 
         subtle: the state after a round is the state `_merge` reaches after the same rank, so
         `_merge` finishes the piece once a round merges too few pairs to be worth it.
         """
         import numpy as np
 
-        keys, ranks, merged = self._merge_table()
-        a = np.asarray(ids, dtype=np.int64)
+        byte_ids = np.array([-1 if i is None else i for i in self._byte_ids], dtype=np.int32)
+        a = byte_ids[np.frombuffer(data, dtype=np.uint8)]
+        a = a[a >= 0]  # bytes without a token are dropped, as in `_encode_piece`
         while len(a) > _LONG_PIECE:
-            pairs = a[:-1] * self.vocab_size + a[1:]
-            at = np.minimum(np.searchsorted(keys, pairs), len(keys) - 1)
-            rank = np.where(keys[at] == pairs, ranks[at], _NO_MERGE[0])
-            hits = np.flatnonzero(rank == rank.min())
-            if rank.min() == _NO_MERGE[0] or len(hits) * 64 < len(a):
+            rank = self._ranks_of_pairs(a)
+            best = rank.min()
+            hits = np.flatnonzero(rank == best)
+            del rank
+            if best == _NO_RANK or len(hits) * 64 < len(a):
                 break
             # a run of hits (pair x x over x x x ...) overlaps: keep the 1st, 3rd, ... of each
             new_run = np.concatenate(([True], np.diff(hits) != 1))
             run_start = np.maximum.accumulate(np.where(new_run, np.arange(len(hits)), 0))
             hits = hits[(np.arange(len(hits)) - run_start) % 2 == 0]
-            a[hits] = merged[at[hits[0]]]
+            a[hits] = self._merges[int(a[hits[0]]), int(a[hits[0] + 1])][1]
             a = np.delete(a, hits + 1)
         return a.tolist()
 
-    def _merge_table(self):
-        """The merges as sorted arrays: pair key (left * vocab_size + right), rank, merged id."""
-        if self._merge_arrays is None:
-            import numpy as np
+    def _ranks_of_pairs(self, a):
+        """The merge rank of each adjacent pair of `a` (int32; _NO_RANK where none), computed
+        a block at a time so the temporaries stay a few MB whatever the piece's length."""
+        import numpy as np
 
-            items = sorted((a * self.vocab_size + b, v) for (a, b), v in self._merges.items())
-            keys = np.array([k for k, _ in items] or [-1], dtype=np.int64)
-            ranks = np.array([v[0] for _, v in items] or [_NO_MERGE[0]], dtype=np.int64)
-            merged = np.array([v[1] for _, v in items] or [-1], dtype=np.int64)
-            self._merge_arrays = keys, ranks, merged
-        return self._merge_arrays
+        if self._merge_arrays is None:  # pair keys (left * vocab_size + right) sorted, ranks
+            items = sorted((x * self.vocab_size + y, v[0]) for (x, y), v in self._merges.items())
+            keys = np.array([k for k, _ in items] + [-1], dtype=np.int64)
+            ranks = np.array([r for _, r in items] + [_NO_RANK], dtype=np.int32)
+            self._merge_arrays = keys, ranks
+        keys, ranks = self._merge_arrays
+        out = np.empty(len(a) - 1, dtype=np.int32)
+        for start in range(0, len(out), 1 << 18):
+            stop = min(start + (1 << 18), len(out))
+            pairs = a[start:stop].astype(np.int64) * self.vocab_size + a[start + 1 : stop + 1]
+            at = np.minimum(np.searchsorted(keys[:-1], pairs), len(keys) - 1)
+            out[start:stop] = np.where(keys[at] == pairs, ranks[at], _NO_RANK)
+        return out
 
     # -- decoding --------------------------------------------------------------------------
 
