@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.head is not None and args.layer is None:
         return usage_error("--head needs --layer (a head of which layer?)")
     text = read_stdin("the prompt") if args.text == "-" else args.text
-    model = load_from_args(args)
+    model = load_model(args)
     if args.verbose:
         print_model_info(model)
     n_layer = model.config.layer_count
@@ -102,6 +102,23 @@ def write_files(ex, out: Path, args: argparse.Namespace) -> None:
         raise TinyformersError(f"--out {out}: {e.strerror or e}") from e
     seconds = time.perf_counter() - start
     status(f"wrote {len(pngs)} PNGs and attention.html to {out} in {seconds:.2f} s", args)
+
+
+def load_model(args: argparse.Namespace):
+    """The model as `load_from_args` loads it, but left as the checkpoint's matrices unless
+    --quantize needs the kernels: a hook makes attention take the written-out path anyway, so
+    packing the matrices for the decode kernels (1-2 s) would buy one forward pass 0.2 s."""
+    import tinyformers
+
+    if args.quantize:
+        return load_from_args(args)
+    name = args.model or "smollm2"
+    status(f"loading {name} ...", args)
+    options = {"dtype": args.dtype, "device": args.device, "threads": args.threads}
+    try:
+        return tinyformers.load(name, fast=False, **options)
+    except ValueError as e:  # a bad --device (no CUDA)
+        raise tinyformers.TinyformersError(str(e)) from e
 
 
 def model_heads(ex) -> int:

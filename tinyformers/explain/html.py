@@ -62,6 +62,7 @@ td, th { padding: 1px 6px; text-align: left; white-space: pre; }
 .controls { margin: 0.6em 0; } select { font-size: 14px; }
 #heads canvas { border: 2px solid transparent; margin: 2px; cursor: pointer; }
 #heads canvas.on { border-color: #d62728; }
+#legend { vertical-align: top; margin-top: 110px; }
 #info { font-family: monospace; min-height: 1.4em; }
 .note { color: #666; font-size: 12px; }
 </style></head>
@@ -77,8 +78,8 @@ td, th { padding: 1px 6px; text-align: left; white-space: pre; }
 <span class="note">(or click a head below; row: the token attending, column: the token attended to;
 grey: later tokens, masked; colour: square root of the weight)</span></div>
 <div id="heads"></div>
-<canvas id="big"></canvas>
-<div id="info"></div>
+<div id="info">hover a cell for its weight</div>
+<canvas id="big"></canvas> <canvas id="legend" width="70" height="260"></canvas>
 <h2>Logit lens</h2>
 <p class="note">The most likely next token read from the residual stream after each layer's
 blocks (row 0: the embeddings only; last row: the model's output). Darker: more probable;
@@ -163,6 +164,15 @@ big.onmousemove = e => {
     : `layer ${D.layers[L]}, head ${H}: ${D.pieces[q]} (${q}) attends to ${D.pieces[k]} (${k}) ` +
       `with weight ${D.patterns[L][H][q][k].toFixed(4)}`;
 };
+(function legend() {  // the colour scale, its ticks at the weights they stand for
+  const g = document.getElementById("legend").getContext("2d"), top = 10, h = 240;
+  for (let y = 0; y < h; y++) {
+    g.fillStyle = colour((1 - y / h) ** 2); g.fillRect(0, top + y, 16, 1);
+  }
+  g.fillStyle = "#222"; g.font = "11px sans-serif"; g.textBaseline = "middle";
+  [0, 0.01, 0.05, 0.1, 0.25, 0.5, 1].forEach(
+    w => g.fillText(String(w), 20, top + h * (1 - Math.sqrt(w))));
+})();
 layerSel.onchange = show; headSel.onchange = show;
 show();
 </script>

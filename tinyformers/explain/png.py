@@ -9,6 +9,7 @@ title over a copy of them (matplotlib's blitting): ~0.1 s a layer.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from tinyformers.explain.data import Explanation
 from tinyformers.explain.tables import cut
 
 FONT = 7  # points, for the token pieces on the axes
+PANEL_MAX = 5.0  # inches, the side of one head's heat map
 MASKED = "#dddddd"  # the cells a causal model never attends to (later tokens)
 
 
@@ -30,18 +32,22 @@ def write_pngs(ex: Explanation, out: Path) -> list[Path]:
     canvas.draw()  # everything but the animated heat maps and title
     background = canvas.copy_from_bbox(fig.bbox)
     causal = np.tril(np.ones((len(ex.ids), len(ex.ids)), dtype=bool))  # (T, T) query >= key
-    paths = []
-    for layer, pattern in ex.patterns.items():
-        canvas.restore_region(background)
-        for head, image in enumerate(images):
-            image.set_data(np.where(causal, pattern[head].numpy(), np.nan))  # NaN: MASKED
-            image.axes.draw_artist(image)
-        title.set_text(layer_title(ex, layer))
-        fig.draw_artist(title)
-        path = out / f"layer_{layer:02d}.png"
-        imsave(path, np.asarray(canvas.buffer_rgba()), pil_kwargs={"compress_level": 1})
-        paths.append(path)
-    return paths
+    # PNG compression releases the GIL: one thread compresses while the next layer draws.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        saved = []
+        for layer, pattern in ex.patterns.items():
+            canvas.restore_region(background)
+            for head, image in enumerate(images):
+                image.set_data(np.where(causal, pattern[head].numpy(), np.nan))  # NaN: MASKED
+                image.axes.draw_artist(image)
+            title.set_text(layer_title(ex, layer))
+            fig.draw_artist(title)
+            rgb = np.array(canvas.buffer_rgba())[..., :3]  # a copy; no alpha: 20% less to pack
+            path = out / f"layer_{layer:02d}.png"
+            saved.append((path, pool.submit(imsave, path, rgb, pil_kwargs={"compress_level": 1})))
+    for _, done in saved:
+        done.result()  # raises what a save raised (a full disk)
+    return [path for path, _ in saved]
 
 
 def layer_figure(ex: Explanation):
@@ -54,36 +60,47 @@ def layer_figure(ex: Explanation):
     n_head, T = next(iter(ex.patterns.values())).shape[:2]
     cols = math.ceil(math.sqrt(n_head))
     rows = math.ceil(n_head / cols)
-    panel = min(max(0.15 * T, 1.8), 5.0)  # inches: ~0.15 per token keeps 7 pt labels apart
-    fig = Figure(figsize=(cols * panel + 2.5, rows * panel + 1.5), dpi=100, layout="constrained")
+    step = max(1, math.ceil(T * FONT * 1.5 / 72 / PANEL_MAX))  # every piece while they fit
+    ticks = range(0, T, step)
+    labels = [f"{cut(ex.pieces[i], 12)} {i}" for i in ticks]
+    # Margins in inches, from the longest label: matplotlib's constrained layout would
+    # measure every label itself, a third of the drawing time.
+    panel = min(max(0.15 * T, 1.8), PANEL_MAX)  # ~0.15 inch per token keeps labels apart
+    label = max(map(len, labels)) * FONT * 0.6 / 72 + 0.1
+    left, bottom, top, right, gap, vgap = label + 0.4, label + 0.4, 0.6, 1.3, 0.2, 0.35
+    width = left + cols * panel + (cols - 1) * gap + right
+    height = bottom + rows * panel + (rows - 1) * vgap + top
+    fig = Figure(figsize=(width, height), dpi=100)
+    fig.subplots_adjust(
+        left=left / width,
+        right=1 - right / width,
+        bottom=bottom / height,
+        top=1 - top / height,
+        wspace=gap / panel,
+        hspace=vgap / panel,
+    )
     axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
     # Square-root scale: the first token often takes most of the attention, and on a linear
     # scale the weights that tell heads apart (0.01-0.2) would all look black.
     norm = PowerNorm(0.5, vmin=0.0, vmax=1.0)
     cmap = mpl.colormaps["viridis"].with_extremes(bad=MASKED)
-    blank = np.zeros((T, T))
     images = []
     for head, ax in enumerate(axes):
-        if head >= n_head:
-            ax.set_visible(False)
-            continue
-        images.append(ax.imshow(blank, norm=norm, cmap=cmap, interpolation="nearest"))
+        ax.set_visible(head < n_head)
+        images.append(ax.imshow(np.zeros((T, T)), norm=norm, cmap=cmap, interpolation="nearest"))
         images[-1].set_animated(True)
         ax.set_title(f"head {head}", fontsize=8)
-    step = max(1, math.ceil(T * FONT * 1.5 / 72 / panel))  # every piece while they fit
-    ticks = range(0, T, step)
-    labels = [f"{cut(ex.pieces[i], 12)} {i}" for i in ticks]
-    ax.set_xticks(ticks, labels)  # the axes are shared: one call labels them all
-    ax.set_yticks(ticks, labels)
-    for ax in axes:
         ax.tick_params(labelsize=FONT)
         ax.tick_params("x", labelrotation=90)
-    fig.supxlabel(f"key: the token attended to ({MASKED_NOTE})", fontsize=9)
-    fig.supylabel("query: the token attending", fontsize=9)
-    bar = fig.colorbar(images[0], ax=list(axes), shrink=0.7, label="attention weight")
+    axes[0].set_xticks(ticks, labels)  # the axes are shared: this labels them all
+    axes[0].set_yticks(ticks, labels)
+    fig.supxlabel(f"key: the token attended to ({MASKED_NOTE})", fontsize=9, y=0.1 / height)
+    fig.supylabel("query: the token attending", fontsize=9, x=0.1 / width)
+    bar_box = [1 - (right - 0.25) / width, 0.2, 0.2 / width, 0.6]  # x, y, width, height
+    bar = fig.colorbar(images[0], cax=fig.add_axes(bar_box), label="attention weight")
     bar.set_ticks([0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1])
     title = fig.suptitle(layer_title(ex, ex.n_layer - 1), fontsize=11, animated=True)
-    return fig, images, title
+    return fig, images[:n_head], title
 
 
 MASKED_NOTE = "grey: a later token, masked"
