@@ -199,3 +199,13 @@ def test_smollm2_explains_the_capital_of_france(tmp_path):
     assert all(png_size(p)[0] >= 400 for p in tmp_path.glob("*.png"))
     data = html_data(tmp_path / "attention.html")
     assert len(data["patterns"]) == n_layer and len(data["patterns"][0]) == 9  # 9 query heads
+
+
+def test_a_prompt_too_long_to_show_exits_1_with_one_line(gpt2_small_dir, capsys):
+    code = main(["explain", "--model", str(gpt2_small_dir), " word" * 300])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    assert captured.err == (
+        "tinyformers: error: the prompt is 300 tokens; explain takes at most 256 "
+        "(a table column and a heat-map row per token)\n"
+    )

@@ -61,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.head is not None and args.layer is None:
         return usage_error("--head needs --layer (a head of which layer?)")
-    text = read_stdin("the prompt") if args.text == "-" else args.text
+    text = args.text
+    if text == "-":
+        text = read_stdin("the prompt")
+        text = text[:-1] if text.endswith("\n") else text  # the newline echo adds
     model = load_model(args)
     if args.verbose:
         print_model_info(model)

@@ -16,6 +16,9 @@ from torch import Tensor
 from tinyformers.errors import ContextLengthError, TinyformersError
 from tinyformers.lens import act_name
 
+# The logit lens holds (n_layer + 1) x T x V floats: 1.5 GB for SmolLM2 at 256 tokens.
+MAX_TOKENS = 256
+
 # How a piece's invisible characters are drawn, so ' Paris' and 'Paris' look different.
 VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
 
@@ -53,9 +56,11 @@ def explain(model, text: str, top_k: int = 10, layers: list[int] | None = None) 
         ids = [tokenizer.bos_token_id]  # as generation does: an empty prompt starts from BOS
     if not ids:
         raise TinyformersError("the prompt is empty and the model has no BOS token to start from")
-    if len(ids) > model.config.context_length:
+    limit = min(MAX_TOKENS, model.config.context_length)
+    if len(ids) > limit:
         raise ContextLengthError(
-            f"the prompt is {len(ids)} tokens; the model's context is {model.config.context_length}"
+            f"the prompt is {len(ids)} tokens; explain takes at most {limit} "
+            "(a table column and a heat-map row per token)"
         )
     n_layer = model.config.layer_count
     layers = list(range(n_layer)) if layers is None else layers

@@ -67,7 +67,7 @@ def layer_figure(ex: Explanation):
     # measure every label itself, a third of the drawing time.
     panel = min(max(0.15 * T, 1.8), PANEL_MAX)  # ~0.15 inch per token keeps labels apart
     label = max(map(len, labels)) * FONT * 0.6 / 72 + 0.1
-    left, bottom, top, right, gap, vgap = label + 0.4, label + 0.4, 0.6, 1.3, 0.2, 0.35
+    left, bottom, top, right, gap, vgap = label + 0.4, label + 0.4, 0.75, 1.3, 0.2, 0.35
     width = left + cols * panel + (cols - 1) * gap + right
     height = bottom + rows * panel + (rows - 1) * vgap + top
     fig = Figure(figsize=(width, height), dpi=100)
@@ -99,7 +99,8 @@ def layer_figure(ex: Explanation):
     bar_box = [1 - (right - 0.25) / width, 0.2, 0.2 / width, 0.6]  # x, y, width, height
     bar = fig.colorbar(images[0], cax=fig.add_axes(bar_box), label="attention weight")
     bar.set_ticks([0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1])
-    title = fig.suptitle(layer_title(ex, ex.n_layer - 1), fontsize=11, animated=True)
+    title_y = 1 - 0.15 / height  # its top 0.15 inch below the edge
+    title = fig.suptitle(layer_title(ex, ex.n_layer - 1), fontsize=11, y=title_y, animated=True)
     return fig, images[:n_head], title
 
 
