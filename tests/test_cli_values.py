@@ -50,6 +50,11 @@ def test_every_command_help_has_examples(command):
     assert f"tinyformers {command}" in examples
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_takes_threads(command):
+    assert "--threads N, -t N" in cli(command, "--help").stdout
+
+
 def test_help_shows_the_defaults():
     out = cli("generate", "--help").stdout
     # argparse wraps long help lines: compare with the line breaks taken out
