@@ -14,7 +14,7 @@ from tinyformers.cli.options import Parser
 from tinyformers.errors import TinyformersError
 
 # Subcommands, in the order `--help` lists them; each is tinyformers/cli/<name>.py.
-COMMANDS = ("generate", "chat", "tokenize", "explain", "perplexity")
+COMMANDS = ("generate", "chat", "tokenize", "explain", "perplexity", "serve")
 
 DESCRIPTION = """\
 Run GPT-2 and Llama-family language models on the CPU: generate text, chat, look at the

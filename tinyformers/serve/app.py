@@ -1,0 +1,392 @@
+"""The HTTP side of `tinyformers serve`: OpenAI's routes on FastAPI, fed by the engine.
+
+A request is checked whole (fields, context, queue room) before any answer starts, so every
+one of those errors is a plain HTTP error; once a stream has started, an error is an `error`
+event followed by `data: [DONE]`. The model loads in the background: `/health` says 503 until
+it is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from tinyformers.chat import encode_chat
+from tinyformers.errors import ContextLengthError, TinyformersError
+from tinyformers.generation.generate import fit_context
+from tinyformers.generation.params import SamplingParams
+from tinyformers.serve.engine import Delta, Engine, Failed, Finished, QueueFull
+from tinyformers.serve.engine import Request as Job
+from tinyformers.serve.protocol import APIError, ChatRequest, CompletionRequest, parse
+from tinyformers.serve.responses import DONE, Choice, Shapes, event
+
+log = logging.getLogger("tinyformers.serve")
+
+MAX_BODY = 8 * 2**20  # bytes of one request body
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+
+
+@dataclass
+class Settings:
+    """What `tinyformers serve` was started with."""
+
+    name: str  # the model's name in answers and /v1/models
+    api_key: str | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    context: int | None = None  # tokens per request (None: the model's, at most 2048)
+    max_tokens: int | None = None  # default when a request gives none
+    sampling: SamplingParams = SamplingParams()
+
+
+class Server:
+    """The app's state: the model and its engine once loaded, or why loading failed."""
+
+    def __init__(self, settings: Settings, load: Callable, on_error: Callable) -> None:
+        self.settings, self.load, self.on_error = settings, load, on_error
+        self.model = self.engine = self.error = None
+        self.root = ""
+
+    def start(self) -> None:
+        threading.Thread(target=self._load, name="tinyformers-load", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            model = self.load()
+            if model.tokenizer is None:
+                raise TinyformersError(f"{model.source}: no tokenizer files; the server needs one")
+            s = self.settings
+            context = min(model.config.context_length, s.context or 2048)
+            self.engine = Engine(model, s.max_batch, s.max_queue, context)
+            self.model, self.root = model, str(model.source)
+        except Exception as e:  # a missing or broken model: the command reports it and exits
+            self.error = e
+            self.on_error(e)
+
+    def ready(self) -> Engine:
+        if self.engine is None:
+            raise APIError(
+                503,
+                "the model is loading",
+                "server_error",
+                code="model_loading",
+                headers={"Retry-After": "1"},
+            )
+        return self.engine
+
+
+def create_app(settings: Settings, load: Callable, on_error: Callable = lambda e: None) -> FastAPI:
+    """The ASGI app; `load()` returns the LanguageModel, called in a thread at startup;
+    `on_error(exception)` is called if it fails."""
+    server = Server(settings, load, on_error)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.start()
+        yield
+        if server.engine is not None:
+            server.engine.close()
+
+    app = FastAPI(title="tinyformers", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+    _add_error_handlers(app)
+
+    def authorized(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {settings.api_key}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise APIError(
+                401,
+                "missing or wrong API key (Authorization: Bearer KEY)",
+                "authentication_error",
+                code="invalid_api_key",
+            )
+
+    @app.get("/health")
+    async def health():
+        if server.engine is None:
+            return JSONResponse({"status": "loading"}, 503, headers={"Retry-After": "1"})
+        return {"status": "ok"}
+
+    async def models(request: Request):
+        authorized(request)
+        server.ready()
+        return {"object": "list", "data": [_model_entry(server)]}
+
+    async def model(request: Request, model_id: str):
+        authorized(request)
+        server.ready()
+        if model_id != settings.name:
+            raise APIError(
+                404,
+                f"the model {model_id!r} does not exist; this server has {settings.name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        return _model_entry(server)
+
+    async def chat(request: Request):
+        authorized(request)
+        engine = server.ready()
+        body = parse(ChatRequest, await _read_json(request))
+        ids = await run_in_threadpool(_chat_ids, server.model, body.messages, engine.context)
+        limit = body.max_completion_tokens or body.max_tokens or settings.max_tokens
+        jobs = _jobs(body, [ids], limit, engine.context, settings, "messages")
+        shapes = Shapes(True, settings.name, server.model.tokenizer)
+        return await _answer(request, engine, jobs, len(ids), body, shapes)
+
+    async def completions(request: Request):
+        authorized(request)
+        engine = server.ready()
+        body = parse(CompletionRequest, await _read_json(request))
+        model = server.model
+        prompts = [
+            await run_in_threadpool(_prompt_ids, model, p, engine.context) for p in body.prompt
+        ]
+        limit = body.max_tokens or settings.max_tokens or COMPLETION_MAX_TOKENS
+        jobs = _jobs(body, prompts, limit, engine.context, settings, "prompt")
+        shapes = Shapes(False, settings.name, model.tokenizer)
+        return await _answer(request, engine, jobs, sum(map(len, prompts)), body, shapes)
+
+    for prefix in ("/v1", ""):  # clients configured with or without /v1 both work
+        app.add_api_route(prefix + "/models", models, methods=["GET"])
+        app.add_api_route(prefix + "/models/{model_id:path}", model, methods=["GET"])
+        app.add_api_route(prefix + "/chat/completions", chat, methods=["POST"])
+        app.add_api_route(prefix + "/completions", completions, methods=["POST"])
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return JSONResponse(e.body(), e.status, headers=e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):  # unknown route, wrong method
+        kind = "not_found" if e.status_code == 404 else None
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(APIError(e.status_code, message, code=kind).body(), e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):  # a bug: uvicorn logs it, never sent
+        return JSONResponse(APIError(500, "internal server error", "server_error").body(), 500)
+
+
+def _model_entry(server: Server) -> dict:
+    return {
+        "id": server.settings.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "tinyformers",
+        "root": server.root,
+    }
+
+
+async def _read_json(request: Request):
+    """The body as JSON, whatever Content-Type says (curl -d sends a form type)."""
+    size, chunks = 0, []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise APIError(413, f"the request body is over {MAX_BODY} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, RecursionError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}"[:300]) from None
+
+
+def _chat_ids(model, messages: list[dict], context: int) -> list[int]:
+    tokenizer = model.tokenizer
+    if tokenizer.chat_template is None:
+        raise APIError(
+            400,
+            f"{model.source.name} has no chat template (a base model?): use /v1/completions",
+            param="messages",
+        )
+    _check_length(sum(len(m["content"]) for m in messages), tokenizer, context, "messages")
+    try:
+        return encode_chat(tokenizer, messages)
+    except TinyformersError as e:  # the template refused the roles or their order
+        raise APIError(400, str(e), param="messages") from None
+
+
+def _prompt_ids(model, prompt: str | list[int], context: int) -> list[int]:
+    tokenizer = model.tokenizer
+    if isinstance(prompt, list):
+        vocab = model.config.vocab_size
+        if not all(0 <= i < vocab for i in prompt):
+            bad = next(i for i in prompt if not 0 <= i < vocab)
+            raise APIError(400, f"prompt: token id {bad} is outside 0..{vocab - 1}", param="prompt")
+        return prompt
+    _check_length(len(prompt), tokenizer, context, "prompt")
+    ids = tokenizer.encode(prompt)
+    if not ids and tokenizer.bos_token_id is None:
+        raise APIError(
+            400, "prompt: empty, and the model has no BOS token to start from", param="prompt"
+        )
+    return ids or [tokenizer.bos_token_id]  # an empty prompt starts from BOS
+
+
+def _check_length(chars: int, tokenizer, context: int, param: str) -> None:
+    """Refuse text that cannot fit before tokenizing it: a token holds at most
+    `max_token_bytes` bytes and a character at least one."""
+    if chars > context * tokenizer.max_token_bytes:
+        raise APIError(
+            400,
+            f"{param}: {chars} characters cannot fit the {context}-token context",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def _jobs(body, prompts, limit, context, settings, param) -> list[Job]:
+    """One engine job per prompt and choice (choice index = prompt * n + j), context checked."""
+    jobs = []
+    for ids in prompts:
+        max_new = limit or max(context - len(ids), 1)  # no limit: until the context is full
+        try:
+            fit_context(ids, max_new, context, truncate=False)
+        except ContextLengthError as e:
+            raise APIError(
+                400, str(e).split(";")[0], param=param, code="context_length_exceeded"
+            ) from None
+        for j in range(body.n):
+            params = _sampling(body, settings.sampling, j)
+            logprobs = _logprobs(body)
+            jobs.append(Job(ids, max_new, params, body.stop, logprobs))
+    return jobs
+
+
+def _sampling(body, defaults: SamplingParams, choice: int) -> SamplingParams:
+    """The request's sampling fields over the server's defaults; choice j draws with seed + j."""
+
+    def pick(value, default):
+        return default if value is None else value
+
+    seed = None if body.seed is None else (body.seed + choice) % 2**64
+    return SamplingParams(
+        temperature=pick(body.temperature, defaults.temperature),
+        top_k=pick(body.top_k, defaults.top_k),
+        top_p=pick(body.top_p, defaults.top_p),
+        min_p=pick(body.min_p, defaults.min_p),
+        repetition_penalty=pick(body.repetition_penalty, defaults.repetition_penalty),
+        seed=pick(seed, defaults.seed),
+    )
+
+
+def _logprobs(body) -> int | None:
+    if isinstance(body, ChatRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
+
+
+async def _answer(request: Request, engine: Engine, jobs, prompt_tokens, body, shapes: Shapes):
+    """Submit the jobs, then stream the answer or send it whole."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def emit(index, event):  # called from the engine's thread
+        loop.call_soon_threadsafe(events.put_nowait, (index, event))
+
+    try:
+        seqs = engine.submit(jobs, emit)
+    except QueueFull as e:
+        raise APIError(
+            503,
+            f"too many requests waiting: {e}; retry shortly",
+            "server_error",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        ) from None
+    results = _results(events, len(jobs))
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = _sse(results, shapes, len(jobs), prompt_tokens, usage)
+        return StreamingResponse(
+            _cancelling(stream, engine, seqs),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, engine, seqs))
+    try:
+        choices = [Choice() for _ in jobs]
+        async for index, ev in results:
+            if isinstance(ev, Failed):
+                raise APIError(500, ev.message, "server_error")
+            _record(choices[index], ev)
+    finally:
+        watcher.cancel()
+        engine.cancel(seqs)
+    logprobs = any(job.logprobs is not None for job in jobs)
+    return shapes.answer(choices, prompt_tokens, logprobs)
+
+
+async def _results(events: asyncio.Queue, n: int) -> AsyncIterator:
+    """(choice index, event) until every choice has finished or one has failed."""
+    open_choices = n
+    while open_choices:
+        index, ev = await events.get()
+        yield index, ev
+        if isinstance(ev, Failed):
+            return
+        open_choices -= isinstance(ev, Finished)
+
+
+def _record(choice: Choice, ev) -> None:
+    if isinstance(ev, Delta):
+        choice.text += ev.text
+        choice.logprobs += ev.logprobs
+    elif isinstance(ev, Finished):
+        choice.finish_reason, choice.completion_tokens = ev.reason, ev.completion_tokens
+
+
+async def _sse(results, shapes: Shapes, n: int, prompt_tokens: int, usage: bool):
+    """The events of a stream: the role first (chat), deltas, one finish_reason per choice,
+    the usage if asked, then [DONE]."""
+    if shapes.chat:
+        for index in range(n):
+            yield shapes.chunk(index, role=True, usage=usage)
+    completion_tokens = 0
+    async for index, ev in results:
+        if isinstance(ev, Delta):
+            yield shapes.chunk(index, ev.text, logprobs=ev.logprobs, usage=usage)
+        elif isinstance(ev, Finished):
+            completion_tokens += ev.completion_tokens
+            yield shapes.chunk(index, finish_reason=ev.reason, usage=usage)
+        else:
+            yield event(APIError(500, ev.message, "server_error").body())
+            yield DONE
+            return
+    if usage:
+        yield shapes.usage_chunk(prompt_tokens, completion_tokens)
+    yield DONE
+
+
+async def _cancelling(stream, engine: Engine, seqs):
+    """`stream`, and the jobs cancelled when it ends or the client goes away mid-stream."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        engine.cancel(seqs)
+
+
+async def _cancel_on_disconnect(request: Request, engine: Engine, seqs) -> None:
+    """Cancel the jobs of a non-streamed answer when its client disconnects."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    engine.cancel(seqs)

@@ -1,0 +1,197 @@
+"""The OpenAI request bodies we accept, checked field by field, and the errors they raise.
+
+Unknown fields are ignored, as OpenAI's clients send new ones over time; fields OpenAI defines
+that we do not implement (tools, JSON mode, logit_bias, penalties) are refused by name rather
+than silently dropped. Every problem is an `APIError` that becomes
+`{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_SEED = 2**64 - 1
+
+
+class APIError(Exception):
+    """An error for the client: HTTP status, OpenAI error type, the field at fault, a code."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False
+
+
+class _Body(BaseModel):
+    # strict: "0.5" is not a number and 1 is not a boolean (an int is still a float)
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None  # any name: the served model answers
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: Any = Field(None, validate_default=True)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # extensions, as in vLLM and llama.cpp's server
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, lt=1)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value) -> list[str]:
+        stops = [value] if isinstance(value, str) else value
+        if value is None:
+            return []
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("expected a string or a list of up to 4 strings")
+        if len(stops) > 4:
+            raise ValueError(f"at most 4 stop strings, got {len(stops)}")
+        return [s for s in stops if s]
+
+
+class ChatRequest(_Body):
+    messages: list[Any] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, messages: list) -> list[dict[str, str]]:
+        return [_message(i, m) for i, m in enumerate(messages)]
+
+
+class CompletionRequest(_Body):
+    prompt: Any
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, prompt) -> list[str | list[int]]:
+        """A string, a list of strings, a list of token ids, or a list of lists of ids."""
+        if isinstance(prompt, str) or _ids(prompt):
+            return [prompt]
+        if (
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(p, str) or _ids(p) for p in prompt)
+        ):
+            return prompt
+        raise ValueError(
+            "expected a string, a list of strings, a list of token ids or a list of such lists"
+        )
+
+
+def _ids(value) -> bool:
+    """A non-empty list of token ids."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+    )
+
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _message(i: int, message) -> dict[str, str]:
+    """{"role", "content"} with content as one string (text parts joined by newlines)."""
+    if not isinstance(message, dict):
+        raise ValueError(f"[{i}] expected an object with role and content")
+    role, content = message.get("role"), message.get("content")
+    if role not in ROLES:
+        roles = ", ".join(ROLES)
+        raise ValueError(f"[{i}].role expected one of {roles}, got {str(role)[:40]!r}")
+    if message.get("tool_calls") or message.get("function_call"):
+        raise ValueError(f"[{i}] tool calls are not supported")
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            ok = isinstance(part, dict) and part.get("type") == "text"
+            if not (ok and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(
+                    f"[{i}].content[{j}] expected a text part {{type: text, text: ...}}, "
+                    f"got {str(kind)[:40]!r}"
+                )
+        content = "\n".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise ValueError(f"[{i}].content expected a string or a list of text parts")
+    return {"role": ROLES[role], "content": content}
+
+
+# Known OpenAI fields we do not implement: refused when set to anything but their default.
+UNSUPPORTED = {
+    "tools": lambda v: v not in (None, []),
+    "tool_choice": lambda v: v not in (None, "none"),
+    "functions": lambda v: v not in (None, []),
+    "function_call": lambda v: v not in (None, "none"),
+    "response_format": lambda v: v is not None and v != {"type": "text"},
+    "logit_bias": lambda v: v not in (None, {}),
+    "frequency_penalty": lambda v: v not in (None, 0),
+    "presence_penalty": lambda v: v not in (None, 0),
+    "audio": lambda v: v is not None,
+    "modalities": lambda v: v not in (None, ["text"]),
+    "prediction": lambda v: v is not None,
+    "web_search_options": lambda v: v is not None,
+    "echo": lambda v: v not in (None, False),
+    "suffix": lambda v: v not in (None, ""),
+    "best_of": lambda v: v not in (None, 1),
+}
+
+
+def parse(model: type[_Body], body: Any) -> _Body:
+    """The request `body` (parsed JSON) as `model`, or an APIError naming the field."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    for name, refused in UNSUPPORTED.items():
+        if name in body and refused(body[name]):
+            raise APIError(400, f"{name} is not supported by this server", param=name)
+    try:
+        request = model.model_validate(body)
+    except ValidationError as e:
+        error = e.errors()[0]
+        param = _param(error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if message.startswith("["):  # a message that names its own position in the list
+            param, _, message = (param + message).partition(" ")
+        raise APIError(400, f"{param}: {message}", param=param) from None
+    if isinstance(request, ChatRequest) and request.top_logprobs and not request.logprobs:
+        raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
+    return request
+
+
+def _param(loc: tuple) -> str:
+    """A pydantic location as OpenAI writes a field: messages[0].content."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out.lstrip(".")
