@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import pytest
@@ -82,13 +83,15 @@ def test_progress_line_on_a_terminal(gpt2_small_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "content, message",
-    [(None, "cannot read it as UTF-8 text"), (b"\xff\xfe", "cannot read it as UTF-8 text"),
+    [(None, "not a regular file"), (b"\xff\xfe", "cannot read it as UTF-8 text"),
      (b"Hi", "too few to score")],
 )  # fmt: skip
 def test_unreadable_or_short_file_is_one_line_exit_1(gpt2_small_dir, tmp_path, content, message):
     path = tmp_path / "text.txt"
     if content is not None:
         path.write_bytes(content)
+    else:
+        os.mkfifo(path)  # would block a reader forever
     run = plain("perplexity", str(path), "--model", str(gpt2_small_dir))
     assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
     assert message in run.stderr and str(path) in run.stderr

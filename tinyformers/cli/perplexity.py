@@ -50,6 +50,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.file.is_file():  # a folder, a FIFO or /dev/zero would hang or fill memory
+        raise TinyformersError(f"{args.file}: not a regular file")
     try:
         text = args.file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
