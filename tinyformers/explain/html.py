@@ -110,7 +110,7 @@ D.pieces.forEach((p, i) => { el("span", p, document.getElementById("tokens")).cl
   document.getElementById("tokens").lastChild.title = `position ${i}, id ${D.ids[i]}`; });
 D.next.forEach(([piece, id, p, logit], r) => {
   const tr = el("tr", undefined, document.getElementById("next"));
-  [r + 1, piece, id, p.toFixed(4), logit.toFixed(3)].forEach(v => el("td", String(v), tr));
+  [r + 1, piece, id, p.toPrecision(4), logit.toFixed(3)].forEach(v => el("td", String(v), tr));
 });
 const lens = document.getElementById("lens");
 const hr = el("tr", undefined, lens); el("th", "layer", hr);
