@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tinyformers.errors import TinyformersError
 from tinyformers.generation.params import SamplingParams
 
 
@@ -76,4 +77,9 @@ def next_tokens(
     if params.greedy:
         return logits.argmax(dim=-1)
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    try:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    except RuntimeError as e:  # only NaN or inf probabilities make multinomial fail
+        raise TinyformersError(
+            "the model's logits are not finite (NaN or infinity): its weights overflow"
+        ) from e

@@ -14,7 +14,7 @@ from torch import nn
 from tinyformers.errors import CheckpointError
 from tinyformers.loading.ggml_quants import GGMLType, q4_split, q8_0_split
 from tinyformers.loading.gguf import GGUFFile, read_gguf
-from tinyformers.loading.loader import build
+from tinyformers.loading.loader import build, build_meta
 from tinyformers.models import check_layer_count, get_architecture
 
 
@@ -33,8 +33,7 @@ def load_gguf_model(
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{path}: {e}") from e
         config.tie_word_embeddings = "output.weight" not in gguf.tensors
-        with torch.device("meta"):
-            expected = dict(arch.Model(config).named_parameters())
+        expected = dict(build_meta(arch.Model, config, path).named_parameters())
         names = arch.gguf_names(config)
         for name, info in gguf.tensors.items():
             ours = names.get(name)

@@ -104,6 +104,15 @@ def _skip_init() -> Iterator[None]:
             setattr(nn.init, name, fn)
 
 
+def build_meta(model_class: type[nn.Module], config, source: Path) -> nn.Module:
+    """`model_class(config)` on the meta device: shapes only, no memory."""
+    try:
+        with torch.device("meta"), _skip_init():
+            return model_class(config)
+    except (RuntimeError, ValueError, OverflowError) as e:  # sizes whose product overflows
+        raise CheckpointError(f"{source}: the config describes no model that can exist: {e}") from e
+
+
 def build(
     model_class: type[nn.Module],
     config,
@@ -113,8 +122,7 @@ def build(
     source: Path,
 ) -> nn.Module:
     """`model_class(config)` with `weights` (our names and layout) as its parameters."""
-    with torch.device("meta"), _skip_init():
-        model = model_class(config)
+    model = build_meta(model_class, config, source)
     params = dict(model.named_parameters(remove_duplicate=False))
     canonical: dict[int, str] = {}  # tied parameters (lm_head = wte) share the first name
     names = {name: canonical.setdefault(id(p), name) for name, p in params.items()}
@@ -132,6 +140,10 @@ def build(
                 f"{source}: tensor {name} has shape {tuple(w.shape)}, "
                 f"expected {tuple(params[name].shape)}"
             )
+        if w.is_floating_point() and not torch.isfinite(w).all():
+            # a file may hold NaN or inf (a bit flip, a bad conversion): refuse it here, not
+            # as a failed draw at the first sampled token
+            raise CheckpointError(f"{source}: tensor {name} holds NaN or infinite values")
         ready[name] = w.to(device=device, dtype=dtype).contiguous()
     model.load_state_dict({alias: ready[name] for alias, name in names.items()}, assign=True)
     for alias, name in names.items():  # re-tie: lm_head.weight is wte.weight, the same Parameter

@@ -11,6 +11,7 @@ the bytes the file really holds. Only then does torch load the file (memory-mapp
 
 from __future__ import annotations
 
+import io
 import math
 import mmap
 import pickle
@@ -83,8 +84,12 @@ _ALLOWED = {
 }
 
 
-class _Inspector(pickle.Unpickler):
-    """Replays a pickle with stand-ins: tensors become `_TensorClaim`s, storages `_Storage`s."""
+class _Inspector(pickle._Unpickler):
+    """Replays a pickle with stand-ins: tensors become `_TensorClaim`s, storages `_Storage`s.
+
+    subtle: the pure-Python unpickler on purpose. The C one keeps its memo in an array, so
+    one LONG_BINPUT 1175087203 opcode (10 bytes) makes it allocate and zero 9 GB.
+    """
 
     def __init__(self, file, path: Path, storages: dict[str, _Storage] | None = None) -> None:
         super().__init__(file)
@@ -122,8 +127,8 @@ class _Inspector(pickle.Unpickler):
 
 def load_torch_pickle(path: Path) -> dict[str, torch.Tensor]:
     """A pytorch_model.bin, zip (memory-mapped) or legacy format, holding only tensors."""
-    is_zip = zipfile.is_zipfile(path)
     try:
+        is_zip = zipfile.is_zipfile(path)  # subtle: raises BadZipFile on some broken zips
         _check_zip(path) if is_zip else _check_legacy(path)
     except CheckpointError:
         raise
@@ -158,9 +163,8 @@ def _check_zip(path: Path) -> None:
         if len(pickles) != 1:
             raise CheckpointError(f"{path}: expected one data.pkl in the zip, found {len(pickles)}")
         prefix = pickles[0].removesuffix("data.pkl")
-        with z.open(pickles[0]) as f:
-            inspector = _Inspector(f, path)
-            _check_state(inspector.load(), path)
+        inspector = _Inspector(io.BytesIO(z.read(pickles[0])), path)  # stored: its own size
+        _check_state(inspector.load(), path)
         for storage in inspector.storages.values():
             entry = entries.get(f"{prefix}data/{storage.key}")
             if entry is None:

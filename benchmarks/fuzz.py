@@ -1,0 +1,506 @@
+"""Mutation fuzzing of every parser a stranger's files reach, on seeds made from real files.
+
+Each target turns one input (a dict of file name -> bytes) into files in a scratch folder and
+runs one loader on them. An input passes when the loader returns or raises a TinyformersError,
+within 1 s and within 100 MB of peak memory over the input's own size; anything else (another
+exception, a slow or large input) is a finding, saved with its traceback under --out.
+
+Targets and their seeds:
+    gguf            a 1-layer Llama GGUF with SmolLM2's metadata, vocab and template (trimmed),
+                    tensors in F32, F16, Q8_0, Q4_0, Q4_1 -> read_gguf, its tokenizer, the model
+    safetensors     small files written by the `safetensors` package -> load_safetensors
+    pickle          torch.save files, zip and legacy -> load_torch_pickle
+    tokenizer_json  GPT-2's vocab and merges as a tokenizer.json (trimmed) -> load + encode
+    vocab_merges    GPT-2's vocab.json + merges.txt (trimmed) and side files -> load + encode
+    config          GPT-2 and SmolLM2 configs (shrunk) with matching weights -> load + generate
+    chat_template   SmolLM2's template and others from the Hub -> render_chat
+
+Mutations: bit flips, random bytes, inserted/deleted/duplicated ranges, boundary integers
+(0, -1, 2^31, 2^63, 2^64 - 1 ...) written over any offset, truncation, splicing two seeds; for
+JSON, a value anywhere in the tree replaced by a hostile one (huge, negative, wrong type,
+"false", NaN, deep nesting); for templates, Jinja snippets that loop, multiply or recurse.
+
+Usage:
+    python -m benchmarks.fuzz --target gguf --seconds 600
+    python -m benchmarks.fuzz --seconds 20          # every target, one after the other
+Prints one JSON line per target: runs, seconds, findings, slowest input, largest peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import tinyformers
+from tinyformers.errors import TinyformersError
+
+SECONDS, MEGABYTES = 1.0, 100
+ROOT = Path(__file__).resolve().parents[1]
+Input = dict[str, bytes]
+
+
+# -- seeds ------------------------------------------------------------------------------------
+
+
+def _gpt2_files(n_merges: int = 600) -> tuple[dict[str, int], list[str]]:
+    """GPT-2's real vocab and merges, cut to the first `n_merges` merges, ids made dense."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import GPT2_DATA
+
+    from tinyformers.tokenizers.bpe import bytes_to_unicode
+
+    vocab = json.loads((GPT2_DATA / "vocab.json").read_text())
+    lines = (GPT2_DATA / "merges.txt").read_text().splitlines()[1 : n_merges + 1]
+    keep = list(bytes_to_unicode().values())
+    keep += ["".join(line.split(" ")) for line in lines]
+    keep = sorted(dict.fromkeys(keep), key=lambda t: vocab[t]) + ["<|endoftext|>"]
+    return {t: i for i, t in enumerate(keep)}, lines
+
+
+def _smollm2_metadata(n_tokens: int = 600) -> dict:
+    from tinyformers.loading.gguf import read_gguf
+    from tinyformers.loading.hub import default_model
+
+    with read_gguf(default_model()) as g:
+        m = dict(g.metadata)
+    tokens = m["tokenizer.ggml.tokens"][:n_tokens]
+    known = set(tokens)
+    merges = [x for x in m["tokenizer.ggml.merges"] if {*x.split(" "), x.replace(" ", "")} <= known]
+    m["tokenizer.ggml.tokens"] = tokens
+    m["tokenizer.ggml.token_type"] = m["tokenizer.ggml.token_type"][:n_tokens]
+    m["tokenizer.ggml.merges"] = merges
+    return m
+
+
+def _gguf_seed(path: Path) -> None:
+    """SmolLM2's metadata on a 1-layer, 32-wide Llama with one tensor of each common type."""
+    import gguf
+
+    m = _smollm2_metadata()
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in m.items():
+        if key.startswith(("tokenizer.", "general.name", "general.license")):
+            if isinstance(value, str):
+                w.add_string(key, value)
+            elif isinstance(value, bool):
+                w.add_bool(key, value)
+            elif isinstance(value, int):
+                w.add_uint32(key, value)
+            elif isinstance(value, list):
+                w.add_array(key, value)
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(32)
+    w.add_feed_forward_length(64)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_rope_freq_base(100000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    n = len(m["tokenizer.ggml.tokens"])
+    Q = gguf.GGMLQuantizationType
+    rng = np.random.default_rng(0)
+    for name, shape, kind in (
+        ("token_embd.weight", (n, 32), Q.Q8_0), ("blk.0.attn_norm.weight", (32,), Q.F32),
+        ("blk.0.attn_q.weight", (32, 32), Q.Q4_1), ("blk.0.attn_k.weight", (16, 32), Q.Q8_0),
+        ("blk.0.attn_v.weight", (16, 32), Q.F32), ("blk.0.attn_output.weight", (32, 32), Q.F16),
+        ("blk.0.ffn_norm.weight", (32,), Q.F32), ("blk.0.ffn_gate.weight", (64, 32), Q.Q4_0),
+        ("blk.0.ffn_up.weight", (64, 32), Q.Q8_0), ("blk.0.ffn_down.weight", (32, 64), Q.Q4_1),
+        ("output_norm.weight", (32,), Q.F32),
+    ):  # fmt: skip
+        data = rng.standard_normal(shape).astype(np.float32)
+        if kind == Q.F16:
+            w.add_tensor(name, data.astype(np.float16))
+        elif kind == Q.F32:
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _tiny_gpt2_weights(vocab_size: int) -> dict[str, torch.Tensor]:
+    c = 8
+    w = {"wte.weight": torch.randn(vocab_size, c), "wpe.weight": torch.randn(16, c)}
+    w |= {"ln_f.weight": torch.ones(c), "ln_f.bias": torch.zeros(c)}
+    for name, shape in {
+        "ln_1.weight": (c,), "ln_1.bias": (c,), "ln_2.weight": (c,), "ln_2.bias": (c,),
+        "attn.c_attn.weight": (c, 3 * c), "attn.c_attn.bias": (3 * c,),
+        "attn.c_proj.weight": (c, c), "attn.c_proj.bias": (c,),
+        "mlp.c_fc.weight": (c, 4 * c), "mlp.c_fc.bias": (4 * c,),
+        "mlp.c_proj.weight": (4 * c, c), "mlp.c_proj.bias": (c,),
+    }.items():  # fmt: skip
+        w[f"h.0.{name}"] = torch.randn(shape)
+    return w
+
+
+def _tiny_llama_weights(vocab_size: int) -> dict[str, torch.Tensor]:
+    w = {
+        "model.embed_tokens.weight": torch.randn(vocab_size, 8),
+        "model.norm.weight": torch.ones(8),
+    }
+    for name, shape in {
+        "self_attn.q_proj.weight": (8, 8), "self_attn.k_proj.weight": (4, 8),
+        "self_attn.v_proj.weight": (4, 8), "self_attn.o_proj.weight": (8, 8),
+        "mlp.gate_proj.weight": (16, 8), "mlp.up_proj.weight": (16, 8),
+        "mlp.down_proj.weight": (8, 16), "input_layernorm.weight": (8,),
+        "post_attention_layernorm.weight": (8,),
+    }.items():  # fmt: skip
+        w[f"model.layers.0.{name}"] = torch.randn(shape)
+    return w
+
+
+def _file_bytes(write: Callable[[Path], None]) -> bytes:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "f"
+        write(path)
+        return path.read_bytes()
+
+
+def seeds(target: str) -> list[Input]:
+    """The seed corpus of `target`, built from the real files the tests use."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    if target == "gguf":
+        return [{"model.gguf": _file_bytes(_gguf_seed)}]
+    if target == "safetensors":
+        tensors = [_tiny_gpt2_weights(16), {"a": torch.arange(6, dtype=torch.int64).view(2, 3)}]
+        tensors.append({"e": torch.zeros(0, 4), "h": torch.ones(3, dtype=torch.bfloat16)})
+        return [{"model.safetensors": _file_bytes(lambda p, t=t: save_file(t, p))} for t in tensors]
+    if target == "pickle":
+        state = {"w": torch.randn(3, 4), "b": torch.arange(4), "h": torch.ones(2).half()}
+        state["view"] = state["w"][1]
+        zip_file = _file_bytes(lambda p: torch.save(state, p))
+        legacy = _file_bytes(lambda p: torch.save(state, p, _use_new_zipfile_serialization=False))
+        return [{"pytorch_model.bin": zip_file}, {"pytorch_model.bin": legacy}]
+    if target in ("tokenizer_json", "vocab_merges"):
+        vocab, merges = _gpt2_files()
+        if target == "vocab_merges":
+            side = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+            return [
+                {
+                    "vocab.json": json.dumps(vocab).encode(),
+                    "merges.txt": ("#version: 0.2\n" + "\n".join(merges)).encode(),
+                    "tokenizer_config.json": json.dumps(side | {"add_bos_token": False}).encode(),
+                    "generation_config.json": json.dumps(
+                        {"eos_token_id": [len(vocab) - 1]}
+                    ).encode(),
+                }
+            ]
+        pre = {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+        ]}  # fmt: skip
+        data = {
+            "added_tokens": [{"id": len(vocab) - 1, "content": "<|endoftext|>", "special": True}],
+            "normalizer": None,
+            "pre_tokenizer": pre,
+            "decoder": {"type": "ByteLevel"},
+            "model": {"type": "BPE", "vocab": vocab, "merges": merges, "ignore_merges": False},
+        }
+        return [{"tokenizer.json": json.dumps(data).encode()}]
+    if target == "config":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import gpt2_config_dict
+
+        gpt2 = gpt2_config_dict(n_layer=1, n_embd=8, n_head=2, n_positions=16, vocab_size=16)
+        llama = {
+            "model_type": "llama", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+            "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+        }  # fmt: skip
+        return [
+            {
+                "config.json": json.dumps(config).encode(),
+                "model.safetensors": _file_bytes(lambda p, w=weights: save_file(w, p)),
+            }
+            for config, weights in (
+                (gpt2, _tiny_gpt2_weights(16)),
+                (llama, _tiny_llama_weights(16)),
+            )
+        ]
+    if target == "chat_template":
+        sys.path.insert(0, str(ROOT / "tests"))
+        import test_chat
+
+        templates = [_smollm2_metadata(10)["tokenizer.chat_template"]]
+        templates += [test_chat.LLAMA3, test_chat.MISTRAL, test_chat.ZEPHYR, test_chat.FEATURES]
+        return [{"chat_template.jinja": t.encode()} for t in templates]
+    raise ValueError(f"unknown target {target!r}")
+
+
+# -- targets ----------------------------------------------------------------------------------
+
+MESSAGES = [  # no system message: Mistral's template refuses one
+    {"role": "user", "content": "Hello <|im_end|> world 123"},
+    {"role": "assistant", "content": "Hi."},
+    {"role": "user", "content": "And?"},
+]
+TEXT = "Hello world! 12345 naïve café 😀 <|endoftext|>  tabs\tand\nnewlines"
+
+
+def run_target(target: str, folder: Path) -> None:
+    """Run `target`'s loader on the files in `folder`."""
+    from tinyformers.loading.gguf import read_gguf
+    from tinyformers.loading.safetensors import load_safetensors
+    from tinyformers.loading.torch_pickle import load_torch_pickle
+    from tinyformers.tokenizers import from_gguf_metadata, load_tokenizer
+
+    if target == "gguf":
+        with read_gguf(folder / "model.gguf") as g:
+            for name in list(g.tensors)[:4]:
+                g.tensor(name)
+            tok = from_gguf_metadata(g.metadata, "model.gguf")
+        tok.decode(tok.encode(TEXT, allowed_special="all"))
+        model = tinyformers.load(folder / "model.gguf")
+        model.generate_ids([0, 1], 2, temperature=0)
+    elif target == "safetensors":
+        load_safetensors(folder / "model.safetensors")
+    elif target == "pickle":
+        load_torch_pickle(folder / "pytorch_model.bin")
+    elif target in ("tokenizer_json", "vocab_merges"):
+        tok = load_tokenizer(folder)
+        tok.decode(tok.encode(TEXT))
+        tok.encode(TEXT, allowed_special="all")
+    elif target == "config":
+        model = tinyformers.load(folder)
+        model.generate_ids([[0, 1], [2]], 2, temperature=0.7, seed=0)
+    elif target == "chat_template":
+        from tinyformers.chat import render_chat
+
+        template = (folder / "chat_template.jinja").read_bytes().decode("utf-8", "replace")
+        render_chat(template, MESSAGES, bos_token="<s>", eos_token="</s>")
+
+
+# -- mutations --------------------------------------------------------------------------------
+
+BOUNDARY = [0, 1, 2, 7, 8, 31, 32, 255, 256, 2**15, 2**16 - 1, 2**31 - 1, 2**31, 2**32 - 1,
+            2**32, 2**62, 2**63 - 1, 2**64 - 1]  # fmt: skip
+HOSTILE_VALUES = [0, -1, 1, 10**9, 2**31, 2**63, 10**19, 1e308, -1e-300, 0.0, float("nan"),
+                  float("inf"), "", "false", "a" * 1000, True, False, None, [], {}, [1, 2],
+                  {"a": 1}, "../x", "/etc/passwd", [[[[[[[[[[]]]]]]]]]]]  # fmt: skip
+_DEEP = "\u0000deep"  # stands for 5,000 nested arrays, written in after json.dumps
+JINJA_SNIPPETS = [
+    "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+    "{{ 'a' * 999999999 }}", "{{ [1] * 99999 * 99999 }}", "{{ 2 ** 99999999 }}",
+    "{% macro m(n) %}{{ m(n) }}{% endmacro %}{{ m(1) }}", "{{ 1 / 0 }}", "{{ x.y.z }}",
+    "{{ messages[99] }}", "{{ 'a'|center(999999999) }}", "{{ '%999999999d'|format(1) }}",
+    "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+    "{% endfor %}", "{{ ''.__class__ }}", "{{ raise_exception('x') }}", "{{ messages|tojson }}",
+    "{{ (messages|first).content.replace('', 'ab' * 99999) }}", "{% if %}", "{{",
+]  # fmt: skip
+
+
+def mutate(inp: Input, corpus: list[Input], rng: random.Random) -> Input:
+    out = dict(inp)
+    name = rng.choice(list(out))
+    data = out[name]
+    for _ in range(rng.choice((1, 1, 1, 2, 4))):
+        if name.endswith(".json") and rng.random() < 0.6:
+            data = _mutate_json(data, rng)
+        elif name.endswith(".jinja") and rng.random() < 0.5:
+            at = rng.randrange(len(data) + 1)
+            data = data[:at] + rng.choice(JINJA_SNIPPETS).encode() + data[at:]
+        else:
+            data = _mutate_bytes(data, corpus, name, rng)
+    out[name] = data
+    return out
+
+
+def _mutate_bytes(data: bytes, corpus: list[Input], name: str, rng: random.Random) -> bytes:
+    b = bytearray(data)
+    op = rng.randrange(8)
+    at = rng.randrange(len(b) + 1)
+    if op == 0 and b:  # flip a bit
+        b[min(at, len(b) - 1)] ^= 1 << rng.randrange(8)
+    elif op == 1 and b:  # random bytes
+        for _ in range(rng.randint(1, 8)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+    elif op == 2:  # a boundary integer over any offset, as u8 .. u64
+        size = rng.choice((1, 2, 4, 8))
+        value = rng.choice(BOUNDARY) % (1 << (8 * size))
+        b[at : at + size] = value.to_bytes(size, "little")
+    elif op == 3:  # insert random bytes
+        b[at:at] = rng.randbytes(rng.choice((1, 4, 16, 256)))
+    elif op == 4:  # delete a range
+        del b[at : at + rng.choice((1, 8, 64, 4096))]
+    elif op == 5:  # duplicate a range
+        stop = min(len(b), at + rng.choice((8, 64, 1024)))
+        b[at:at] = b[at:stop]
+    elif op == 6:  # truncate
+        del b[rng.randrange(len(b) + 1) :]
+    else:  # splice with another seed's file of the same name
+        other = rng.choice(corpus).get(name, b"")
+        cut = rng.randrange(len(other) + 1)
+        b = b[:at] + bytearray(other[cut:])
+    return bytes(b)
+
+
+def _mutate_json(data: bytes, rng: random.Random) -> bytes:
+    try:
+        tree = json.loads(data)
+    except (ValueError, RecursionError):
+        return data
+    paths = []
+
+    def walk(node, path, depth):
+        paths.append(path)
+        if depth > 6 or len(paths) > 5000:
+            return
+        items = (
+            node.items()
+            if isinstance(node, dict)
+            else enumerate(node)
+            if isinstance(node, list)
+            else ()
+        )  # noqa: E501
+        for k, v in list(items)[:200]:
+            walk(v, (*path, k), depth + 1)
+
+    walk(tree, (), 0)
+    path = rng.choice(paths)
+    value = rng.choice(HOSTILE_VALUES)
+    if rng.random() < 0.05:
+        value = _DEEP if rng.random() < 0.5 else 10**100  # 101 digits
+    if not path:
+        return json.dumps(value).replace(json.dumps(_DEEP), "[" * 5000 + "]" * 5000).encode()
+    parent = tree
+    for k in path[:-1]:
+        parent = parent[k]
+    if isinstance(parent, dict) and rng.random() < 0.15:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    try:
+        text = json.dumps(tree)
+    except (ValueError, RecursionError):
+        return data
+    return text.replace(json.dumps(_DEEP), "[" * 5000 + "]" * 5000, 1).encode()
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(key)).split()[1]) * 1024
+
+
+def _on_alarm(signum, frame):
+    raise TimeoutError("input ran past the fuzzer's alarm")
+
+
+def fuzz(target: str, seconds: float, out: Path, seed: int = 0) -> dict:
+    """Fuzz `target` for `seconds`; the summary, findings saved under `out`."""
+    rng = random.Random(seed)
+    corpus = seeds(target)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    work = Path(tempfile.mkdtemp(prefix=f"fuzz-{target}-"))
+    summary = {"target": target, "runs": 0, "findings": 0, "errors": {}, "max_seconds": 0.0,
+               "max_megabytes": 0.0}  # fmt: skip
+    for inp in corpus:  # warm-up, untimed (lazy imports, kernel builds); every seed must load
+        _write(inp, work)
+        run_target(target, work)
+    start = time.monotonic()
+    try:
+        while time.monotonic() - start < seconds:
+            # the seeds first, as they are: they must load
+            i = summary["runs"]
+            inp = corpus[i] if i < len(corpus) else mutate(rng.choice(corpus), corpus, rng)
+            finding = _run_one(target, inp, work, summary)
+            summary["runs"] += 1
+            if finding is not None:
+                summary["findings"] += 1
+                _save(out, target, summary["findings"], inp, finding)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary["seconds"] = round(time.monotonic() - start, 1)
+    return summary
+
+
+def _run_one(target: str, inp: Input, work: Path, summary: dict) -> str | None:
+    _write(inp, work)
+    size = sum(map(len, inp.values()))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # peak memory (VmHWM) back to the current size
+    before = _status("VmRSS:")
+    signal.alarm(10)
+    t0 = time.perf_counter()
+    problem = None
+    try:
+        run_target(target, work)
+    except TinyformersError as e:
+        kind = type(e).__name__
+        summary["errors"][kind] = summary["errors"].get(kind, 0) + 1
+    except BaseException as e:  # noqa: BLE001 (anything else is what we look for)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        problem = "".join(traceback.format_exception(e))
+    finally:
+        signal.alarm(0)
+    elapsed = time.perf_counter() - t0
+    megabytes = (_status("VmHWM:") - before - size) / 2**20
+    summary["max_seconds"] = round(max(summary["max_seconds"], elapsed), 3)
+    summary["max_megabytes"] = round(max(summary["max_megabytes"], megabytes), 1)
+    if problem is None and elapsed > SECONDS:
+        problem = f"took {elapsed:.2f} s"
+    if problem is None and megabytes > MEGABYTES:
+        problem = f"peak memory {megabytes:.0f} MB over the input"
+    return problem
+
+
+def _write(inp: Input, work: Path) -> None:
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    for name, data in inp.items():
+        (work / name).write_bytes(data)
+
+
+def _save(out: Path, target: str, n: int, inp: Input, finding: str) -> None:
+    folder = out / target / f"finding-{n:03d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in inp.items():
+        (folder / name).write_bytes(data)
+    (folder / "finding.txt").write_text(finding)
+    print(f"{target}: finding {n}: {finding.strip().splitlines()[-1]}", file=sys.stderr)
+
+
+TARGETS = ["gguf", "safetensors", "pickle", "tokenizer_json", "vocab_merges", "config",
+           "chat_template"]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", choices=TARGETS, action="append")
+    parser.add_argument("--seconds", type=float, default=20.0, help="per target")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("fuzz-findings"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.simplefilter("ignore")  # torch's notes on odd pickles, once per input
+    torch.set_num_threads(1)
+    for target in args.target or TARGETS:
+        print(json.dumps(fuzz(target, args.seconds, args.out, args.seed)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
