@@ -47,10 +47,13 @@ def add_parser(subparsers) -> None:
         "--top-k",
         type=typed(int, lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
         default=10,
+        metavar="K",
         help="next tokens to list",
     )
-    p.add_argument("--layer", type=index, help="print the attention weights of this layer's heads")
-    p.add_argument("--head", type=index, help="with --layer: of this head only")
+    p.add_argument(
+        "--layer", type=index, metavar="L", help="print the attention weights of layer L's heads"
+    )
+    p.add_argument("--head", type=index, metavar="H", help="with --layer: of head H only")
     p.add_argument("--out", type=Path, metavar="DIR", help="write layer_NN.png and attention.html")
     p.add_argument("--verbose", "-v", action="store_true", help="the model and timings on stderr")
     p.set_defaults(run=run)
