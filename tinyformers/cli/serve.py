@@ -9,6 +9,7 @@ The sampling flags set the defaults of requests that do not give their own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from tinyformers.cli.options import (
@@ -82,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
     app = create_app(settings, load, on_error)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port))
-    server.run()
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it shut down on
+        server.run()
     error = app.state.server.error
     if error is not None:
         raise error if isinstance(error, TinyformersError) else TinyformersError(str(error))

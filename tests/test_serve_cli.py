@@ -1,0 +1,61 @@
+"""`tinyformers serve` as a command: it serves on 127.0.0.1, stops on Ctrl-C, and a model that
+cannot load or a bad flag is one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+from test_serve import free_port
+
+SERVE = [sys.executable, "-m", "tinyformers", "serve"]
+
+
+def test_serve_answers_on_localhost_and_stops_on_ctrl_c(gpt2_small_dir):
+    port = free_port()
+    process = subprocess.Popen(
+        [*SERVE, "--model", str(gpt2_small_dir), "--port", str(port), "--temp", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.ConnectError:  # not listening yet
+                pass
+            time.sleep(0.1)
+        body = {"prompt": "Hello", "max_tokens": 4}  # --temp 0 is the server's default
+        first = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body).json()
+        second = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body).json()
+        assert first["choices"][0]["text"] == second["choices"][0]["text"]
+        assert first["usage"]["completion_tokens"] == 4
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert f"http://127.0.0.1:{port}" in stderr and "Traceback" not in stderr
+
+
+def test_a_model_that_cannot_load_is_one_error_line_and_exit_1(tmp_path):
+    run = subprocess.run(
+        [*SERVE, "--model", str(tmp_path / "missing"), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1].startswith("tinyformers: error: ")
+    assert "Traceback" not in run.stderr
+
+
+def test_bad_flags_exit_2_before_loading():
+    for flags in (["--port", "70000"], ["--max-batch", "0"], ["--context", "1"]):
+        run = subprocess.run([*SERVE, *flags], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and "error:" in run.stderr and "Traceback" not in run.stderr
