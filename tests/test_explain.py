@@ -38,7 +38,7 @@ def gpt2_run(gpt2_small_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("explain-gpt2")
     argv = ["--model", str(gpt2_small_dir), "--top-k", "5", "--layer", str(LAYER)]
     run = explain_cli(out, GPT2_PROMPT, *argv, "--head", str(HEAD))
-    model = tinyformers.load(gpt2_small_dir)
+    model = tinyformers.load(gpt2_small_dir, fast=False)  # as explain loads it
     return run, out, model
 
 
@@ -107,7 +107,7 @@ def test_logit_lens_table_matches_logit_lens(gpt2_run):
         for pos, (piece, percent) in enumerate(row):
             expected = piece_label(model.tokenizer, ids[layer, pos].item())
             assert piece == (expected if len(expected) <= 8 else expected[:7] + "…")
-            assert percent == round(100 * probs[layer, pos].item())
+            assert abs(percent - 100 * probs[layer, pos].item()) <= 0.5 + 1e-3  # rounded
     # the last row, last position: the model's own next token
     assert table[-1][-1][0] == next_token_rows(run.stdout)[0][1][:8]
 
@@ -120,7 +120,8 @@ def test_pattern_table_is_the_heads_pattern(gpt2_run):
     for q, line in enumerate(lines):
         weights = [int(w) for w in line.split()[2:]]
         assert len(weights) == q + 1  # a token attends to itself and the earlier ones only
-        assert weights == [round(100 * w) for w in pattern[q, : q + 1].tolist()]
+        expected = [100 * w for w in pattern[q, : q + 1].tolist()]
+        assert weights == pytest.approx(expected, abs=0.5 + 1e-3)  # printed rounded
 
 
 def png_size(path: Path) -> tuple[int, int]:
