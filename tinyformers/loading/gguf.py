@@ -247,6 +247,8 @@ def _read_tensor_info(cur: _Cursor, i: int, alignment: int) -> GGUFTensorInfo:
     except ValueError as e:
         raise cur.fail(f"{what} has unknown ggml type {raw_type}") from e
     block_size, type_size = BLOCK_LAYOUT[ggml_type]
+    if block_size > 1 and 0 in ne:  # empty float tensors exist in ggml; empty blocks do not
+        raise cur.fail(f"{what} is a {ggml_type.name} tensor with no elements (dims {list(ne)})")
     if ne[0] % block_size:
         raise cur.fail(
             f"{what} has rows of {ne[0]} elements, "

@@ -63,6 +63,12 @@ def config_fields(cls: type, d: dict) -> dict:
                 )
             continue
         out[f.name] = check_value(f.name, str(f.type), value)
+    for name, value in out.items():  # token ids name rows of the embedding
+        ids = value if isinstance(value, list) else [value]
+        if name.endswith("_token_id") and any(i >= out.get("vocab_size", i + 1) for i in ids):
+            raise ValueError(
+                f"{name} = {value!r:.60}: expected ids below vocab_size {out['vocab_size']}"
+            )
     return out
 
 
