@@ -3,15 +3,31 @@ cannot load or a bad flag is one line on stderr and an exit code."""
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
+import pytest
 from test_serve import free_port
 
 SERVE = [sys.executable, "-m", "tinyformers", "serve"]
+
+
+def wait_for_health(process: subprocess.Popen, port: int) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return
+        except httpx.ConnectError:  # not listening yet
+            pass
+        time.sleep(0.1)
 
 
 def test_serve_answers_on_localhost_and_stops_on_ctrl_c(gpt2_small_dir):
@@ -22,15 +38,7 @@ def test_serve_answers_on_localhost_and_stops_on_ctrl_c(gpt2_small_dir):
         text=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None and time.monotonic() < deadline
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.ConnectError:  # not listening yet
-                pass
-            time.sleep(0.1)
+        wait_for_health(process, port)
         body = {"prompt": "Hello", "max_tokens": 4}  # --temp 0 is the server's default
         first = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body).json()
         second = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body).json()
@@ -59,3 +67,31 @@ def test_bad_flags_exit_2_before_loading():
     for flags in (["--port", "70000"], ["--max-batch", "0"], ["--context", "1"]):
         run = subprocess.run([*SERVE, *flags], capture_output=True, text=True, timeout=60)
         assert run.returncode == 2 and "error:" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.slow
+def test_readme_serving_examples_run_against_the_command(tmp_path):
+    """The README's Serving section: its first command serves, its curl and Python work."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Serving", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(bash|py)\n(.*?)```", section, flags=re.DOTALL)
+    serve, curl, client = blocks[0][1], blocks[1][1], blocks[2][1]
+    port = free_port()
+    command = serve.splitlines()[0].split("#")[0].split()
+    assert command == ["tinyformers", "serve"]
+    process = subprocess.Popen(
+        [*SERVE, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for_health(process, port)
+        here = {"cwd": tmp_path, "capture_output": True, "text": True, "timeout": 120}
+        curl = curl.replace("8000", str(port))
+        answer = json.loads(subprocess.run(["bash", "-c", curl], check=True, **here).stdout)
+        assert "Paris" in answer["choices"][0]["message"]["content"]
+        script = client.replace("8000", str(port))
+        run = subprocess.run([sys.executable, "-c", script], **here)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.startswith("The capital of France is Paris.\n")
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=30)

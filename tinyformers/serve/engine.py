@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tinyformers.errors import TinyformersError
 from tinyformers.generation.generate import StopText
 from tinyformers.generation.params import SamplingParams
 from tinyformers.generation.sampling import next_tokens
@@ -168,7 +169,7 @@ class Engine:
                     admitted = self._admit()
                 try:
                     for row, seq in admitted:
-                        self._prefill(row, seq)
+                        self._sample(row, seq, self._prefill(row, seq))
                     self._decode()
                 except Exception:  # a bug or out of memory: fail what runs, keep serving
                     log.exception("generation step failed")
@@ -191,8 +192,8 @@ class Engine:
                     admitted.append((row, seq))
         return admitted
 
-    def _prefill(self, row: int, seq: Sequence) -> None:
-        """Run the prompt alone into its row of the cache and sample its first token."""
+    def _prefill(self, row: int, seq: Sequence) -> Tensor:
+        """Run the prompt alone into its row of the cache: the logits of its first token."""
         prompt = seq.request.prompt
         T = len(prompt)
         ids = torch.tensor([prompt], device=self.model.device)  # (1, T)
@@ -200,7 +201,7 @@ class Engine:
         logits = self.model.net(
             ids, cache=cache, input_pos=torch.arange(T, device=ids.device), last_only=True
         )
-        self._sample(row, seq, logits[:, -1])  # (1, V)
+        return logits[:, -1]  # (1, V)
 
     def _decode(self) -> None:
         """One token for every running row, each at its own position."""
@@ -239,7 +240,11 @@ class Engine:
         """Draw the row's next token from its logits (1, V) and hand out what it adds."""
         request = seq.request
         history = seq.history[:, : seq.length]
-        token = int(next_tokens(logits, request.params, history, seq.generator))
+        try:
+            token = int(next_tokens(logits, request.params, history, seq.generator))
+        except TinyformersError as e:  # this row's logits are NaN: it fails, the others go on
+            self.rows[row] = None
+            return self._send(seq, Failed(str(e)))
         seq.history[0, seq.length] = token
         seq.length += 1
         seq.generated += 1
