@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -56,7 +57,7 @@ class Server:
     def __init__(self, settings: Settings, load: Callable, on_error: Callable) -> None:
         self.settings, self.load, self.on_error = settings, load, on_error
         self.model = self.engine = self.error = None
-        self.root = ""
+        self.root, self.created = "", 0
 
     def start(self) -> None:
         threading.Thread(target=self._load, name="tinyformers-load", daemon=True).start()
@@ -68,8 +69,8 @@ class Server:
                 raise TinyformersError(f"{model.source}: no tokenizer files; the server needs one")
             s = self.settings
             context = min(model.config.context_length, s.context or 2048)
-            self.engine = Engine(model, s.max_batch, s.max_queue, context)
-            self.model, self.root = model, str(model.source)
+            self.model, self.root, self.created = model, str(model.source), int(time.time())
+            self.engine = Engine(model, s.max_batch, s.max_queue, context)  # ready from here on
         except Exception as e:  # a missing or broken model: the command reports it and exits
             self.error = e
             self.on_error(e)
@@ -98,7 +99,7 @@ def create_app(settings: Settings, load: Callable, on_error: Callable = lambda e
         if server.engine is not None:
             server.engine.close()
 
-    app = FastAPI(title="tinyformers", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(lifespan=lifespan, openapi_url=None)  # no schema pages: OpenAI's API is the doc
     app.state.server = server
     _add_error_handlers(app)
 
@@ -189,7 +190,7 @@ def _model_entry(server: Server) -> dict:
     return {
         "id": server.settings.name,
         "object": "model",
-        "created": 0,
+        "created": server.created,
         "owned_by": "tinyformers",
         "root": server.root,
     }
