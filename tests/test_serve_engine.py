@@ -10,7 +10,7 @@ import pytest
 
 import tinyformers
 from tinyformers.generation.params import SamplingParams
-from tinyformers.serve.engine import Delta, Engine, Finished, QueueFull, Request
+from tinyformers.serve.engine import Delta, Engine, Failed, Finished, QueueFull, Request
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -131,3 +131,18 @@ def test_full_queue_refuses_all_of_a_request_or_none(model):
 def test_a_request_longer_than_a_row_is_refused(engine, model):
     with pytest.raises(ValueError, match="does not fit a row of 128 tokens"):
         engine.submit([Request([1] * 100, 29, GREEDY)], Collector())
+
+
+def test_closing_ends_running_and_waiting_requests_with_an_error(model):
+    engine = Engine(model, max_batch=1, max_queue=4, context=128)
+    collector = Collector()
+    engine.submit([Request(model.tokenizer.encode("Hi"), 100, GREEDY)] * 3, collector)
+    while engine.steps < 1:
+        time.sleep(0.001)
+    engine.close()
+    events = []
+    while not collector.events.empty():
+        events.append(collector.events.get())
+    failed = sorted(i for i, e in events if isinstance(e, Failed))
+    assert failed == [0, 1, 2]  # the running one and both waiting ones
+    assert all("shutting down" in e.message for _, e in events if isinstance(e, Failed))

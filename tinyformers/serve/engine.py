@@ -165,7 +165,7 @@ class Engine:
                     while not self.closing and not self.waiting and not any(self.rows):
                         self.work.wait()
                     if self.closing:
-                        return
+                        return self._fail_all("the server is shutting down")
                     admitted = self._admit()
                 try:
                     for row, seq in admitted:
@@ -173,10 +173,17 @@ class Engine:
                     self._decode()
                 except Exception:  # a bug or out of memory: fail what runs, keep serving
                     log.exception("generation step failed")
-                    for row, seq in enumerate(self.rows):
-                        if seq is not None:
-                            self._send(seq, Failed("internal error while generating"))
-                            self.rows[row] = None
+                    self._fail_all("internal error while generating", waiting=False)
+
+    def _fail_all(self, message: str, waiting: bool = True) -> None:
+        """End every running sequence (and every waiting one) with a Failed event."""
+        failing = [seq for seq in self.rows if seq is not None]
+        self.rows = [None] * self.max_batch
+        if waiting:
+            failing += self.waiting
+            self.waiting.clear()
+        for seq in failing:
+            self._send(seq, Failed(message))
 
     def _admit(self) -> list[tuple[int, Sequence]]:
         """Free the rows of cancelled sequences, then move waiting ones into free rows."""

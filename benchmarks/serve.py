@@ -1,0 +1,150 @@
+"""Serving speed: `tinyformers serve` under 1, 4 and 8 concurrent streaming clients.
+
+    python -m benchmarks.serve [--model smollm2] [--clients 1,4,8] [--rounds 2] [--tokens 64]
+
+The server runs in its own process on 127.0.0.1 (a free port), so the clients here do not
+share its interpreter. Each client sends `--rounds` streaming completions one after another
+(a story prompt, default sampling with a seed per request, `--tokens` at most). Measured per
+level of concurrency: time to first token (request sent -> first text event), the gap between
+text events of one stream, both as p50/p99, and total tok/s: completion tokens of every
+request (from the usage event) over the wall time of the whole level. The first request of
+the run is a warm-up and is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, port: int, max_batch: int, threads: int | None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "tinyformers", "serve", "--model", model, "--port", str(port)]
+    command += ["--max-batch", str(max_batch)] + (["--threads", str(threads)] if threads else [])
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with {process.returncode}: {' '.join(command)}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise SystemExit("the server did not get ready in 300 s")
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, seed: int, tokens: int) -> dict:
+    """(time to first token, gaps between text events, completion tokens) of one request."""
+    body = {
+        "prompt": PROMPT,
+        "max_tokens": tokens,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    times, usage = [], 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                times.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    return {"ttft": times[0] - start if times else float("nan"), "gaps": gaps, "tokens": usage}
+
+
+async def level(url: str, clients: int, rounds: int, tokens: int) -> dict:
+    """Every client sends `rounds` requests in turn, all clients at once."""
+    async with httpx.AsyncClient(timeout=600) as client:
+
+        async def one_client(c: int) -> list[dict]:
+            return [await one_stream(client, url, 1000 * c + r, tokens) for r in range(rounds)]
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one_client(c) for c in range(clients)))
+        wall = time.perf_counter() - start
+    runs = [r for client_runs in results for r in client_runs]
+    ttft = [r["ttft"] for r in runs]
+    gaps = [g for r in runs for g in r["gaps"]]
+    total = sum(r["tokens"] for r in runs)
+    return {
+        "clients": clients,
+        "requests": len(runs),
+        "ttft_p50": percentile(ttft, 50),
+        "ttft_p99": percentile(ttft, 99),
+        "gap_p50": percentile(gaps, 50),
+        "gap_p99": percentile(gaps, 99),
+        "tokens": total,
+        "tok_s": total / wall,
+    }
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The nearest-rank percentile (p99 of a few hundred values is their near-maximum)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--clients", default="1,4,8")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client, in turn")
+    parser.add_argument("--tokens", type=int, default=64, help="max_tokens of each request")
+    parser.add_argument("--threads", type=int, default=None, help="the server's --threads")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.clients.split(",")]
+    port = free_port()
+    server = start_server(args.model, port, max(levels), args.threads)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        asyncio.run(level(url, 1, 1, 8))  # warm-up: first-call costs out of the figures
+        rows = [asyncio.run(level(url, c, args.rounds, args.tokens)) for c in levels]
+    finally:
+        server.terminate()
+        server.wait(30)
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if "model name" in line), cpu)
+    print(f"{args.model}, {cpu}, {os.cpu_count()} CPUs, {args.tokens} tokens a request")
+    print(
+        "| clients | requests | TTFT p50 s | TTFT p99 s | gap p50 ms | gap p99 ms | tok/s | vs 1 |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    base = rows[0]["tok_s"]
+    for r in rows:
+        print(
+            f"| {r['clients']} | {r['requests']} | {r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} | "
+            f"{1000 * r['gap_p50']:.0f} | {1000 * r['gap_p99']:.0f} | {r['tok_s']:.1f} | "
+            f"{r['tok_s'] / base:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
