@@ -22,7 +22,7 @@ import pytest
 import torch
 from hostile import assert_refused, run_cases
 
-from tinyformers.errors import CheckpointError
+from tinyformers.errors import CheckpointError, GGUFError
 
 GPT2 = {"model_type": "gpt2", "vocab_size": 8, "n_positions": 16, "n_embd": 8, "n_layer": 1}
 GPT2["n_head"] = 2
@@ -207,6 +207,14 @@ def _build(root: Path) -> dict[str, tuple[str, type, str]]:
     _gguf_llama(root / "layers.gguf", 100_000)
     case("gguf_with_10^5_layers", root / "layers.gguf", "asks for 100000 layers")
 
+    # -- silent acceptance: a Q4_K tensor with no elements ----------------------------------
+    name = b"blk.0.ffn_down.weight"
+    info = struct.pack("<Q", len(name)) + name + struct.pack("<I2QIQ", 2, 256, 0, 12, 0)
+    (root / "empty_q4k.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + info)
+    read_gguf = "from tinyformers.loading.gguf import read_gguf\nread_gguf({!r})"
+    case("gguf_q4_k_with_no_elements", root / "empty_q4k.gguf", "Q4_K tensor with no elements",
+         GGUFError, read_gguf)  # fmt: skip
+
     # -- config values of the wrong type or range ----------------------------------------
     for name, base, key, value, match in (
         ("n_head_0", GPT2, "n_head", 0, "n_head = 0: expected an integer from 1"),
@@ -272,7 +280,7 @@ CASES = [
     "fifo_config", "dev_zero_config", "shard_name_dotdot", "shard_name_absolute",
     "stride_0_view_2^48_elements", "elements_past_storage", "legacy_missing_storage", "zip_bomb",
     "quantized_tensor", "sparse_tensor", "pickle_that_calls_a_function",
-    "config_with_10^5_layers", "gguf_with_10^5_layers",
+    "config_with_10^5_layers", "gguf_with_10^5_layers", "gguf_q4_k_with_no_elements",
     "config_n_head_0", "config_n_layer_true", "config_eps_nan", "config_flag_string_false",
     "config_rope_theta_0", "config_rope_scaling_string", "config_rope_scaling_no_factor",
     "config_context_10^13", "config_odd_head_dim", "config_required_missing",
