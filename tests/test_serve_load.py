@@ -5,6 +5,7 @@ mid-stream and some bodies are malformed; every other answer must arrive whole (
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -84,3 +85,16 @@ def test_32_requests_8_at_a_time_lose_nothing_and_leak_no_row(served, gpt2_small
         assert seq.cancelled and seq.generated < 100
     assert engine.running() == 0 and not engine.waiting
     assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_client_gone_before_a_whole_answer_frees_its_row(served):
+    url, engine, submitted = served
+    body = {"prompt": "A long answer", "max_tokens": 120, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
+    seq = submitted[-1]
+    deadline = time.monotonic() + 10
+    while engine.running():
+        assert time.monotonic() < deadline, "the row was not freed"
+        time.sleep(0.01)
+    assert seq.cancelled and 0 < seq.generated < 120

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -36,6 +36,7 @@ log = logging.getLogger("tinyformers.serve")
 
 MAX_BODY = 8 * 2**20  # bytes of one request body
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+GONE = object()  # the event that says a client disconnected
 
 
 @dataclass
@@ -322,16 +323,18 @@ async def _answer(request: Request, engine: Engine, jobs, prompt_tokens, body, s
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, engine, seqs))
+    watcher = asyncio.create_task(_on_disconnect(request, events))
     try:
         choices = [Choice() for _ in jobs]
         async for index, ev in results:
+            if ev is GONE:  # nobody is left to answer
+                return Response(status_code=499)  # nginx's "client closed request"
             if isinstance(ev, Failed):
                 raise APIError(500, ev.message, "server_error")
             _record(choices[index], ev)
     finally:
         watcher.cancel()
-        engine.cancel(seqs)
+        engine.cancel(seqs)  # a no-op for finished jobs
     logprobs = any(job.logprobs is not None for job in jobs)
     return shapes.answer(choices, prompt_tokens, logprobs)
 
@@ -342,7 +345,7 @@ async def _results(events: asyncio.Queue, n: int) -> AsyncIterator:
     while open_choices:
         index, ev = await events.get()
         yield index, ev
-        if isinstance(ev, Failed):
+        if isinstance(ev, Failed) or ev is GONE:
             return
         open_choices -= isinstance(ev, Finished)
 
@@ -386,8 +389,9 @@ async def _cancelling(stream, engine: Engine, seqs):
         engine.cancel(seqs)
 
 
-async def _cancel_on_disconnect(request: Request, engine: Engine, seqs) -> None:
-    """Cancel the jobs of a non-streamed answer when its client disconnects."""
+async def _on_disconnect(request: Request, events: asyncio.Queue) -> None:
+    """Tell a non-streamed answer's loop that its client went away (a stream is cancelled by
+    Starlette itself)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    engine.cancel(seqs)
+    events.put_nowait((None, GONE))
