@@ -316,6 +316,7 @@ def test_bad_chat_fields_are_400_naming_the_field(client, fields, param):
         ({"echo": True}, "echo"),
         ({"best_of": 3}, "best_of"),
         ({"suffix": "end"}, "suffix"),
+        ({"prompt": ["a"] * 40, "n": 2}, "prompt"),  # 80 answers, over --max-queue (64)
     ],
 )
 def test_bad_completion_fields_are_400_naming_the_field(client, fields, param):

@@ -154,6 +154,13 @@ def create_app(settings: Settings, load: Callable, on_error: Callable = lambda e
         authorized(request)
         engine = server.ready()
         body = parse(CompletionRequest, await _read_json(request))
+        if len(body.prompt) * body.n > engine.max_queue:  # checked before tokenizing them all
+            raise APIError(
+                400,
+                f"prompt: {len(body.prompt)} prompts x {body.n} choices is more than the "
+                f"{engine.max_queue} requests this server queues",
+                param="prompt",
+            )
         model = server.model
         prompts = [
             await run_in_threadpool(_prompt_ids, model, p, engine.context) for p in body.prompt
