@@ -286,14 +286,14 @@ def _sampling(body, defaults: SamplingParams, choice: int) -> SamplingParams:
     def pick(value, default):
         return default if value is None else value
 
-    seed = None if body.seed is None else (body.seed + choice) % 2**64
+    seed = pick(body.seed, defaults.seed)  # the request's, else the server's --seed
     return SamplingParams(
         temperature=pick(body.temperature, defaults.temperature),
         top_k=pick(body.top_k, defaults.top_k),
         top_p=pick(body.top_p, defaults.top_p),
         min_p=pick(body.min_p, defaults.min_p),
         repetition_penalty=pick(body.repetition_penalty, defaults.repetition_penalty),
-        seed=pick(seed, defaults.seed),
+        seed=None if seed is None else (seed + choice) % 2**64,
     )
 
 
