@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import openai
 import pytest
 from test_serve import running_server, wait_ready
 
@@ -103,3 +104,53 @@ def test_error_mid_stream_is_an_error_event_then_done(served):
     # and the server goes on serving
     answer = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}).json()
     assert answer["usage"]["completion_tokens"] == 3
+
+
+def test_the_openai_client_raises_on_an_error_mid_stream(served):
+    url, model = served
+    net, forward = model.net, model.net.forward
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated failure")
+        return forward(*args, **kwargs)
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    net.forward = failing
+    try:
+        stream = client.completions.create(model="x", prompt="Hi", max_tokens=20, stream=True)
+        with pytest.raises(openai.APIError) as e:
+            for _ in stream:
+                pass
+    finally:
+        del net.forward
+    assert e.value.type == "server_error"
+
+
+def test_streamed_chat_logprobs_come_with_their_tokens(served):
+    url, _ = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    messages = [{"role": "user", "content": "Hi"}]
+    whole = client.chat.completions.create(
+        model="x", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2
+    )
+    chunks = client.chat.completions.create(
+        model="x",
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+    )
+    entries = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [e.model_dump() for e in entries] == [
+        e.model_dump() for e in whole.choices[0].logprobs.content
+    ]
