@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import httpx
@@ -77,24 +78,29 @@ def test_completion_stream_without_usage_has_none(served):
     )
 
 
-def test_error_mid_stream_is_an_error_event_then_done(served):
-    url, model = served
-    net = model.net
-    calls = {"n": 0}
-    forward = net.forward
+@contextlib.contextmanager
+def third_forward_fails(model):
+    """The model's third forward from now (its second decode step) raises."""
+    net, forward, calls = model.net, model.net.forward, [0]
 
-    def failing(*args, **kwargs):  # the third forward (a decode step) fails
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
             raise RuntimeError("simulated failure with a secret path /root/x")
         return forward(*args, **kwargs)
 
     net.forward = failing
     try:
+        yield
+    finally:
+        del net.forward  # the class's forward again
+
+
+def test_error_mid_stream_is_an_error_event_then_done(served):
+    url, model = served
+    with third_forward_fails(model):
         body = {"prompt": "Hello", "max_tokens": 20, "temperature": 0, "stream": True}
         events = sse(f"{url}/v1/completions", body)
-    finally:
-        del net.forward
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "server_error"
@@ -108,25 +114,11 @@ def test_error_mid_stream_is_an_error_event_then_done(served):
 
 def test_the_openai_client_raises_on_an_error_mid_stream(served):
     url, model = served
-    net, forward = model.net, model.net.forward
-    calls = {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated failure")
-        return forward(*args, **kwargs)
-
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-    net.forward = failing
-    try:
-        stream = client.completions.create(model="x", prompt="Hi", max_tokens=20, stream=True)
-        with pytest.raises(openai.APIError) as e:
-            for _ in stream:
-                pass
-    finally:
-        del net.forward
-    assert e.value.type == "server_error"
+    with third_forward_fails(model), pytest.raises(openai.APIError) as e:
+        for _ in client.completions.create(model="x", prompt="Hi", max_tokens=20, stream=True):
+            pass
+    assert e.value.type == "server_error" and "secret" not in e.value.message
 
 
 def test_streamed_chat_logprobs_come_with_their_tokens(served):
