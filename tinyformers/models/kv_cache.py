@@ -42,9 +42,11 @@ class KVCache(nn.Module):
             self.v[rows, :, input_pos] = v.transpose(1, 2)
         return self.k, self.v
 
-    def rows(self, index: slice) -> KVCache:
-        """A cache over some rows of this one, sharing its memory: a prompt prefilled alone
-        lands in its row of the batch."""
+    def rows(self, index: slice | tuple) -> KVCache:
+        """A view of part of this cache ([B, nh, S, hs] indexed by `index`), sharing its
+        memory: `rows(slice(2, 3))` is row 2, where a prompt prefilled alone lands in its
+        row of the batch; `rows((rows, slice(None), slice(0, n)))` is some rows and only their
+        first n slots, so attention reads no slot that no row has filled."""
         view = KVCache.__new__(KVCache)
         nn.Module.__init__(view)
         view.register_buffer("k", self.k[index], persistent=False)
