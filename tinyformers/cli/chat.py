@@ -89,7 +89,10 @@ def _repl(model, args: argparse.Namespace) -> int:
     chat = Conversation(args.system)
     print(banner(model), file=sys.stderr)
     print("Type a message; /help lists commands; Ctrl-D quits.", file=sys.stderr)
-    terminal = sys.stdout if sys.stdout.isatty() else sys.stderr
+    # The terminal marks pastes from now on (and stops when we leave): see read_message.
+    terminal = next((s for s in (sys.stdout, sys.stderr) if s.isatty()), None)
+    if terminal is None:
+        return _loop(model, chat, args)
     terminal.write(PASTE_ON)
     try:
         return _loop(model, chat, args)
