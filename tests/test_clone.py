@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# Tokenizer vectors, GGUF files and chat templates read tests/data; the CLI values need none.
+# These read tests/data (GPT-2's vocab and merges, llama.cpp's vectors and vocab-only GGUF,
+# tiktoken's cases), and the tokenize command runs from the clone.
 SUBSET = ["tests/test_tokenizer.py", "tests/test_gguf.py", "tests/test_chat.py",
-          "tests/test_cli_values.py"]  # fmt: skip
+          "tests/test_tokenizer_cli.py"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
