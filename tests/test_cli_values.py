@@ -175,9 +175,9 @@ def test_unescape_follows_llama_cpp(typed, meant):
 def test_stop_newline_escape_stops_at_the_first_newline():
     """Typed in a shell, `--stop "\\n"` is backslash + n: it must stop at a real newline."""
     prompt = "Q: What is the capital of France?\nA:"
-    full = cli("generate", "--temp", "0", "-n", "40", prompt)
+    full = cli("generate", "--temp", "0", "-n", "16", prompt)
     assert full.returncode == 0, full.stderr
     assert "\n" in full.stdout.strip()  # else the test could not fail
-    cut = cli("generate", "--temp", "0", "-n", "40", "--stop", r"\n", prompt)
+    cut = cli("generate", "--temp", "0", "-n", "16", "--stop", r"\n", prompt)
     assert cut.returncode == 0, cut.stderr
     assert cut.stdout == full.stdout.split("\n")[0] and cut.stdout
