@@ -14,6 +14,15 @@ GPT2_DATA = DATA / "gpt2"
 PEER_DATA = DATA / "peer"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def built_kernels() -> None:
+    """Build the CPU kernels before the first test: in a fresh environment the build prints
+    its one-time status line on stderr, which a test checking for a clean stderr would see."""
+    from tinyformers import kernels
+
+    kernels.available()
+
+
 def gpt2_config_dict(**overrides) -> dict:
     """The real gpt2 (124M) config.json, with fields overridden (fewer layers for speed)."""
     config = json.loads((GPT2_DATA / "config.json").read_text())
