@@ -18,7 +18,8 @@ COMMANDS = ("generate", "chat", "tokenize", "explain", "perplexity", "serve")
 
 DESCRIPTION = """\
 Run GPT-2 and Llama-family language models on the CPU: generate text, chat, look at the
-tokens, measure perplexity. Without --model, the offline default SmolLM2-135M-Instruct."""
+tokens and inside the model, measure perplexity, serve an OpenAI-compatible API. Without
+--model, the offline default SmolLM2-135M-Instruct."""
 
 EXAMPLES = """\
 examples:
