@@ -220,6 +220,7 @@ def seeds(target: str) -> list[Input]:
         from conftest import gpt2_config_dict
 
         gpt2 = gpt2_config_dict(n_layer=1, n_embd=8, n_head=2, n_positions=16, vocab_size=16)
+        gpt2 |= {"bos_token_id": 15, "eos_token_id": 15}  # the real 50256, inside 16 tokens
         llama = {
             "model_type": "llama", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16,
             "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
