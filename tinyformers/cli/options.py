@@ -243,17 +243,16 @@ def print_model_info(model) -> None:
         print(f"threads: {torch.get_num_threads()}", file=sys.stderr)
 
 
-def print_stats(stats, file=sys.stderr) -> None:
-    """The last generation's token counts and speeds, compile warm-up apart from decode."""
+def print_stats(stats) -> None:
+    """The last generation's token counts and speeds on stderr, compile warm-up apart."""
     prefill = stats.prompt_tokens / max(stats.prefill_seconds, 1e-9)
-    print(
+    lines = [
         f"prompt: {stats.prompt_tokens} tokens, prefill {stats.prefill_seconds:.2f} s "
-        f"({prefill:.1f} tok/s)",
-        file=file,
-    )
+        f"({prefill:.1f} tok/s)"
+    ]
     if stats.warmup_seconds:
-        print(f"compile warm-up: {stats.warmup_seconds:.2f} s (first decode step)", file=file)
-    print(
-        f"generated: {stats.new_tokens} tokens, decode {stats.decode_tokens_per_second:.1f} tok/s",
-        file=file,
+        lines.append(f"compile warm-up: {stats.warmup_seconds:.2f} s (first decode step)")
+    lines.append(
+        f"generated: {stats.new_tokens} tokens, decode {stats.decode_tokens_per_second:.1f} tok/s"
     )
+    print("\n".join(lines), file=sys.stderr)
