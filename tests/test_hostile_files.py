@@ -255,7 +255,14 @@ def _build(root: Path) -> dict[str, tuple[str, type, str]]:
             10**13,
             "max_position_embeddings = 10000000000000",
         ),  # noqa: E501
-        ("odd_head_dim", LLAMA, "head_dim", 3, "head_dim = 3: expected an even number"),
+        ("odd_head_dim", LLAMA, "head_dim", 3, r"head_dim = 3 .*: expected an even number"),
+        (
+            "no_head_dim",
+            LLAMA,
+            "num_attention_heads",
+            16,
+            "head_dim = 0 .*hidden_size 8 // num_attention_heads 16",
+        ),  # noqa: E501
         ("required_missing", GPT2, "n_embd", None, "field 'n_embd' is missing"),
     ):
         config = json.dumps(base | {key: value}).replace('"NaN"', "NaN")
@@ -283,7 +290,7 @@ CASES = [
     "config_with_10^5_layers", "gguf_with_10^5_layers", "gguf_q4_k_with_no_elements",
     "config_n_head_0", "config_n_layer_true", "config_eps_nan", "config_flag_string_false",
     "config_rope_theta_0", "config_rope_scaling_string", "config_rope_scaling_no_factor",
-    "config_context_10^13", "config_odd_head_dim", "config_required_missing",
+    "config_context_10^13", "config_odd_head_dim", "config_no_head_dim", "config_required_missing",
 ]  # fmt: skip
 
 

@@ -116,7 +116,7 @@ def build_meta(model_class: type[nn.Module], config, source: Path) -> nn.Module:
     try:
         with torch.device("meta"), _skip_init():
             return model_class(config)
-    except (RuntimeError, ValueError, OverflowError) as e:  # sizes whose product overflows
+    except (RuntimeError, ValueError, ArithmeticError) as e:  # sizes whose product overflows
         raise CheckpointError(f"{source}: the config describes no model that can exist: {e}") from e
 
 

@@ -61,8 +61,12 @@ class LlamaConfig:
                 f"num_attention_heads {config.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {config.num_key_value_heads}"
             )
-        if config.head_dim % 2:  # rotary embeddings turn pairs of dimensions
-            raise ValueError(f"head_dim = {config.head_dim}: expected an even number")
+        if config.head_dim < 2 or config.head_dim % 2:  # rotary embeddings turn pairs
+            raise ValueError(
+                f"head_dim = {config.head_dim} (hidden_size {config.hidden_size} // "
+                f"num_attention_heads {config.num_attention_heads} unless given): "
+                "expected an even number >= 2"
+            )
         if config.rope_scaling:
             cls.check_rope_scaling(config.rope_scaling)
         return config
