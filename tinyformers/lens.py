@@ -106,7 +106,7 @@ def logit_lens(net: nn.Module, ids: Tensor) -> Tensor:
     subtle: the final norm is recomputed on each layer's residual; reusing the scale of the
     last layer's (TransformerLens #1076) gives the early layers wrong probabilities.
     """
-    n_layer = sum(name.endswith(".hook_resid_pre") for name in hook_names(net))
+    n_layer = net.config.layer_count
     names = [act_name("resid_pre", i) for i in range(n_layer)]
     names.append(act_name("resid_post", n_layer - 1))
     _, cache = run_with_cache(net, ids, names=names)
