@@ -61,12 +61,12 @@ def gpt2_checkpoint() -> Path:
         import torch
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpt2"
-        config = GPT2Config(**json.loads((shared / "config.json").read_text()))
+        data = Path(__file__).resolve().parents[1] / "tests" / "data" / "gpt2"
+        config = GPT2Config(**json.loads((data / "config.json").read_text()))
         torch.manual_seed(0)
         GPT2LMHeadModel(config).save_pretrained(folder)
         for name in ("vocab.json", "merges.txt"):
-            (folder / name).write_bytes((shared / name).read_bytes())
+            (folder / name).write_bytes((data / name).read_bytes())
     return folder
 
 
@@ -281,20 +281,30 @@ def main() -> None:
 
     only = {s for s in args.only.split(",") if s}
     results = []
-    cpu = platform.processor() or platform.machine()
-    print(f"{cpu}, {os.cpu_count()} cores, {args.threads} threads, torch threads = {args.threads}")
+    print(f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} threads per row")
     for model_name in args.models.split(","):
         for impl, mode in CONFIGS[model_name]:
             if only and f"{impl}:{mode}" not in only:  # e.g. --only hf:float32,ours:float32
                 continue
             r = run_config(impl, model_name, mode, args.threads)
             if r is not None:
-                results.append({"model": model_name, "impl": impl, "mode": mode, **r})
+                row = {"model": model_name, "impl": impl, "mode": mode, "threads": args.threads}
+                results.append({**row, **r})
                 print(f"  {model_name} {impl} {mode}: {r['decode_tps']:.1f} tok/s", flush=True)
     print_table(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))
     print(f"\nwritten to {args.json}")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (lscpu's), which every figure must be read beside."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+    return names[0] if names else platform.machine()
 
 
 def ratio(r: dict, ref: dict | None) -> str:
@@ -306,15 +316,17 @@ def print_table(results: list[dict]) -> None:
     hf32 = {r["model"]: r for r in results if r["impl"] == "hf" and r["mode"] == "float32"}
     q8 = {r["model"]: r for r in results if r["impl"] == "llama.cpp" and r["mode"] == "Q8_0"}
     print(
-        "\n| model | impl | mode | load s | prefill tok/s | decode tok/s | batch-8 tok/s | "
-        "peak RSS MB | decode vs HF same dtype | vs HF fp32 | vs llama.cpp Q8_0 | ppl |"
+        "\n| model | impl | mode | threads | load s | prefill tok/s | decode tok/s | "
+        "batch-8 tok/s | peak RSS MB | decode vs HF same dtype | vs HF fp32 | "
+        "vs llama.cpp Q8_0 | ppl |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         same = hf.get((r["model"], r["mode"].split("+")[0]))  # float32+compile vs float32
         base, cpp = hf32.get(r["model"]), q8.get(r["model"])
         print(
-            f"| {r['model']} | {r['impl']} | {r['mode']} | {fmt(r['load_s'], '.2f')} | "
+            f"| {r['model']} | {r['impl']} | {r['mode']} | {r['threads']} | "
+            f"{fmt(r['load_s'], '.2f')} | "
             f"{fmt(r['prefill_tps'])} | {fmt(r['decode_tps'])} | {fmt(r['batch8_tps'])} | "
             f"{fmt(r['peak_rss_mb'], '.0f')} | {ratio(r, same)} | {ratio(r, base)} | "
             f"{ratio(r, cpp)} | "

@@ -64,7 +64,7 @@ class Tokenizer:
     """Encode text to ids and back, tiktoken's API shape.
 
     Example:
-        >>> tok = load_tokenizer("../shared/data/gpt2")
+        >>> tok = load_tokenizer("tests/data/gpt2")
         >>> tok.encode("hello world")
         [31373, 995]
     """

@@ -34,7 +34,7 @@ _GPT2_EOS = "<|endoftext|>"
 def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
     """The tokenizer of a `.gguf` file, a model folder, a `tokenizer.json`, or a model name.
 
-    Example: load_tokenizer("../shared/data/gpt2").encode("hello world") == [31373, 995]
+    Example: load_tokenizer("tests/data/gpt2").encode("hello world") == [31373, 995]
     """
     from tinyformers.loading.hub import resolve
 
