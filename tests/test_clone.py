@@ -42,9 +42,9 @@ def test_the_clone_imports_its_own_package_and_has_no_shared_beside_it(clone):
     assert run.stdout.strip() == str(clone / "tinyformers" / "__init__.py"), run.stderr
 
 
-def test_no_test_readme_or_ci_reads_shared(clone):
-    tests = [f for f in clone.glob("tests/**/*.py") if f.name != "test_clone.py"]  # not this one
-    files = [*tests, clone / "README.md", clone / ".ci" / "run"]
+def test_no_test_library_doc_or_ci_reads_shared(clone):
+    code = [f for f in clone.glob("**/*.py") if f.name != "test_clone.py"]  # not this one
+    files = [*code, *clone.glob("**/*.md"), clone / ".ci" / "run"]
     pattern = re.compile(r"\.\./shared|[\"']shared[\"']")
     hits = [f"{f.relative_to(clone)}: {ln.strip()}" for f in files
             for ln in f.read_text().splitlines() if pattern.search(ln)]  # fmt: skip
