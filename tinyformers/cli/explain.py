@@ -114,17 +114,7 @@ def load_model(args: argparse.Namespace):
     """The model as `load_from_args` loads it, but left as the checkpoint's matrices unless
     --quantize needs the kernels: a hook makes attention take the written-out path anyway, so
     packing the matrices for the decode kernels (1-2 s) would buy one forward pass 0.2 s."""
-    import tinyformers
-
-    if args.quantize:
-        return load_from_args(args)
-    name = args.model or "smollm2"
-    status(f"loading {name} ...", args)
-    options = {"dtype": args.dtype, "device": args.device, "threads": args.threads}
-    try:
-        return tinyformers.load(name, fast=False, **options)
-    except ValueError as e:  # a bad --device (no CUDA)
-        raise tinyformers.TinyformersError(str(e)) from e
+    return load_from_args(args, fast=bool(args.quantize))
 
 
 def model_heads(ex) -> int:

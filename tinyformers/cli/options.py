@@ -210,8 +210,9 @@ def status(message: str, args: argparse.Namespace) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def load_from_args(args: argparse.Namespace):
-    """The model named by --model (or the default one), with --dtype, --device, --threads."""
+def load_from_args(args: argparse.Namespace, fast: bool = True):
+    """The model named by --model (or the default one), with --dtype, --device, --threads;
+    `fast` as in `tinyformers.load`."""
     import tinyformers
 
     name = args.model or "smollm2"
@@ -224,6 +225,7 @@ def load_from_args(args: argparse.Namespace):
             quantize=args.quantize,
             compile=getattr(args, "compile", False),
             threads=args.threads,
+            fast=fast,
         )
     except ValueError as e:  # a bad --device (no CUDA), --quantize with --dtype
         raise tinyformers.TinyformersError(str(e)) from e
