@@ -129,7 +129,7 @@ def rope_frequencies(config: LlamaConfig, device: torch.device) -> Tensor:
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate each pair (x[i], x[i + hs/2]) by its angle (RoPE, Su et al. 2021; HF layout)."""
-    x1, x2 = x.chunk(2, dim=-1)  # (B, T, nh, hs/2) each
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
@@ -168,12 +168,13 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B,T,nh*hs), 2x(B,T,nkv*hs)
         else:  # packed for the kernels: one pass over x for the three (modules.pack_model)
             q, k, v = self.qkv_proj(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
-        q = self.hook("hook_q", q.view(B, T, nh, hs))  # (B, T, nh, hs)
-        k = self.hook("hook_k", k.view(B, T, nkv, hs))  # (B, T, nkv, hs)
+        q = self.hook("hook_q", q.view(B, T, nh, hs)).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.hook("hook_k", k.view(B, T, nkv, hs)).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.hook("hook_v", v.view(B, T, nkv, hs)).transpose(1, 2)  # (B, nkv, T, hs)
         # Positions enter here, as rotations of q and k, never into the residual stream.
-        q = self.hook("hook_rot_q", rotate(q, cos, sin)).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.hook("hook_rot_k", rotate(k, cos, sin)).transpose(1, 2)  # (B, nkv, T, hs)
+        # (hooks see [B, T, heads, hs] as everywhere; the math runs head-major, contiguous)
+        q = self.hook("hook_rot_q", rotate(q, cos, sin).transpose(1, 2)).transpose(1, 2)
+        k = self.hook("hook_rot_k", rotate(k, cos, sin).transpose(1, 2)).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(input_pos, k, v)  # (B, nkv, S, hs)
         if not self.fast or self.hook.listening:
@@ -279,7 +280,7 @@ class Llama(nn.Module):
         # One angle per (position, pair of dimensions), shared by every layer.
         inv_freq = rope_frequencies(self.config, x.device)  # (hs/2,)
         angles = positions[..., None].float() * inv_freq  # (B, T, hs/2)
-        angles = torch.cat((angles, angles), dim=-1)[:, :, None]  # (B, T, 1, hs): for every head
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, hs): for every head
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache[i] if cache is not None else None, input_pos)
