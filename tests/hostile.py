@@ -102,3 +102,21 @@ def assert_refused(
 def assert_bounded(result: dict, seconds: float = SECONDS, megabytes: float = MEGABYTES) -> None:
     assert result["seconds"] <= seconds, f"{result['name']}: {result['seconds']:.2f} s"
     assert result["megabytes"] <= megabytes, f"{result['name']}: {result['megabytes']} MB"
+
+
+def tiny_gpt2_weights(vocab: int, c: int, n_positions: int, n_layer: int = 1) -> dict:
+    """Random GPT-2 weights in our own names (they load through `sanitize` unchanged)."""
+    import torch
+
+    w = {"wte.weight": torch.randn(vocab, c), "wpe.weight": torch.randn(n_positions, c)}
+    w |= {"ln_f.weight": torch.ones(c), "ln_f.bias": torch.zeros(c)}
+    for i in range(n_layer):
+        for name, shape in {
+            "ln_1.weight": (c,), "ln_1.bias": (c,), "ln_2.weight": (c,), "ln_2.bias": (c,),
+            "attn.c_attn.weight": (c, 3 * c), "attn.c_attn.bias": (3 * c,),
+            "attn.c_proj.weight": (c, c), "attn.c_proj.bias": (c,),
+            "mlp.c_fc.weight": (c, 4 * c), "mlp.c_fc.bias": (4 * c,),
+            "mlp.c_proj.weight": (4 * c, c), "mlp.c_proj.bias": (c,),
+        }.items():  # fmt: skip
+            w[f"h.{i}.{name}"] = torch.randn(shape)
+    return w

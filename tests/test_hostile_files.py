@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hostile import assert_refused, run_cases
+from hostile import assert_refused, run_cases, tiny_gpt2_weights
 
 from tinyformers.errors import CheckpointError, GGUFError
 
@@ -49,18 +49,7 @@ def _tiny_gpt2_weights(folder: Path, n_layer: int = 1) -> None:
     """Random weights in our own names for GPT2 (loads through `sanitize` unchanged)."""
     from safetensors.torch import save_file
 
-    c = GPT2["n_embd"]
-    w = {"wte.weight": torch.randn(8, c), "wpe.weight": torch.randn(16, c)}
-    w |= {"ln_f.weight": torch.ones(c), "ln_f.bias": torch.zeros(c)}
-    for i in range(n_layer):
-        for name, shape in {
-            "ln_1.weight": (c,), "ln_1.bias": (c,), "ln_2.weight": (c,), "ln_2.bias": (c,),
-            "attn.c_attn.weight": (c, 3 * c), "attn.c_attn.bias": (3 * c,),
-            "attn.c_proj.weight": (c, c), "attn.c_proj.bias": (c,),
-            "mlp.c_fc.weight": (c, 4 * c), "mlp.c_fc.bias": (4 * c,),
-            "mlp.c_proj.weight": (4 * c, c), "mlp.c_proj.bias": (c,),
-        }.items():  # fmt: skip
-            w[f"h.{i}.{name}"] = torch.randn(shape)
+    w = tiny_gpt2_weights(8, GPT2["n_embd"], n_positions=16, n_layer=n_layer)
     save_file(w, folder / "model.safetensors")
 
 
@@ -197,6 +186,9 @@ def _build(root: Path) -> dict[str, tuple[str, type, str]]:
     case("sparse_tensor", root / "sparse.bin", "refused: .*sparse", code=read)
     (root / "code.bin").write_bytes(pickle.dumps({"w": _RunsCode()}, protocol=2))
     case("pickle_that_calls_a_function", root / "code.bin", "refused: .*print", code=read)
+    # BYTEARRAY8 of 16 GB in 10 bytes: Python's unpickler would allocate it before reading
+    (root / "bytearray.bin").write_bytes(b"\x80\x05\x96" + struct.pack("<Q", 2**34) + b".")
+    case("pickle_bytearray8_of_16_gb", root / "bytearray.bin", "truncated", code=read)
 
     # -- sizes no file backs ----------------------------------------------------------------
     folder = _folder(root, "layers", GPT2 | {"n_layer": 100_000})
@@ -287,6 +279,7 @@ CASES = [
     "fifo_config", "dev_zero_config", "shard_name_dotdot", "shard_name_absolute",
     "stride_0_view_2^48_elements", "elements_past_storage", "legacy_missing_storage", "zip_bomb",
     "quantized_tensor", "sparse_tensor", "pickle_that_calls_a_function",
+    "pickle_bytearray8_of_16_gb",
     "config_with_10^5_layers", "gguf_with_10^5_layers", "gguf_q4_k_with_no_elements",
     "config_n_head_0", "config_n_layer_true", "config_eps_nan", "config_flag_string_false",
     "config_rope_theta_0", "config_rope_scaling_string", "config_rope_scaling_no_factor",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import GPT2_DATA, save_tokenizer_files
-from hostile import assert_bounded, assert_refused, run_cases
+from hostile import assert_bounded, assert_refused, run_cases, tiny_gpt2_weights
 
 from tinyformers.errors import (
     ContextLengthError,
@@ -59,17 +59,7 @@ def _tiny_gpt2(folder: Path) -> Path:
     c, v = 8, 50257
     config = {"model_type": "gpt2", "vocab_size": v, "n_positions": 64, "n_embd": c}
     (folder / "config.json").write_text(json.dumps(config | {"n_layer": 1, "n_head": 2}))
-    w = {"wte.weight": torch.randn(v, c), "wpe.weight": torch.randn(64, c)}
-    w |= {"ln_f.weight": torch.ones(c), "ln_f.bias": torch.zeros(c)}
-    for name, shape in {
-        "ln_1.weight": (c,), "ln_1.bias": (c,), "ln_2.weight": (c,), "ln_2.bias": (c,),
-        "attn.c_attn.weight": (c, 3 * c), "attn.c_attn.bias": (3 * c,),
-        "attn.c_proj.weight": (c, c), "attn.c_proj.bias": (c,),
-        "mlp.c_fc.weight": (c, 4 * c), "mlp.c_fc.bias": (4 * c,),
-        "mlp.c_proj.weight": (4 * c, c), "mlp.c_proj.bias": (c,),
-    }.items():  # fmt: skip
-        w[f"h.0.{name}"] = torch.randn(shape)
-    save_file(w, folder / "model.safetensors")
+    save_file(tiny_gpt2_weights(v, c, n_positions=64), folder / "model.safetensors")
     save_tokenizer_files(folder)
     return folder
 
