@@ -19,7 +19,7 @@ from tinyformers.cli.options import (
     add_model_arguments,
     load_from_args,
     print_model_info,
-    read_stdin,
+    read_prompt,
     status,
     typed,
 )
@@ -64,10 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.head is not None and args.layer is None:
         return usage_error("--head needs --layer (a head of which layer?)")
-    text = args.text
-    if text == "-":
-        text = read_stdin("the prompt")
-        text = text[:-1] if text.endswith("\n") else text  # the newline echo adds
+    text = read_prompt(args.text)
     model = load_model(args)
     if args.verbose:
         print_model_info(model)

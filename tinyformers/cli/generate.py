@@ -14,7 +14,7 @@ from tinyformers.cli.options import (
     load_from_args,
     print_model_info,
     print_stats,
-    read_stdin,
+    read_prompt,
     sampling_options,
     stop_string,
 )
@@ -56,10 +56,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prompt = args.prompt
-    if prompt == "-":
-        prompt = read_stdin("the prompt")
-        prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # the newline echo adds
+    prompt = read_prompt(args.prompt)
     model = load_from_args(args)
     if args.verbose:
         print_model_info(model)

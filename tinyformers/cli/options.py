@@ -186,6 +186,14 @@ def stop_string(text: str) -> str:
     return value
 
 
+def read_prompt(prompt: str) -> str:
+    """The prompt argument, or stdin for "-" without the newline that echo adds."""
+    if prompt != "-":
+        return prompt
+    text = read_stdin("the prompt")
+    return text[:-1] if text.endswith("\n") else text
+
+
 def read_stdin(what: str) -> str:
     """All of stdin as text, with a hint on stderr first when a person is typing it."""
     from tinyformers.errors import TinyformersError
