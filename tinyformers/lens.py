@@ -63,7 +63,6 @@ def run_with_cache(
 ) -> tuple[Tensor, ActivationCache]:
     """(logits [B, T, V], the activations named in `names`, or all of them)."""
     wanted = None if names is None else set(names)
-    _check_names(net, wanted)
     cache = ActivationCache()
 
     def record(name: str, x: Tensor) -> Tensor:
@@ -71,9 +70,7 @@ def run_with_cache(
             cache[name] = x
         return x
 
-    with torch.inference_mode(), listening(net, record):
-        logits = net(ids, mask)
-    return logits, cache
+    return _run(net, ids, mask, record, wanted or set()), cache
 
 
 def run_with_hooks(
@@ -87,7 +84,6 @@ def run_with_hooks(
     by_name: dict[str, list] = {}
     for name, fn in hooks:
         by_name.setdefault(name, []).append(fn)
-    _check_names(net, set(by_name))
 
     def apply(name: str, x: Tensor) -> Tensor:
         for fn in by_name.get(name, ()):
@@ -95,8 +91,25 @@ def run_with_hooks(
             x = x if out is None else out
         return x
 
-    with torch.inference_mode(), listening(net, apply):
-        return net(ids, mask)
+    return _run(net, ids, mask, apply, set(by_name))
+
+
+def _run(net: nn.Module, ids: Tensor, mask: Tensor | None, fn, wanted: set[str]) -> Tensor:
+    """Logits of one forward with `fn` at every named point; a name in `wanted` that the
+    forward never reached is a ValueError (the forward reaches every name the model has)."""
+    seen: set[str] = set()
+
+    def each(name: str, x: Tensor) -> Tensor:
+        seen.add(name)
+        return fn(name, x)
+
+    with torch.inference_mode(), listening(net, each):
+        logits = net(ids, mask)
+    if unknown := sorted(wanted - seen):
+        raise ValueError(
+            f"no activation named {unknown[0]!r} (model.hook_names() lists the {len(seen)})"
+        )
+    return logits
 
 
 def logit_lens(net: nn.Module, ids: Tensor) -> Tensor:
@@ -113,16 +126,6 @@ def logit_lens(net: nn.Module, ids: Tensor) -> Tensor:
     resid = torch.cat([cache[name] for name in names])  # (n_layer + 1, T, C)
     with torch.inference_mode():
         return net.unembed(resid)  # (n_layer + 1, T, V)
-
-
-def _check_names(net: nn.Module, wanted: set[str] | None) -> None:
-    if not wanted:
-        return
-    known = set(hook_names(net))
-    if unknown := sorted(wanted - known):
-        raise ValueError(
-            f"no activation named {unknown[0]!r} (model.hook_names() lists the {len(known)})"
-        )
 
 
 def _device(net: nn.Module) -> torch.device:
