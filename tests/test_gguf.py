@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import gemma3_gguf
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from tinyformers.errors import GGUFError
@@ -24,7 +25,10 @@ SMOLLM2 = (
     / "SmolLM2-135M-Instruct.Q4_1.gguf"
 )
 # byte offsets of the fp16 scales in one block: random bytes there could be inf/nan
-SCALE_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}
+SCALE_OFFSETS = {
+    "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
+    "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+}  # fmt: skip
 
 
 def _assert_bit_equal(ours: torch.Tensor, ref: torch.Tensor) -> None:
@@ -53,7 +57,9 @@ def test_block_layout_matches_gguf_package():
     assert set(BLOCK_LAYOUT) == set(GGMLType)
 
 
-@pytest.mark.parametrize("name", ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize(
+    "name", ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+)
 def test_dequantize_random_blocks_equals_gguf(name):
     ggml_type = GGMLType[name]
     block_size, type_size = BLOCK_LAYOUT[ggml_type]
@@ -107,6 +113,46 @@ def test_smollm2_every_tensor_equals_gguf_dequantization(smollm2_reader):
             ours = f.tensor(ref.name)
             expected = _reference(ref.data, info.ggml_type)
             assert ours.shape == expected.shape and torch.equal(ours, expected), ref.name
+
+
+def _smallest_of_each_kind(infos) -> dict[GGMLType, str]:
+    """ggml type -> name of its smallest tensor (a few MB to decode in all, not the whole file)."""
+    smallest = {}
+    for info in sorted(infos, key=lambda i: i.nbytes, reverse=True):
+        smallest[info.ggml_type] = info.name
+    return smallest
+
+
+def test_gemma3_real_blocks_of_each_kind_equal_gguf_dequantization():
+    # real Q4_K_M blocks through each decoder; the reference is the gguf package's decoder on
+    # the same bytes (its GGUFReader takes ~10 s on this 262K-token vocab: the slow test below)
+    with read_gguf(gemma3_gguf()) as f:
+        picks = _smallest_of_each_kind(f.tensors.values())
+        assert {t.name for t in picks} == {"F32", "Q5_0", "Q4_K", "Q8_0", "Q6_K"}
+        for ggml_type, name in picks.items():
+            ours = f.tensor(name)
+            data = f.raw(name).numpy().reshape(*ours.shape[:-1], -1)
+            _assert_bit_equal(ours, _reference(data, ggml_type))  # bit-equal, no tolerance
+
+
+@pytest.mark.slow
+def test_gemma3_tensor_infos_and_one_tensor_of_each_kind_equal_gguf_reader():
+    path = gemma3_gguf()
+    reader = gguf.GGUFReader(path)
+    with read_gguf(path) as f:
+        assert list(f.tensors) == [t.name for t in reader.tensors]
+        refs = {t.name: t for t in reader.tensors}
+        for ref in reader.tensors:
+            info = f.tensors[ref.name]
+            assert info.shape == tuple(reversed(ref.shape.tolist()))
+            assert (info.ggml_type, info.offset, info.nbytes) == (
+                ref.tensor_type,
+                ref.data_offset,
+                ref.n_bytes,
+            )
+        for ggml_type, name in _smallest_of_each_kind(f.tensors.values()).items():
+            expected = _reference(refs[name].data, ggml_type)
+            _assert_bit_equal(f.tensor(name), expected)  # bit-equal, no tolerance
 
 
 def test_smollm2_metadata_equals_gguf_reader(smollm2_reader):

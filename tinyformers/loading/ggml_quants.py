@@ -98,7 +98,7 @@ def _unpack(qs: torch.Tensor, chunk: int, bits: int) -> torch.Tensor:
     n = qs.shape[0]
     packed = qs.reshape(n, -1, chunk)  # (n, k, chunk)
     fields = torch.empty(n, packed.shape[1], 8 // bits, chunk, dtype=torch.uint8)
-    for j in range(8 // bits):  # 2 or 4 passes over the bit fields, not a loop over blocks
+    for j in range(8 // bits):  # 2, 4 or 8 passes over the bit fields, not a loop over blocks
         torch.bitwise_right_shift(packed, j * bits, out=fields[:, :, j])
     fields &= (1 << bits) - 1
     return fields.reshape(n, -1)
@@ -118,6 +118,31 @@ def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
     return w.mul_(d).add_(m)  # in place: same rounding as d * q + m, a third of the memory
 
 
+def _q5_low_high(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """Q5_0 / Q5_1's 5-bit values 0..31 from the 4-byte `qh` word at `start` and the 16 bytes of
+    low nibbles after it: [n, 32] uint8."""
+    low = _unpack(blocks[:, start + 4 :], 16, 4)  # weights 0-15 low nibbles, then 16-31 high
+    # subtle: `qh` is one little-endian uint32 whose bit i is weight i's 5th bit, so the bits go
+    # in plain order (byte 0 bits 0-7 = weights 0-7, ...), unlike the nibbles, which split the
+    # block in halves; read as bytes, a 1-byte chunk gives exactly that order on any host.
+    high = _unpack(blocks[:, start : start + 4], 1, 1)  # (n, 32)
+    return low | (high << 4)
+
+
+def _q5_0(blocks: torch.Tensor) -> torch.Tensor:
+    # block: d fp16 | qh 4 bytes (5th bits) | 16 bytes of low 4 bits; w = d * (q - 16)
+    d = _f16(blocks, 0)
+    q = _q5_low_high(blocks, 2).view(torch.int8) - 16  # (n, 32)
+    return q.float().mul_(d)
+
+
+def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
+    # block: d fp16 | m fp16 | qh 4 bytes (5th bits) | 16 bytes of low 4 bits; w = d * q + m
+    d, m = _f16(blocks, 0), _f16(blocks, 2)
+    w = _q5_low_high(blocks, 4).float()  # (n, 32) holding q
+    return w.mul_(d).add_(m)
+
+
 def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
     # block: d fp16 | 32 int8 q; w = q * d
     d = _f16(blocks, 0)
@@ -125,9 +150,8 @@ def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
     return w.mul_(d)
 
 
-def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
-    # block: d fp16 | dmin fp16 | 12 bytes of 6-bit scales and mins (8 sub-blocks) | 128 bytes q
-    # w = (d * scale) * q - (dmin * min), per sub-block of 32 weights
+def _k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K's per-sub-block d * scale and dmin * min: two [n, 8, 1] float32."""
     n = blocks.shape[0]
     d, dmin = _f16(blocks, 0), _f16(blocks, 2)
     packed = blocks[:, 4:16].reshape(n, 3, 4)
@@ -137,9 +161,28 @@ def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
     # and their top 2 bits from the spare top 2 bits of bytes 0-7.
     scale = torch.cat([lo_sc & 0x3F, (hi & 0x0F) | ((lo_sc >> 2) & 0x30)], dim=1)  # (n, 8)
     mn = torch.cat([lo_mn & 0x3F, (hi >> 4) | ((lo_mn >> 2) & 0x30)], dim=1)  # (n, 8)
-    sub_d = (d * scale.float()).reshape(n, 8, 1)
-    sub_m = (dmin * mn.float()).reshape(n, 8, 1)
+    return (d * scale.float()).reshape(n, 8, 1), (dmin * mn.float()).reshape(n, 8, 1)
+
+
+def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    # block: d fp16 | dmin fp16 | 12 bytes of 6-bit scales and mins (8 sub-blocks) | 128 bytes q
+    # w = (d * scale) * q - (dmin * min), per sub-block of 32 weights
+    n = blocks.shape[0]
+    sub_d, sub_m = _k_scales(blocks)
     w = _unpack(blocks[:, 16:], 32, 4).reshape(n, 8, 32).float()  # holding q
+    return w.mul_(sub_d).sub_(sub_m).reshape(n, 256)
+
+
+def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    # block: d fp16 | dmin fp16 | 12 bytes of scales and mins, as Q4_K | 32 bytes qh (5th bits)
+    # | 128 bytes of low 4 bits; w = (d * scale) * q - (dmin * min), per sub-block of 32 weights
+    n = blocks.shape[0]
+    sub_d, sub_m = _k_scales(blocks)
+    low = _unpack(blocks[:, 48:], 32, 4)  # (n, 256), in sub-block order, as Q4_K
+    # subtle: the 32 qh bytes serve all 8 sub-blocks: bit s of qh[l] is the 5th bit of weight l
+    # of sub-block s, so 1-bit fields over one 32-byte chunk come out in sub-block order too.
+    high = _unpack(blocks[:, 16:48], 32, 1)  # (n, 256)
+    w = (low | (high << 4)).reshape(n, 8, 32).float()  # holding q
     return w.mul_(sub_d).sub_(sub_m).reshape(n, 256)
 
 
@@ -161,8 +204,11 @@ _DECODERS: dict[GGMLType, Callable[[torch.Tensor], torch.Tensor]] = {
     GGMLType.BF16: lambda raw: _view(raw, torch.bfloat16).float(),
     GGMLType.Q4_0: _q4_0,
     GGMLType.Q4_1: _q4_1,
+    GGMLType.Q5_0: _q5_0,
+    GGMLType.Q5_1: _q5_1,
     GGMLType.Q8_0: _q8_0,
     GGMLType.Q4_K: _q4_k,
+    GGMLType.Q5_K: _q5_k,
     GGMLType.Q6_K: _q6_k,
 }
 SUPPORTED_TYPES = tuple(_DECODERS)
