@@ -122,5 +122,5 @@ def test_unknown_architecture_in_gguf(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(CheckpointError, match=r"x.gguf: model_type 'bert' is not supported"):
+    with pytest.raises(CheckpointError, match=r"x.gguf: GGUF architecture 'bert' is not supported"):
         tinyformers.load(tmp_path / "x.gguf")

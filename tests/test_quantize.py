@@ -12,7 +12,7 @@ from conftest import smollm2_gguf
 import tinyformers
 from tinyformers.kernels.modules import PackedEmbedding, PackedLinear
 from tinyformers.loading.gguf import read_gguf
-from tinyformers.models.llama import gguf_names
+from tinyformers.loading.gguf_arch import GGUF_ARCHITECTURES
 
 TEXT = (Path(__file__).resolve().parents[1] / "benchmarks" / "perplexity.txt").read_text()
 
@@ -46,7 +46,8 @@ def test_gguf_mode_computes_with_the_files_own_weights(reference, native):
     ids = torch.tensor([[1, 500, 49151]])
     assert torch.equal(native.net.embed_tokens(ids), reference.net.embed_tokens(ids))
     with read_gguf(smollm2_gguf()) as f:
-        types = {f.tensors[k].ggml_type.name for k in gguf_names(native.config) if k in f.tensors}
+        names = GGUF_ARCHITECTURES["llama"].names(native.config)
+        types = {f.tensors[k].ggml_type.name for k in names if k in f.tensors}
     assert {"Q4_1", "Q8_0"} <= types
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from tinyformers.errors import CheckpointError
 from tinyformers.loading.ggml_quants import GGMLType, q4_split, q8_0_split
 from tinyformers.loading.gguf import GGUFFile, read_gguf
+from tinyformers.loading.gguf_arch import gguf_architecture, metadata_of
 from tinyformers.loading.loader import build, build_meta
 from tinyformers.models import check_layer_count, get_architecture
 
@@ -26,15 +27,17 @@ def load_gguf_model(
     with read_gguf(path) as gguf:
         architecture = gguf.metadata.get("general.architecture")
         try:
-            arch = get_architecture(architecture)
+            fmt = gguf_architecture(architecture)
             n_vocab = len(gguf.metadata.get("tokenizer.ggml.tokens", []))
-            config = arch.gguf_config(gguf.metadata, n_vocab)
+            raw = fmt.config(metadata_of(gguf.metadata, architecture), n_vocab)
+            arch = get_architecture(raw["model_type"])
+            config = arch.Config.from_dict(raw)
             check_layer_count(config.layer_count, gguf.tensors)
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{path}: {e}") from e
         config.tie_word_embeddings = "output.weight" not in gguf.tensors
         expected = dict(build_meta(arch.Model, config, path).named_parameters())
-        names = arch.gguf_names(config)
+        names = fmt.names(config)
         for name, info in gguf.tensors.items():
             ours = names.get(name)
             if ours is None:
@@ -47,7 +50,7 @@ def load_gguf_model(
         # The layout fixes (row permutations, stacked matrices) rehearsed on shapes alone.
         layout = {names[n]: torch.empty(i.shape, device="meta") for n, i in gguf.tensors.items()}
         try:
-            layout = arch.sanitize_gguf(layout, config)
+            layout = fmt.sanitize(layout, config)
         except (RuntimeError, ValueError) as e:
             raise CheckpointError(
                 f"{path}: tensors do not fit this {architecture} config: {e}"
@@ -59,19 +62,19 @@ def load_gguf_model(
                     f"{architecture} config"
                 )
         weights = {names[name]: gguf.tensor(name) for name in gguf.tensors}
-        weights = arch.sanitize_gguf(weights, config)
+        weights = fmt.sanitize(weights, config)
         model = build(arch.Model, config, weights, dtype, device, source=path)
         if native:
             from tinyformers.kernels.modules import pack_model
 
-            pack_model(model, "f32", quantized=_native_blocks(gguf, arch, config, names))
+            pack_model(model, "f32", quantized=_native_blocks(gguf, fmt, config, names))
         return model
 
 
-def _native_blocks(gguf: GGUFFile, arch, config, names: dict[str, str]) -> dict:
+def _native_blocks(gguf: GGUFFile, fmt, config, names: dict[str, str]) -> dict:
     """The file's Q8_0 / Q4_0 / Q4_1 matrices as `pack_quantized` takes them (values, scales
     and, for Q4, mins), by the name of the module they belong to; the layout fixes of
-    `sanitize_gguf` (row permutations) are applied to each part of the blocks alike."""
+    `fmt.sanitize` (row permutations) are applied to each part of the blocks alike."""
     parts: dict[str, tuple[torch.Tensor, ...]] = {}
     for name, info in gguf.tensors.items():
         if len(info.shape) != 2:
@@ -81,7 +84,7 @@ def _native_blocks(gguf: GGUFFile, arch, config, names: dict[str, str]) -> dict:
         elif info.ggml_type in (GGMLType.Q4_0, GGMLType.Q4_1):
             parts[names[name]] = q4_split(gguf.raw(name), info.ggml_type, info.shape)
     by_part = [
-        arch.sanitize_gguf({k: v[i] for k, v in parts.items() if len(v) > i}, config)
+        fmt.sanitize({k: v[i] for k, v in parts.items() if len(v) > i}, config)
         for i in range(3)  # values, scales, mins (Q8_0 has no mins)
     ]
     return {

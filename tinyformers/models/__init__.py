@@ -1,8 +1,8 @@
 """Architectures, one file each, found by the checkpoint's `model_type` (mlx-lm's registry).
 
-Each module provides `Config.from_dict`, the model class (`Model`), `sanitize` that maps a
-Hugging Face checkpoint's tensor names and layout onto the model's, and for GGUF files
-`gguf_config`, `gguf_names` and `sanitize_gguf`.
+Each module provides `Config.from_dict` (from the checkpoint's own config.json), the model class
+(`Model`) and `sanitize`, which maps a Hugging Face checkpoint's tensor names and layout onto the
+model's. Models know no other file format: `loading/gguf_arch.py` maps GGUF files onto them.
 """
 
 from __future__ import annotations
@@ -24,20 +24,6 @@ def get_architecture(model_type: str) -> ModuleType:
             f"model_type {model_type!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
         )
     return import_module(f"tinyformers.models.{ARCHITECTURES[model_type]}")
-
-
-def expand_gguf_names(
-    names: dict[str, str], per_layer: dict[str, str], n_layer: int
-) -> dict[str, str]:
-    """GGUF tensor name -> ours: `names` as given, and each `per_layer` entry for every block,
-    weight and bias: ("attn_norm", "h.{i}.ln_1") gives blk.0.attn_norm.weight -> h.0.ln_1.weight.
-    """
-    out = dict(names)
-    for i in range(n_layer):
-        for theirs, ours in per_layer.items():
-            for kind in ("weight", "bias"):
-                out[f"blk.{i}.{theirs}.{kind}"] = f"{ours.format(i=i)}.{kind}"
-    return out
 
 
 def config_fields(cls: type, d: dict) -> dict:

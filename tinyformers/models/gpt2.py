@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tinyformers.models import config_fields, expand_gguf_names
+from tinyformers.models import config_fields
 from tinyformers.models.hooks import HookPoint, Hooks
-from tinyformers.models.kv_cache import KVCache, positions_and_mask
+from tinyformers.models.kv_cache import KVCache
+from tinyformers.models.masks import positions_and_mask
 
 ACTIVATIONS = {
     "gelu_new": partial(F.gelu, approximate="tanh"),  # the original GPT-2 tanh approximation
@@ -245,47 +246,6 @@ def sanitize(weights: dict[str, Tensor], config: GPT2Config) -> dict[str, Tensor
             stacklevel=2,
         )
     return out
-
-
-def gguf_config(metadata: dict, n_vocab: int) -> GPT2Config:
-    """The config of a llama.cpp `gpt2` GGUF, from its `gpt2.*` metadata."""
-    m = {k.removeprefix("gpt2."): v for k, v in metadata.items() if k.startswith("gpt2.")}
-    return GPT2Config.from_dict(
-        {
-            "vocab_size": m.get("vocab_size", n_vocab),
-            "n_positions": m.get("context_length"),
-            "n_embd": m.get("embedding_length"),
-            "n_layer": m.get("block_count"),
-            "n_head": m.get("attention.head_count"),
-            "n_inner": m.get("feed_forward_length"),
-            "layer_norm_epsilon": m.get("attention.layer_norm_epsilon", 1e-5),
-        }
-    )
-
-
-def gguf_names(config: GPT2Config) -> dict[str, str]:
-    """GGUF tensor name -> our name, for llama.cpp's gpt2 conversion."""
-    names = {
-        "token_embd.weight": "wte.weight",
-        "position_embd.weight": "wpe.weight",
-        "output_norm.weight": "ln_f.weight",
-        "output_norm.bias": "ln_f.bias",
-        "output.weight": "lm_head.weight",
-    }
-    per_layer = {
-        "attn_norm": "h.{i}.ln_1",
-        "attn_qkv": "h.{i}.attn.c_attn",
-        "attn_output": "h.{i}.attn.c_proj",
-        "ffn_norm": "h.{i}.ln_2",
-        "ffn_up": "h.{i}.mlp.c_fc",
-        "ffn_down": "h.{i}.mlp.c_proj",
-    }
-    return expand_gguf_names(names, per_layer, config.n_layer)
-
-
-def sanitize_gguf(weights: dict[str, Tensor], config: GPT2Config) -> dict[str, Tensor]:
-    """Nothing to undo: llama.cpp's converter already stored the Conv1D weights as (out, in)."""
-    return weights
 
 
 # The names the registry (models/__init__.py) looks up in every architecture file.

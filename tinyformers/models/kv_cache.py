@@ -1,9 +1,8 @@
-"""The static KV cache and attention mask shared by every architecture.
+"""The static KV cache shared by every architecture (the masks that read it: models/masks.py).
 
 Generation preallocates one `KVCache` per layer for prompt + new tokens, so a decode step
 writes one column in place and every tensor keeps its shape (what `torch.compile` and CUDA
-graphs need). Sequences are left-padded: cache slot s holds token s of the padded row, and
-`attention_mask` ([B, S], 1 for real tokens) says which slots are padding.
+graphs need). Sequences are left-padded: cache slot s holds token s of the padded row.
 """
 
 from __future__ import annotations
@@ -52,26 +51,3 @@ class KVCache(nn.Module):
         view.register_buffer("k", self.k[index], persistent=False)
         view.register_buffer("v", self.v[index], persistent=False)
         return view
-
-
-def positions_and_mask(
-    attention_mask: Tensor | None, input_pos: Tensor, n_keys: int, batch: int
-) -> tuple[Tensor, Tensor]:
-    """Position ids [B, T] and the boolean attention mask [B, 1, T, n_keys] for queries at slots
-    `input_pos` ([T], or [B, T] when each row has its own) over keys at slots 0..n_keys-1.
-
-    subtle: with left padding a token's position is its count of real tokens before it, not
-    its slot (transformers #18478): positions come from the mask, or batched output would
-    differ from unbatched. A padding query sees only itself, so its softmax row is never empty
-    (an all-masked row gives NaN); its output is junk that nothing reads.
-    """
-    keys = torch.arange(n_keys, device=input_pos.device)
-    input_pos = input_pos.expand(batch, -1)  # [B, T]
-    causal = keys <= input_pos[..., None]  # [B, T, S]
-    if attention_mask is None:
-        return input_pos, causal[:, None]  # positions are the slots; mask [B, 1, T, S]
-    real = attention_mask.to(torch.bool)
-    positions = (real.long().cumsum(-1) - 1).clamp(min=0).gather(1, input_pos)  # [B, T]
-    itself = keys == input_pos[..., None]  # [B, T, S]
-    mask = causal & (real[:, None, :n_keys] | itself)  # [B, T, S]
-    return positions, mask[:, None]  # [B, 1, T, S]

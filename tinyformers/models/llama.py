@@ -7,17 +7,17 @@ C = hidden_size, nh = num_attention_heads, nkv = num_key_value_heads, hs = head_
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tinyformers.loading.gguf import unpermute_qk
-from tinyformers.models import check_value, config_fields, expand_gguf_names
+from tinyformers.models import check_value, config_fields
 from tinyformers.models.hooks import HookPoint, Hooks
-from tinyformers.models.kv_cache import KVCache, positions_and_mask
+from tinyformers.models.kv_cache import KVCache
+from tinyformers.models.masks import positions_and_mask
+from tinyformers.models.rope import Rotary, check_rope_scaling, rotate
 
 
 @dataclass
@@ -67,22 +67,8 @@ class LlamaConfig:
                 f"num_attention_heads {config.num_attention_heads} unless given): "
                 "expected an even number >= 2"
             )
-        if config.rope_scaling:
-            cls.check_rope_scaling(config.rope_scaling)
+        check_rope_scaling(config.rope_scaling)
         return config
-
-    @staticmethod
-    def check_rope_scaling(s: dict) -> None:
-        """Llama 3.1's rope_scaling, the only kind supported, with every number `rope_frequencies`
-        divides by present, finite and > 0."""
-        if (s.get("type") or s.get("rope_type", "default")) != "llama3":
-            raise ValueError(f"rope_scaling {s!r:.100} is not supported (only llama3)")
-        for key in ("factor", "low_freq_factor", "high_freq_factor"):
-            check_value(f"rope_scaling.{key}", "float", s.get(key))
-        key = "original_max_position_embeddings"
-        check_value(f"rope_scaling.{key}", "int", s.get(key))
-        if not s["high_freq_factor"] > s["low_freq_factor"]:
-            raise ValueError("rope_scaling: expected high_freq_factor > low_freq_factor")
 
     @property
     def context_length(self) -> int:
@@ -106,31 +92,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # rms 1 per token
         return self.weight * self.hook("hook_normalized", x32.to(x.dtype))
-
-
-def rope_frequencies(config: LlamaConfig, device: torch.device) -> Tensor:
-    """The rotation speed of each pair of dimensions (hs/2,): theta^(-2i/hs), llama3-rescaled."""
-    hs = config.head_dim
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hs, 2, device=device).float() / hs)
-    if not config.rope_scaling:
-        return inv_freq
-    # Llama 3.1: slow dimensions (long wavelengths) are stretched by `factor`, fast ones kept,
-    # those in between blended, so a model trained at 8k positions reads 128k.
-    s = config.rope_scaling
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_context = s["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
-    smooth = (old_context / wavelen - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
-    return torch.where(medium, blended, scaled)
-
-
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate each pair (x[i], x[i + hs/2]) by its angle (RoPE, Su et al. 2021; HF layout)."""
-    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -252,6 +213,8 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.hook = HookPoint(self.hooks, "")
+        # One angle per (position, pair of dimensions), shared by every layer (models/rope.py).
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)
 
     def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
         c = self.config
@@ -278,10 +241,7 @@ class Llama(nn.Module):
         positions, mask = positions_and_mask(attention_mask, input_pos, n_keys, B)
         x = self.hook("hook_embed", self.embed_tokens(input_ids))  # (B, T, C)
         # One angle per (position, pair of dimensions), shared by every layer.
-        inv_freq = rope_frequencies(self.config, x.device)  # (hs/2,)
-        angles = positions[..., None].float() * inv_freq  # (B, T, hs/2)
-        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, hs): for every head
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = self.rotary(positions, n_keys, x.dtype)  # (B, 1, T, hs): for every head
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache[i] if cache is not None else None, input_pos)
         if last_only:
@@ -307,60 +267,6 @@ def sanitize(weights: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tenso
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out
-
-
-def gguf_config(metadata: dict, n_vocab: int) -> LlamaConfig:
-    """The config of a llama.cpp `llama` GGUF, from its `llama.*` metadata."""
-    m = {k.removeprefix("llama."): v for k, v in metadata.items() if k.startswith("llama.")}
-    n_head = m.get("attention.head_count")
-    return LlamaConfig.from_dict(
-        {
-            "vocab_size": m.get("vocab_size", n_vocab),
-            "hidden_size": m.get("embedding_length"),
-            "intermediate_size": m.get("feed_forward_length"),
-            "num_hidden_layers": m.get("block_count"),
-            "num_attention_heads": n_head,
-            "num_key_value_heads": m.get("attention.head_count_kv", n_head),
-            "head_dim": m.get("attention.key_length"),
-            "max_position_embeddings": m.get("context_length", 2048),
-            "rms_norm_eps": m.get("attention.layer_norm_rms_epsilon", 1e-5),
-            "rope_theta": m.get("rope.freq_base", 10000.0),
-        }
-    )
-
-
-def gguf_names(config: LlamaConfig) -> dict[str, str]:
-    """GGUF tensor name -> our name, for llama.cpp's llama conversion."""
-    names = {
-        "token_embd.weight": "embed_tokens.weight",
-        "output_norm.weight": "norm.weight",
-        "output.weight": "lm_head.weight",
-    }
-    per_layer = {
-        "attn_norm": "layers.{i}.input_layernorm",
-        "attn_q": "layers.{i}.self_attn.q_proj",
-        "attn_k": "layers.{i}.self_attn.k_proj",
-        "attn_v": "layers.{i}.self_attn.v_proj",
-        "attn_output": "layers.{i}.self_attn.o_proj",
-        "ffn_norm": "layers.{i}.post_attention_layernorm",
-        "ffn_gate": "layers.{i}.mlp.gate_proj",
-        "ffn_up": "layers.{i}.mlp.up_proj",
-        "ffn_down": "layers.{i}.mlp.down_proj",
-    }
-    return expand_gguf_names(names, per_layer, config.num_hidden_layers)
-
-
-def sanitize_gguf(weights: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tensor]:
-    """Undo llama.cpp's q/k row permutation (made for its interleaved rope) to HF's layout."""
-    for name, n_head in (
-        ("q_proj", config.num_attention_heads),
-        ("k_proj", config.num_key_value_heads),
-    ):
-        for i in range(config.num_hidden_layers):
-            key = f"layers.{i}.self_attn.{name}.weight"
-            if key in weights:
-                weights[key] = unpermute_qk(weights[key], n_head)
-    return weights
 
 
 # The names the registry (models/__init__.py) looks up in every architecture file.
