@@ -1,5 +1,7 @@
-"""Build a `Tokenizer` from what ships with a model: GGUF metadata, `tokenizer.json`, or
+"""Build a tokenizer from what ships with a model: GGUF metadata, `tokenizer.json`, or
 `vocab.json` + `merges.txt` (with Hugging Face's side files for bos/eos and the chat template).
+Byte-level BPE gives a `Tokenizer`; SentencePiece-style BPE (GGUF model `llama`, or a BPE
+tokenizer.json with `byte_fallback`) a `SentencePieceTokenizer`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import regex
 from tinyformers.errors import TokenizerError
 from tinyformers.loading.json_file import read_json, read_text
 from tinyformers.tokenizers.bpe import GPT2_PATTERN, LLAMA3_PATTERN, Tokenizer
+from tinyformers.tokenizers.sentencepiece import SentencePieceTokenizer
 
 # llama.cpp's `tokenizer.ggml.pre` names -> split patterns, applied in order (llama-vocab.cpp).
 GGUF_PRE_PATTERNS = {
@@ -25,13 +28,13 @@ GGUF_PRE_PATTERNS = {
 _IGNORE_MERGES_PRE = {"llama-bpe"}  # llama.cpp sets ignore_merges for Llama 3's vocabulary
 
 # GGUF token types (llama.cpp's llama_token_type).
-_CONTROL, _USER_DEFINED = 3, 4
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
 
 # A vocabulary with this token and no file naming bos/eos follows GPT-2: it is both.
 _GPT2_EOS = "<|endoftext|>"
 
 
-def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
+def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer | SentencePieceTokenizer:
     """The tokenizer of a `.gguf` file, a model folder, a `tokenizer.json`, or a model name.
 
     Example: load_tokenizer("tests/data/gpt2").encode("hello world") == [31373, 995]
@@ -58,9 +61,12 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
 # -- GGUF ----------------------------------------------------------------------------------
 
 
-def from_gguf_metadata(metadata: dict[str, Any], source: str) -> Tokenizer:
-    """The tokenizer described by a GGUF file's `tokenizer.ggml.*` keys (model `gpt2` only)."""
+def from_gguf_metadata(metadata: dict[str, Any], source: str) -> Tokenizer | SentencePieceTokenizer:
+    """The tokenizer described by a GGUF file's `tokenizer.ggml.*` keys (model `gpt2`: byte-level
+    BPE; `llama`: SentencePiece-style BPE)."""
     with _structure_errors(source, "GGUF tokenizer metadata"):
+        if metadata.get("tokenizer.ggml.model") == "llama":
+            return _from_gguf_sentencepiece(metadata, source)
         return _from_gguf_metadata(metadata, source)
 
 
@@ -68,7 +74,8 @@ def _from_gguf_metadata(metadata: dict[str, Any], source: str) -> Tokenizer:
     model = metadata.get("tokenizer.ggml.model")
     if not isinstance(model, str) or model != "gpt2":
         raise TokenizerError(
-            f"{source}: tokenizer.ggml.model {model!r} is not supported (expected 'gpt2')"
+            f"{source}: tokenizer.ggml.model {model!r:.40} is not supported "
+            "(expected 'gpt2' or 'llama')"
         )
     pre = metadata.get("tokenizer.ggml.pre")
     if not isinstance(pre, str) or pre not in GGUF_PRE_PATTERNS:
@@ -78,13 +85,7 @@ def _from_gguf_metadata(metadata: dict[str, Any], source: str) -> Tokenizer:
         )
     tokens = _gguf_list(metadata, "tokenizer.ggml.tokens", source)
     merges = _gguf_list(metadata, "tokenizer.ggml.merges", source)
-    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    if not isinstance(types, list):
-        raise TokenizerError(f"{source}: tokenizer.ggml.token_type is not a list")
-    if len(types) != len(tokens):
-        raise TokenizerError(
-            f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
-        )
+    types = _gguf_token_types(metadata, tokens, source)
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise TokenizerError(f"{source}: tokenizer.ggml.tokens lists a token twice")
@@ -102,6 +103,44 @@ def _from_gguf_metadata(metadata: dict[str, Any], source: str) -> Tokenizer:
         chat_template=metadata.get("tokenizer.chat_template"),
         source=source,
     )
+
+
+def _from_gguf_sentencepiece(metadata: dict[str, Any], source: str) -> SentencePieceTokenizer:
+    """llama.cpp's SPM vocabulary: tokens with scores; when a key is absent, its defaults
+    (bos 1, eos 2, unk 0, add_bos_token and add_space_prefix on)."""
+    tokens = _gguf_list(metadata, "tokenizer.ggml.tokens", source)
+    scores = metadata.get("tokenizer.ggml.scores", [0.0] * len(tokens))
+    types = _gguf_token_types(metadata, tokens, source)
+    ids = {role: metadata.get(f"tokenizer.ggml.{role}_token_id", i)
+           for role, i in (("bos", 1), ("eos", 2), ("unknown", 0), ("padding", None))}  # fmt: skip
+    return SentencePieceTokenizer(
+        tokens,
+        scores=scores,
+        # subtle: llama.cpp matches UNKNOWN-type tokens only where CONTROL ones are allowed
+        special_tokens=[
+            t for t, kind in zip(tokens, types, strict=True) if kind in (_UNKNOWN, _CONTROL)
+        ],
+        added_tokens=[t for t, kind in zip(tokens, types, strict=True) if kind == _USER_DEFINED],
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        unk_token_id=ids["unknown"],
+        pad_token_id=ids["padding"],
+        add_bos_token=metadata.get("tokenizer.ggml.add_bos_token", True),
+        add_space_prefix=metadata.get("tokenizer.ggml.add_space_prefix", True),
+        chat_template=metadata.get("tokenizer.chat_template"),
+        source=source,
+    )
+
+
+def _gguf_token_types(metadata: dict[str, Any], tokens: list[str], source: str) -> list[int]:
+    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not isinstance(types, list):
+        raise TokenizerError(f"{source}: tokenizer.ggml.token_type is not a list")
+    if len(types) != len(tokens):
+        raise TokenizerError(
+            f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
+        )
+    return types
 
 
 def _gguf_list(metadata: dict[str, Any], key: str, source: str) -> list[str]:

@@ -1,0 +1,332 @@
+"""SentencePiece-style BPE (Llama 2, Gemma): text -> ▁ for spaces -> merges by priority -> ids,
+with `<0xNN>` byte tokens for what no token covers.
+
+How it differs from byte-level BPE (bpe.py):
+- tokens are text, not bytes: a space is written ▁ (U+2581) and merges join characters;
+- no split pattern: llama.cpp (`llm_tokenizer_spm`) merges across a whole text fragment;
+- priority comes from the merged token's score (GGUF `tokenizer.ggml.scores`: highest first,
+  leftmost first on ties), or from a `tokenizer.json`'s merge list (lowest rank first);
+- a character no token covers becomes one `<0xNN>` token per UTF-8 byte (byte fallback), or
+  the unknown token where the vocabulary has no such byte token.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import re
+from collections.abc import Iterable, Set
+from typing import Literal
+
+import regex
+
+from tinyformers.errors import TokenizerError
+from tinyformers.tokenizers.bpe import MAX_VOCAB, StreamDecoder, _without_lone_surrogates
+
+SPACE = "\u2581"  # ▁, SentencePiece's visible space
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+_CACHE_MAX_ENTRIES = 1 << 17  # chunks; cleared when full so memory stays bounded
+_CACHE_MAX_CHARS = 256  # longer chunks are rare and would pin megabytes in the cache
+
+
+class SentencePieceTokenizer:
+    """Encode text to ids and back; the same interface as the byte-level `Tokenizer`.
+
+    Example:
+        >>> tok = load_tokenizer("gemma-3-270m-q4_k_m.gguf")
+        >>> tok.encode("The capital of France is")
+        [818, 5279, 529, 7001, 563]
+    """
+
+    def __init__(
+        self,
+        tokens: list[str],
+        *,
+        scores: list[float] | None = None,
+        merges: list[tuple[str, str]] | None = None,
+        special_tokens: Iterable[str] = (),
+        added_tokens: Iterable[str] = (),
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        unk_token_id: int | None = None,
+        add_bos_token: bool = False,
+        add_space_prefix: bool = False,
+        chat_template: str | None = None,
+        source: str = "<memory>",
+    ) -> None:
+        """`tokens[i]` is the text of id i. Exactly one of `scores` (one per token, GGUF) and
+        `merges` (pairs in rank order, tokenizer.json) sets the merge priority."""
+        self.source = source
+        if not isinstance(tokens, list) or not 0 < len(tokens) <= MAX_VOCAB:
+            raise TokenizerError(f"{source}: expected a vocabulary of 1 to {MAX_VOCAB} tokens")
+        if not all(isinstance(t, str) and t for t in tokens):
+            bad = next(t for t in tokens if not (isinstance(t, str) and t))
+            raise TokenizerError(f"{source}: token {bad!r:.40} is empty or not a string")
+        self._ids = {t: i for i, t in enumerate(tokens)}
+        if len(self._ids) != len(tokens):
+            twice = next(t for i, t in enumerate(tokens) if self._ids[t] != i)
+            raise TokenizerError(f"{source}: token {twice!r:.40} is listed twice")
+        self.vocab_size: int = len(tokens)
+        if (scores is None) == (merges is None):
+            raise TokenizerError(f"{source}: expected either scores or merges, not both or none")
+        # subtle: the priority of merging symbols a and b. With scores (llama.cpp) any a + b that
+        # is a token may merge, control tokens included; with merges (HF) only listed pairs.
+        self._priority = _score_priority(tokens, scores, source) if merges is None else None
+        self._pair_ranks = None if merges is None else _pair_ranks(self._ids, merges, source)
+        self.special_tokens = {t: _lookup(self._ids, t, source) for t in special_tokens}
+        self.added_tokens = {t: _lookup(self._ids, t, source) for t in added_tokens}
+        self._literal_ids = {**self.special_tokens, **self.added_tokens}
+        self._matchers: dict[frozenset[str], regex.Pattern | None] = {}
+        self._id_to_bytes = [_token_bytes(t) for t in tokens]
+        self.max_token_bytes = max(map(len, self._id_to_bytes))  # bounds the tokens of a text
+        self._byte_ids = [_byte_id(self._ids, b, unk_token_id) for b in range(256)]
+        self._chunks = _chunk_splitter(tokens)
+        self._cache: dict[str, list[int]] = {}
+        roles = {"bos": bos_token_id, "eos": eos_token_id, "pad": pad_token_id, "unk": unk_token_id}
+        for name, i in roles.items():
+            if i is not None and not (_is_int(i) and 0 <= i < self.vocab_size):
+                raise TokenizerError(
+                    f"{source}: {name} token id {i!r:.40} is outside the vocabulary"
+                )
+        for name, flag in (
+            ("add_bos_token", add_bos_token),
+            ("add_space_prefix", add_space_prefix),
+        ):
+            if not isinstance(flag, bool):
+                raise TokenizerError(f"{source}: {name} {flag!r:.40} is not a boolean")
+        if not isinstance(chat_template, str | None):
+            raise TokenizerError(f"{source}: the chat template is not a string")
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.unk_token_id = unk_token_id
+        self.eos_token_ids: list[int] = [] if eos_token_id is None else [eos_token_id]
+        self.bos_token = None if bos_token_id is None else tokens[bos_token_id]
+        self.eos_token = None if eos_token_id is None else tokens[eos_token_id]
+        self.pad_token = None if pad_token_id is None else tokens[pad_token_id]
+        self.unk_token = None if unk_token_id is None else tokens[unk_token_id]
+        self.add_bos_token = add_bos_token
+        self.add_space_prefix = add_space_prefix
+        self.chat_template = chat_template
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    # -- encoding --------------------------------------------------------------------------
+
+    def encode(
+        self, text: str, *, allowed_special: Set[str] | Literal["all"] = frozenset()
+    ) -> list[int]:
+        """The ids of `text`, without BOS (the caller adds it when `add_bos_token` says so).
+
+        Control-token text is plain text unless listed in `allowed_special`; added
+        (user-defined) tokens are always matched, as in llama.cpp and HF.
+        """
+        text = _without_lone_surrogates(text)
+        allowed = self.special_tokens.keys() if allowed_special == "all" else allowed_special
+        matcher = self._literal_matcher(frozenset(allowed))
+        if matcher is None:
+            return self._encode_fragment(text)
+        ids: list[int] = []
+        start = 0
+        for m in matcher.finditer(text):
+            ids += self._encode_fragment(text[start : m.start()])
+            ids.append(self._literal_ids[m.group()])
+            start = m.end()
+        return ids + self._encode_fragment(text[start:])
+
+    def encode_batch(
+        self, texts: Iterable[str], *, allowed_special: Set[str] | Literal["all"] = frozenset()
+    ) -> list[list[int]]:
+        return [self.encode(t, allowed_special=allowed_special) for t in texts]
+
+    def _literal_matcher(self, allowed: frozenset[str]) -> regex.Pattern | None:
+        """A regex for the added tokens plus the allowed specials, longest first."""
+        if allowed not in self._matchers:
+            if unknown := allowed - self.special_tokens.keys():
+                raise ValueError(f"not special tokens of {self.source}: {sorted(unknown)}")
+            tokens = sorted(allowed | self.added_tokens.keys(), key=len, reverse=True)
+            self._matchers[allowed] = (
+                regex.compile("|".join(map(regex.escape, tokens))) if tokens else None
+            )
+        return self._matchers[allowed]
+
+    def _encode_fragment(self, text: str) -> list[int]:
+        """Text between literal tokens: every such fragment gets the space prefix when the
+        source asks for one (llama.cpp: at the start and after each special token)."""
+        if not text:
+            return []
+        if self.add_space_prefix:
+            text = " " + text
+        ids: list[int] = []
+        cache = self._cache
+        for chunk in self._chunks(text.replace(" ", SPACE)):
+            chunk_ids = cache.get(chunk)
+            if chunk_ids is None:
+                chunk_ids = self._encode_chunk(chunk)
+                if len(chunk) <= _CACHE_MAX_CHARS:
+                    if len(cache) >= _CACHE_MAX_ENTRIES:
+                        cache.clear()
+                    cache[chunk] = chunk_ids
+            ids += chunk_ids
+        return ids
+
+    def _encode_chunk(self, chunk: str) -> list[int]:
+        ids: list[int] = []
+        for symbol in self._merge(chunk):
+            token_id = self._ids.get(symbol)
+            if token_id is not None:
+                ids.append(token_id)
+            else:  # a character no token covers: its UTF-8 bytes as <0xNN> tokens
+                ids += [i for b in symbol.encode("utf-8") if (i := self._byte_ids[b]) is not None]
+        return ids
+
+    def _merge(self, chunk: str) -> list[str]:
+        """The symbols of `chunk` after merging, best priority first, leftmost first on ties.
+
+        llama.cpp's loop: a heap of (priority, left position, merged length) over a linked
+        list of live symbols. An entry is stale once either side changed, which its merged
+        length no longer matching shows; each merge pushes at most the two new neighbours.
+        """
+        symbols = list(chunk)
+        n = len(symbols)
+        priority = self._priority_of
+        heap = []
+        for i in range(n - 1):
+            if (p := priority(symbols[i], symbols[i + 1])) is not None:
+                heap.append((p, i, len(symbols[i]) + 1))
+        if not heap:
+            return symbols
+        heapq.heapify(heap)
+        nxt = list(range(1, n + 1))
+        prv = list(range(-1, n - 1))
+        while heap:
+            _, i, size = heapq.heappop(heap)
+            j = nxt[i]
+            if not symbols[i] or j >= n or len(symbols[i]) + len(symbols[j]) != size:
+                continue  # stale: a side merged since this pair was pushed
+            symbols[i], symbols[j] = symbols[i] + symbols[j], ""
+            nxt[i] = nxt[j]
+            if nxt[i] < n:
+                prv[nxt[i]] = i
+                right = symbols[nxt[i]]
+                if (p := priority(symbols[i], right)) is not None:
+                    heapq.heappush(heap, (p, i, size + len(right)))
+            if (h := prv[i]) >= 0 and (p := priority(symbols[h], symbols[i])) is not None:
+                heapq.heappush(heap, (p, h, len(symbols[h]) + size))
+        return [s for s in symbols if s]
+
+    def _priority_of(self, left: str, right: str) -> float | None:
+        """Lower merges first: minus the merged token's score, or the pair's merge rank."""
+        if self._pair_ranks is None:
+            return self._priority.get(left + right)
+        return self._pair_ranks.get((left, right))
+
+    # -- decoding --------------------------------------------------------------------------
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The raw bytes of `ids` (▁ as a space); a byte token may hold part of a character."""
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise TokenizerError(
+                f"{self.source}: token id {bad} is outside 0..{self.vocab_size - 1}"
+            )
+        return b"".join([self._id_to_bytes[i] for i in ids])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`; bytes that are not valid UTF-8 become U+FFFD.
+
+        With `add_space_prefix`, the space the encoder put before the text is dropped (as
+        llama.cpp and HF's Strip decoder do), so decode(encode(text)) == text.
+        """
+        data = self.decode_bytes(ids)
+        if self.add_space_prefix and data.startswith(b" "):
+            data = data[1:]
+        return data.decode("utf-8", errors="replace")
+
+    def id_to_text(self, token_id: int) -> str:
+        """One token as text (U+FFFD where it holds only part of a character)."""
+        return self.decode_bytes([token_id]).decode("utf-8", errors="replace")
+
+    def decoder(self) -> StreamDecoder:
+        """An incremental decoder for streaming generated ids (no space is dropped: the ids
+        continue a text); it never splits a UTF-8 character, byte tokens included."""
+        return StreamDecoder(self)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _lookup(ids: dict[str, int], token: str, source: str) -> int:
+    if not isinstance(token, str) or not token:
+        raise TokenizerError(f"{source}: special or added token {token!r:.40} is empty")
+    if token not in ids:
+        raise TokenizerError(f"{source}: token {token!r:.40} is not in the vocabulary")
+    return ids[token]
+
+
+def _score_priority(tokens: list[str], scores: list[float], source: str) -> dict[str, float]:
+    """Token text -> minus its score, the heap key of a merge that makes that token."""
+    if not isinstance(scores, list) or len(scores) != len(tokens):
+        got = len(scores) if isinstance(scores, list) else type(scores).__name__
+        raise TokenizerError(f"{source}: expected {len(tokens)} scores, got {got}")
+    if not all(isinstance(s, int | float) and not isinstance(s, bool) for s in scores):
+        raise TokenizerError(f"{source}: a token score is not a number")
+    if not all(map(math.isfinite, scores)):
+        raise TokenizerError(f"{source}: a token score is not finite")
+    return {t: -float(s) for t, s in zip(tokens, scores, strict=True)}
+
+
+def _pair_ranks(
+    ids: dict[str, int], merges: list[tuple[str, str]], source: str
+) -> dict[tuple[str, str], int]:
+    """(left, right) -> rank; both sides and the merged token must be in the vocabulary."""
+    ranks: dict[tuple[str, str], int] = {}
+    for rank, (left, right) in enumerate(merges):
+        for token in (left, right, left + right):
+            if token not in ids:
+                raise TokenizerError(
+                    f"{source}: merge {rank} '{left} {right}' names {token!r:.40}, not in the vocab"
+                )
+        ranks.setdefault((left, right), rank)  # a repeated pair keeps its first rank
+    return ranks
+
+
+def _token_bytes(token: str) -> bytes:
+    """What a token decodes to: `<0xNN>` is that byte; ▁ is a space."""
+    if len(token) == 6 and (m := _BYTE_TOKEN.fullmatch(token)):
+        return bytes([int(m.group(1), 16)])
+    return token.replace(SPACE, " ").encode("utf-8", errors="surrogatepass")
+
+
+def _byte_id(ids: dict[str, int], byte: int, unk_token_id: int | None) -> int | None:
+    """The token for one byte of an uncovered character: `<0xNN>`, else the byte as a
+    one-character token (llama.cpp's fallback for ASCII), else the unknown token."""
+    token_id = ids.get(f"<0x{byte:02X}>")
+    if token_id is None and byte < 0x80:
+        token_id = ids.get(chr(byte))
+    return unk_token_id if token_id is None else token_id
+
+
+def _chunk_splitter(tokens: list[str]):
+    """Split ▁-escaped text before each ▁ that follows another character, where no token can
+    span the cut, so chunks merge independently and repeat (the cache's unit, like words).
+
+    subtle: a cut between c and ▁ is exact only if no token contains c▁ (a merge only ever
+    makes a token); Gemma has one such token, '>▁</', so '>' keeps its ▁.
+    """
+    glue = {t[i - 1] for t in tokens if SPACE in t[1:] for i in _space_positions(t) if i > 0}
+    glue.discard(SPACE)
+    keep = re.escape(SPACE + "".join(sorted(glue)))
+    return re.compile(f"(?<=[^{keep}])(?={SPACE})").split
+
+
+def _space_positions(token: str) -> list[int]:
+    return [i for i, c in enumerate(token) if c == SPACE]
