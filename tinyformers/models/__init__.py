@@ -14,7 +14,14 @@ from dataclasses import MISSING, fields
 from importlib import import_module
 from types import ModuleType
 
-ARCHITECTURES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama"}
+ARCHITECTURES = {
+    "gpt2": "gpt2",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "gemma3": "gemma3",
+    "gemma3_text": "gemma3",
+}
 
 
 def get_architecture(model_type: str) -> ModuleType:
