@@ -18,8 +18,6 @@ import re
 from collections.abc import Iterable, Set
 from typing import Literal
 
-import regex
-
 from tinyformers.errors import TokenizerError
 from tinyformers.tokenizers.bpe import MAX_VOCAB, StreamDecoder, _without_lone_surrogates
 
@@ -78,7 +76,7 @@ class SentencePieceTokenizer:
         self.special_tokens = {t: _lookup(self._ids, t, source) for t in special_tokens}
         self.added_tokens = {t: _lookup(self._ids, t, source) for t in added_tokens}
         self._literal_ids = {**self.special_tokens, **self.added_tokens}
-        self._matchers: dict[frozenset[str], regex.Pattern | None] = {}
+        self._matchers: dict[frozenset[str], re.Pattern | None] = {}
         self._id_to_bytes = [_token_bytes(t) for t in tokens]
         self.max_token_bytes = max(map(len, self._id_to_bytes))  # bounds the tokens of a text
         self._byte_ids = [_byte_id(self._ids, b, unk_token_id) for b in range(256)]
@@ -145,14 +143,15 @@ class SentencePieceTokenizer:
     ) -> list[list[int]]:
         return [self.encode(t, allowed_special=allowed_special) for t in texts]
 
-    def _literal_matcher(self, allowed: frozenset[str]) -> regex.Pattern | None:
-        """A regex for the added tokens plus the allowed specials, longest first."""
+    def _literal_matcher(self, allowed: frozenset[str]) -> re.Pattern | None:
+        """A regex for the added tokens plus the allowed specials, longest first (`re`: 4x
+        faster than `regex` on Gemma's 165 added tokens, and the same for literal text)."""
         if allowed not in self._matchers:
             if unknown := allowed - self.special_tokens.keys():
                 raise ValueError(f"not special tokens of {self.source}: {sorted(unknown)}")
             tokens = sorted(allowed | self.added_tokens.keys(), key=len, reverse=True)
             self._matchers[allowed] = (
-                regex.compile("|".join(map(regex.escape, tokens))) if tokens else None
+                re.compile("|".join(map(re.escape, tokens))) if tokens else None
             )
         return self._matchers[allowed]
 
@@ -195,11 +194,14 @@ class SentencePieceTokenizer:
         """
         symbols = list(chunk)
         n = len(symbols)
-        priority = self._priority_of
+        # subtle: the lookup is inlined (a method call per pair cost a third of the time)
+        by_text = self._pair_ranks is None
+        priority = (self._priority if by_text else self._pair_ranks).get
         heap = []
         for i in range(n - 1):
-            if (p := priority(symbols[i], symbols[i + 1])) is not None:
-                heap.append((p, i, len(symbols[i]) + 1))
+            a, b = symbols[i], symbols[i + 1]
+            if (p := priority(a + b if by_text else (a, b))) is not None:
+                heap.append((p, i, 2))
         if not heap:
             return symbols
         heapq.heapify(heap)
@@ -210,22 +212,19 @@ class SentencePieceTokenizer:
             j = nxt[i]
             if not symbols[i] or j >= n or len(symbols[i]) + len(symbols[j]) != size:
                 continue  # stale: a side merged since this pair was pushed
-            symbols[i], symbols[j] = symbols[i] + symbols[j], ""
+            a = symbols[i] = symbols[i] + symbols[j]
+            symbols[j] = ""
             nxt[i] = nxt[j]
             if nxt[i] < n:
                 prv[nxt[i]] = i
-                right = symbols[nxt[i]]
-                if (p := priority(symbols[i], right)) is not None:
-                    heapq.heappush(heap, (p, i, size + len(right)))
-            if (h := prv[i]) >= 0 and (p := priority(symbols[h], symbols[i])) is not None:
-                heapq.heappush(heap, (p, h, len(symbols[h]) + size))
+                b = symbols[nxt[i]]
+                if (p := priority(a + b if by_text else (a, b))) is not None:
+                    heapq.heappush(heap, (p, i, size + len(b)))
+            if (h := prv[i]) >= 0:
+                b = symbols[h]
+                if (p := priority(b + a if by_text else (b, a))) is not None:
+                    heapq.heappush(heap, (p, h, len(b) + size))
         return [s for s in symbols if s]
-
-    def _priority_of(self, left: str, right: str) -> float | None:
-        """Lower merges first: minus the merged token's score, or the pair's merge rank."""
-        if self._pair_ranks is None:
-            return self._priority.get(left + right)
-        return self._pair_ranks.get((left, right))
 
     # -- decoding --------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import regex
 from tinyformers.errors import TokenizerError
 from tinyformers.loading.json_file import read_json, read_text
 from tinyformers.tokenizers.bpe import GPT2_PATTERN, LLAMA3_PATTERN, Tokenizer
-from tinyformers.tokenizers.sentencepiece import SentencePieceTokenizer
+from tinyformers.tokenizers.sentencepiece import SPACE, SentencePieceTokenizer
 
 # llama.cpp's `tokenizer.ggml.pre` names -> split patterns, applied in order (llama-vocab.cpp).
 GGUF_PRE_PATTERNS = {
@@ -153,8 +153,9 @@ def _gguf_list(metadata: dict[str, Any], key: str, source: str) -> list[str]:
 # -- Hugging Face files --------------------------------------------------------------------
 
 
-def from_tokenizer_json(path: Path) -> Tokenizer:
-    """A Hugging Face `tokenizer.json` with a byte-level BPE model, plus its folder's side files."""
+def from_tokenizer_json(path: Path) -> Tokenizer | SentencePieceTokenizer:
+    """A Hugging Face `tokenizer.json` with a BPE model (byte-level, or SentencePiece-style with
+    `byte_fallback`), plus its folder's side files."""
     data = read_json(path, TokenizerError, require_object=False)  # structure checked below
     with _structure_errors(path, "tokenizer.json"):
         return _from_tokenizer_data(data, path)
@@ -170,32 +171,24 @@ def _structure_errors(source: str | Path, kind: str) -> Iterator[None]:
         raise TokenizerError(f"{source}: not the structure of a {kind} ({e!r:.200})") from e
 
 
-def _from_tokenizer_data(data: dict[str, Any], path: Path) -> Tokenizer:
+def _from_tokenizer_data(data: dict[str, Any], path: Path) -> Tokenizer | SentencePieceTokenizer:
     model = data["model"]
     if model.get("type") != "BPE":
         raise TokenizerError(
             f"{path}: model type {model.get('type')!r} is not supported (expected 'BPE')"
         )
-    for key in ("continuing_subword_prefix", "end_of_word_suffix", "byte_fallback", "dropout"):
+    for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
         if model.get(key):
             raise TokenizerError(f"{path}: BPE option {key}={model[key]!r} is not supported")
+    if model.get("byte_fallback") is True:
+        return _from_sentencepiece_data(data, path)
+    if model.get("byte_fallback"):
+        raise TokenizerError(f"{path}: BPE option byte_fallback={model['byte_fallback']!r:.40}")
     if data.get("normalizer") is not None:
         raise TokenizerError(f"{path}: a normalizer is not supported (byte-level BPE has none)")
     if (data.get("decoder") or {}).get("type") != "ByteLevel":
         raise TokenizerError(f"{path}: decoder {data.get('decoder')!r} is not ByteLevel")
-    vocab = dict(model.get("vocab") or {})
-    special, added = [], []
-    for token in data.get("added_tokens") or []:
-        text = token["content"]
-        if any(token.get(flag) for flag in ("lstrip", "rstrip", "single_word")):
-            raise TokenizerError(
-                f"{path}: added token {text!r}: lstrip/rstrip/single_word unsupported"
-            )
-        if vocab.setdefault(text, token["id"]) != token["id"]:
-            raise TokenizerError(
-                f"{path}: added token {text!r} has id {token['id']}, vocab says {vocab[text]}"
-            )
-        (special if token.get("special") else added).append(text)
+    vocab, special, added = _vocab_and_added(data, path)
     merges = [
         _merge_pair(m, str(path), f"merge {i}") for i, m in enumerate(model.get("merges") or [])
     ]
@@ -210,6 +203,90 @@ def _from_tokenizer_data(data: dict[str, Any], path: Path) -> Tokenizer:
         unk_token_id=_token_id(vocab, model.get("unk_token"), f"{path}: model.unk_token"),
         source=str(path),
     )
+
+
+def _vocab_and_added(data: dict[str, Any], path: Path) -> tuple[dict[str, int], list, list]:
+    """The model's vocab plus `added_tokens`, and the added ones split into special / not."""
+    vocab = dict(data["model"].get("vocab") or {})
+    special, added = [], []
+    for token in data.get("added_tokens") or []:
+        text = token["content"]
+        if any(token.get(flag) for flag in ("lstrip", "rstrip", "single_word")):
+            raise TokenizerError(
+                f"{path}: added token {text!r}: lstrip/rstrip/single_word unsupported"
+            )
+        if vocab.setdefault(text, token["id"]) != token["id"]:
+            raise TokenizerError(
+                f"{path}: added token {text!r} has id {token['id']}, vocab says {vocab[text]}"
+            )
+        (special if token.get("special") else added).append(text)
+    return vocab, special, added
+
+
+def _from_sentencepiece_data(data: dict[str, Any], path: Path) -> SentencePieceTokenizer:
+    """A BPE tokenizer.json with `byte_fallback` (Llama 2, Gemma): ▁ for spaces, merge ranks."""
+    vocab, special, added = _vocab_and_added(data, path)
+    tokens = [""] * len(vocab)
+    for token, i in vocab.items():
+        if not (_is_id(i) and i < len(tokens)) or tokens[i]:
+            raise TokenizerError(f"{path}: token {token!r:.40} has id {i!r:.40} (ids are dense)")
+        tokens[i] = token
+    model = data["model"]
+    merges = [_merge_pair(m, str(path), f"merge {i}") for i, m in enumerate(model["merges"])]
+    folder = path.parent
+    config = _side_config(folder)
+    ids = {
+        role: _token_id(vocab, _token_text(config.get(f"{role}_token")), f"{folder}: {role}_token")
+        for role in ("bos", "eos", "pad")
+    }
+    add_bos = config.get("add_bos_token")
+    if add_bos is None:  # HF's Gemma conversion says it in the post-processor instead
+        first = ((data.get("post_processor") or {}).get("single") or [{}])[0]
+        add_bos = (
+            ids["bos"] is not None and first.get("SpecialToken", {}).get("id") == tokens[ids["bos"]]
+        )
+    return SentencePieceTokenizer(
+        tokens,
+        merges=merges,
+        special_tokens=special,
+        added_tokens=added,
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["pad"],
+        unk_token_id=_token_id(vocab, model.get("unk_token"), f"{path}: model.unk_token"),
+        add_bos_token=add_bos,
+        add_space_prefix=_space_prefix(data.get("normalizer"), data.get("pre_tokenizer"), path),
+        chat_template=_chat_template(folder, config),
+        source=str(path),
+    )
+
+
+def _space_prefix(normalizer: dict | None, pre_tokenizer: dict | None, path: Path) -> bool:
+    """Whether a ▁ goes before the text: HF writes ' ' -> ▁ and the prefix as a normalizer
+    (Replace, Prepend) or as a Metaspace pre-tokenizer; anything else is refused."""
+    steps = [] if normalizer is None else [normalizer]
+    if normalizer is not None and normalizer.get("type") == "Sequence":
+        steps = normalizer["normalizers"]
+    replaces, prefix = False, False
+    for step in steps:
+        kind = step.get("type")
+        if kind == "Replace" and step.get("pattern") == {"String": " "}:
+            replaces = step.get("content") == SPACE
+        elif kind == "Prepend" and step.get("prepend") == SPACE:
+            prefix = True
+        else:
+            raise TokenizerError(f"{path}: normalizer step {step!r:.80} is not supported")
+    pre = pre_tokenizer or {}
+    if pre.get("type") == "Metaspace" and pre.get("replacement") == SPACE and not pre["split"]:
+        if pre.get("prepend_scheme") not in ("always", "never"):
+            raise TokenizerError(f"{path}: Metaspace prepend_scheme {pre['prepend_scheme']!r}")
+        replaces, prefix = True, pre["prepend_scheme"] == "always"
+    # HF's Gemma conversion splits on ' ' after the normalizer has replaced every ' ': a no-op
+    elif pre and not (pre.get("type") == "Split" and pre.get("pattern") == {"String": " "}):
+        raise TokenizerError(f"{path}: pre_tokenizer {pre!r:.80} is not supported")
+    if not replaces:
+        raise TokenizerError(f"{path}: byte_fallback BPE without ' ' -> ▁ is not supported")
+    return prefix
 
 
 def from_vocab_merges(vocab_path: Path, merges_path: Path) -> Tokenizer:
