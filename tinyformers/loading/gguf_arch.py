@@ -123,10 +123,80 @@ def _llama_sanitize(weights: dict[str, Tensor], config) -> dict[str, Tensor]:
     return weights
 
 
+# Gemma 3 ---------------------------------------------------------------------------------------
+
+
+def _gemma3_config(m: dict, n_vocab: int) -> dict:
+    """subtle: the file holds no layer pattern, no local RoPE base and no attention scale;
+    llama.cpp hard-codes them for gemma3 (llama-model.cpp, LLM_ARCH_GEMMA3): every 6th layer
+    global (swa pattern 6), base 10000 on the local layers, and scores scaled by
+    1/sqrt(head_dim), or 1/sqrt(hidden / heads) for the 27B (62 layers). So do we."""
+    n_layer, head_dim = m.get("block_count"), m.get("attention.key_length", 256)
+    scalar = head_dim
+    if n_layer == 62:  # the 27B
+        scalar = m.get("embedding_length") // m.get("attention.head_count")
+    config = {
+        "model_type": "gemma3_text",
+        "vocab_size": m.get("vocab_size", n_vocab),
+        "hidden_size": m.get("embedding_length"),
+        "intermediate_size": m.get("feed_forward_length"),
+        "num_hidden_layers": n_layer,
+        "num_attention_heads": m.get("attention.head_count"),
+        "num_key_value_heads": m.get("attention.head_count_kv"),
+        "head_dim": head_dim,
+        "max_position_embeddings": m.get("context_length"),
+        "rms_norm_eps": m.get("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": m.get("rope.freq_base", 1_000_000.0),  # the global layers'
+        "rope_local_base_freq": 10_000.0,
+        "sliding_window": m.get("attention.sliding_window"),
+        "sliding_window_pattern": 6,
+        "query_pre_attn_scalar": scalar,
+        "final_logit_softcapping": m.get("final_logit_softcapping"),  # the model refuses one
+    }
+    if (kind := m.get("rope.scaling.type")) not in (None, "none"):  # linear 8 on 4B and up
+        config["rope_scaling"] = {"rope_type": kind, "factor": m.get("rope.scaling.factor")}
+    return config
+
+
+def _gemma3_names(config) -> dict[str, str]:
+    names = {
+        "token_embd.weight": "embed_tokens.weight",
+        "output_norm.weight": "norm.weight",
+        "output.weight": "lm_head.weight",
+    }
+    per_layer = {
+        "attn_norm": "layers.{i}.input_layernorm",
+        "attn_q": "layers.{i}.self_attn.q_proj",
+        "attn_k": "layers.{i}.self_attn.k_proj",
+        "attn_v": "layers.{i}.self_attn.v_proj",
+        "attn_q_norm": "layers.{i}.self_attn.q_norm",
+        "attn_k_norm": "layers.{i}.self_attn.k_norm",
+        "attn_output": "layers.{i}.self_attn.o_proj",
+        "post_attention_norm": "layers.{i}.post_attention_layernorm",
+        "ffn_norm": "layers.{i}.pre_feedforward_layernorm",
+        "ffn_gate": "layers.{i}.mlp.gate_proj",
+        "ffn_up": "layers.{i}.mlp.up_proj",
+        "ffn_down": "layers.{i}.mlp.down_proj",
+        "post_ffw_norm": "layers.{i}.post_feedforward_layernorm",
+    }
+    return expand_names(names, per_layer, config.num_hidden_layers)
+
+
+def _gemma3_sanitize(weights: dict[str, Tensor], config) -> dict[str, Tensor]:
+    """Undo the converter's one change: it stores every norm's gain as 1 + weight (what
+    Gemma3RMSNorm multiplies by); the model adds the 1 itself. q and k are not permuted: only
+    llama.cpp's Llama converters do that, not its Gemma ones."""
+    for name, w in weights.items():
+        if name.endswith("norm.weight"):
+            weights[name] = w - 1
+    return weights
+
+
 # general.architecture -> its entry
 GGUF_ARCHITECTURES: dict[str, GGUFArchitecture] = {
     "gpt2": GGUFArchitecture(_gpt2_config, _gpt2_names),
     "llama": GGUFArchitecture(_llama_config, _llama_names, _llama_sanitize),
+    "gemma3": GGUFArchitecture(_gemma3_config, _gemma3_names, _gemma3_sanitize),
 }
 
 

@@ -1,0 +1,348 @@
+"""Gemma 3 (Gemma Team, 2025), the text model: Llama's pre-norm blocks with a norm after each
+sublayer too, q and k normalized per head, a GeGLU MLP, and attention that alternates between
+five local layers (a sliding window, RoPE base 10k) and one global layer (every token, RoPE
+base 1M, optionally scaled). The embedding is scaled by sqrt(hidden_size) and tied to lm_head.
+
+Shapes: B batch, T tokens in this call, S key slots (T without a cache, the cache length with one),
+C = hidden_size, nh = num_attention_heads, nkv = num_key_value_heads, hs = head_dim,
+H = intermediate_size, V vocab size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tinyformers.models import check_value, config_fields
+from tinyformers.models.hooks import HookPoint, Hooks
+from tinyformers.models.kv_cache import KVCache
+from tinyformers.models.masks import positions_and_mask, sliding_window
+from tinyformers.models.rope import Rotary, check_rope_scaling, rotate
+
+LOCAL, GLOBAL = "sliding_attention", "full_attention"  # HF's names of the two layer kinds
+
+
+@dataclass
+class Gemma3Config:
+    """The fields of Hugging Face's `Gemma3TextConfig` that change the math.
+
+    The defaults are HF's: the `text_config` of a multimodal Gemma 3 checkpoint leaves out every
+    key that equals them (gemma-3-4b's has no vocab_size, num_attention_heads, head_dim ...).
+    """
+
+    vocab_size: int = 262_208
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 26
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    max_position_embeddings: int = 131_072
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0  # global layers
+    rope_scaling: dict | None = None  # global layers only: None or {"rope_type": "linear", ...}
+    rope_local_base_freq: float = 10_000.0  # sliding-window layers, never scaled
+    query_pre_attn_scalar: float = 256  # scores are scaled by its -1/2 power, not head_dim's
+    sliding_window: int = 4096
+    sliding_window_pattern: int = 6  # without layer_types: every 6th layer is global
+    layer_types: list[str] | None = None  # "sliding_attention" / "full_attention" per layer
+    hidden_activation: str = "gelu_pytorch_tanh"
+    attention_bias: bool = False
+    tie_word_embeddings: bool = True
+    # Gemma 2's tanh caps; Gemma 3 has none. Read only to refuse a config that sets them.
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    use_bidirectional_attention: bool = False  # EmbeddingGemma: refused, we are causal
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Gemma3Config:
+        """Map a checkpoint's config dict (model_type gemma3_text, or gemma3 with the text model
+        under `text_config`); unknown keys are ignored."""
+        if d.get("model_type") == "gemma3":  # image + text: we run the text half
+            d = check_value("text_config", "dict", d.get("text_config", {}))
+        d = dict(d)
+        if (rope := d.pop("rope_parameters", None)) is not None:  # transformers >= 5 writes this
+            check_value("rope_parameters", "dict", rope)
+            # one entry per layer kind since transformers 5; a single entry is the global one
+            full = check_value("rope_parameters.full_attention", "dict", rope.get(GLOBAL, rope))
+            local = check_value("rope_parameters.sliding_attention", "dict", rope.get(LOCAL, {}))
+            d.setdefault("rope_theta", full.get("rope_theta"))
+            d.setdefault("rope_local_base_freq", local.get("rope_theta"))
+            if full.get("rope_type", "default") != "default":
+                d.setdefault("rope_scaling", full)
+            if local.get("rope_type", "default") != "default":
+                raise ValueError(f"rope_parameters.sliding_attention {local!r:.80}: not supported")
+        config = cls(**config_fields(cls, d))
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(config, name) is not None:
+                raise ValueError(f"{name} is not supported (Gemma 3 has none)")
+        if config.use_bidirectional_attention:
+            raise ValueError("use_bidirectional_attention is not supported (causal models only)")
+        if config.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(
+                f"hidden_activation {config.hidden_activation!r} is not supported "
+                "(expected gelu_pytorch_tanh)"
+            )
+        if config.num_attention_heads % config.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {config.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {config.num_key_value_heads}"
+            )
+        if config.head_dim % 2:  # rotary embeddings turn pairs
+            raise ValueError(f"head_dim = {config.head_dim}: expected an even number")
+        config.layer_types = _layer_types(config)
+        check_rope_scaling(config.rope_scaling)
+        return config
+
+    @property
+    def context_length(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def layer_count(self) -> int:
+        return self.num_hidden_layers
+
+
+def _layer_types(config: Gemma3Config) -> list[str]:
+    """The kind of each layer: from `layer_types`, else every `sliding_window_pattern`-th layer
+    global (layers 5, 11, 17 ... for 6), as HF derives it for older configs."""
+    n = config.num_hidden_layers
+    if config.layer_types is None:
+        pattern = config.sliding_window_pattern
+        return [GLOBAL if (i + 1) % pattern == 0 else LOCAL for i in range(n)]
+    types = config.layer_types
+    if not isinstance(types, list) or len(types) != n or not set(types) <= {LOCAL, GLOBAL}:
+        raise ValueError(
+            f"layer_types {types!r:.80}: expected {n} entries, each {LOCAL!r} or {GLOBAL!r}"
+        )
+    return list(types)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * (1 + weight): Gemma stores the gain minus 1, so a zero weight is the identity.
+
+    subtle: the gain multiplies in float32 before the cast back, as HF's Gemma3RMSNorm does
+    (Llama's casts first); in bfloat16 the two orders round differently.
+    """
+
+    def __init__(self, dim: int, eps: float, hooks: Hooks, name: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+        self.hook = HookPoint(hooks, name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # rms 1 per vector
+        x32 = self.hook("hook_normalized", x32)  # float32, before the gain
+        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class Attention(nn.Module):
+    FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # stacked by kernels.pack_model
+
+    def __init__(self, config: Gemma3Config, i: int, hooks: Hooks) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        C, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=bias)
+        # Each head's q and k are RMS-normalized before the rotation (QK-norm, Dehghani et al.
+        # 2023): it bounds the scores, and took the place of Gemma 2's tanh soft-capping.
+        eps = config.rms_norm_eps
+        self.q_norm = RMSNorm(self.head_dim, eps, hooks, f"blocks.{i}.attn.q_norm.")
+        self.k_norm = RMSNorm(self.head_dim, eps, hooks, f"blocks.{i}.attn.k_norm.")
+        # 1 / sqrt(query_pre_attn_scalar): head_dim for most sizes, hidden / heads for 27B
+        self.scale = config.query_pre_attn_scalar**-0.5
+        self.hook = HookPoint(hooks, f"blocks.{i}.attn.")
+        self.fast = False  # set at load: SDPA's fused kernel in place of the written-out math
+        self.qkv_proj: nn.Module | None = None  # set when packing: q, k, v rows in one matrix
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        cache: KVCache | None,
+        input_pos: Tensor,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B,T,nh*hs), 2x(B,T,nkv*hs)
+        else:  # packed for the kernels: one pass over x for the three (modules.pack_model)
+            q, k, v = self.qkv_proj(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        q = self.q_norm(self.hook("hook_q", q.view(B, T, nh, hs))).transpose(1, 2)  # (B,nh,T,hs)
+        k = self.k_norm(self.hook("hook_k", k.view(B, T, nkv, hs))).transpose(1, 2)  # (B,nkv,T,hs)
+        v = self.hook("hook_v", v.view(B, T, nkv, hs)).transpose(1, 2)  # (B, nkv, T, hs)
+        # Positions enter here, as rotations of q and k (the local or global angles of this layer).
+        q = self.hook("hook_rot_q", rotate(q, cos, sin).transpose(1, 2)).transpose(1, 2)
+        k = self.hook("hook_rot_k", rotate(k, cos, sin).transpose(1, 2)).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v)  # (B, nkv, S, hs)
+        if not self.fast or self.hook.listening:
+            # GQA: each kv head serves nh/nkv query heads; repeat it for its group.
+            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nkv, S, hs) -> (B, nh, S, hs)
+            v = v.repeat_interleave(nh // nkv, dim=1)  # (B, nkv, S, hs) -> (B, nh, S, hs)
+            scores = q @ k.transpose(-2, -1) * self.scale  # (B, nh, T, hs) @ (B, nh, hs, S)
+            scores = scores.masked_fill(~mask, float("-inf"))  # no future, padding, far past
+            scores = self.hook("hook_attn_scores", scores)  # (B, nh, T, S)
+            pattern = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # each row sums to 1
+            pattern = self.hook("hook_pattern", pattern)  # (B, nh, T, S)
+            z = pattern @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
+        else:  # the same equation in SDPA's fused kernel, kv heads shared without copies
+            z = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True
+            )
+        z = self.hook("hook_z", z.transpose(1, 2))  # (B, T, nh, hs)
+        return self.o_proj(z.reshape(B, T, nh * hs))  # (B, T, nh*hs) -> (B, T, C)
+
+
+class MLP(nn.Module):
+    """GeGLU (Shazeer, 2020): down(gelu(gate(x)) * up(x)), GELU in its tanh approximation."""
+
+    FUSED = {"gate_up_proj": ("gate_proj", "up_proj")}  # stacked by kernels.pack_model
+
+    def __init__(self, config: Gemma3Config, i: int, hooks: Hooks) -> None:
+        super().__init__()
+        C, H = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(C, H, bias=False)
+        self.up_proj = nn.Linear(C, H, bias=False)
+        self.down_proj = nn.Linear(H, C, bias=False)
+        self.hook = HookPoint(hooks, f"blocks.{i}.mlp.")
+        self.gate_up_proj: nn.Module | None = None  # set when packing: gate and up rows stacked
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, C) -> 2 x (B, T, H)
+        else:  # packed for the kernels: one pass over x for both
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate = self.hook("hook_pre", gate)  # (B, T, H)
+        post = self.hook("hook_post", F.gelu(gate, approximate="tanh") * up)
+        return self.down_proj(post)  # (B, T, H) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """Sandwich norms: each sublayer's input is normalized (ln1, ln2) and so is its output
+    (ln1_post, ln2_post) before it joins the residual stream."""
+
+    def __init__(self, config: Gemma3Config, i: int, hooks: Hooks) -> None:
+        super().__init__()
+        C, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(C, eps, hooks, f"blocks.{i}.ln1.")
+        self.self_attn = Attention(config, i, hooks)
+        self.post_attention_layernorm = RMSNorm(C, eps, hooks, f"blocks.{i}.ln1_post.")
+        self.pre_feedforward_layernorm = RMSNorm(C, eps, hooks, f"blocks.{i}.ln2.")
+        self.mlp = MLP(config, i, hooks)
+        self.post_feedforward_layernorm = RMSNorm(C, eps, hooks, f"blocks.{i}.ln2_post.")
+        self.hook = HookPoint(hooks, f"blocks.{i}.")
+
+    def forward(self, x, cos, sin, mask, cache, input_pos) -> Tensor:
+        x = self.hook("hook_resid_pre", x)  # (B, T, C): the residual stream
+        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos)
+        attn_out = self.hook("hook_attn_out", self.post_attention_layernorm(attn_out))
+        x = self.hook("hook_resid_mid", x + attn_out)
+        mlp_out = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return self.hook("hook_resid_post", x + self.hook("hook_mlp_out", mlp_out))
+
+
+class Gemma3(nn.Module):
+    def __init__(self, config: Gemma3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.hooks = Hooks()  # the named activations of this model (models/hooks.py)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            Block(config, i, self.hooks) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.hooks, "ln_final.")
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.hook = HookPoint(self.hooks, "")
+        # Two sets of angles, each shared by the layers of its kind (models/rope.py): local
+        # layers turn with base 10k, global ones with base 1M (and linear scaling on 4B+).
+        self.rotary = {
+            LOCAL: Rotary(config.head_dim, config.rope_local_base_freq),
+            GLOBAL: Rotary(config.head_dim, config.rope_theta, config.rope_scaling),
+        }
+
+    def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        """One full-length cache per layer; a local layer's mask hides what its window left."""
+        c = self.config
+        dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        return [
+            KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, device)
+            for _ in range(c.num_hidden_layers)
+        ]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        cache: list[KVCache] | None = None,
+        input_pos: Tensor | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Logits (B, T, V) in float32; arguments as `GPT2.forward`."""
+        B, T = input_ids.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=input_ids.device)
+        n_keys = cache[0].k.shape[2] if cache is not None else T
+        positions, mask = positions_and_mask(attention_mask, input_pos, n_keys, B)
+        masks = {GLOBAL: mask, LOCAL: sliding_window(mask, input_pos, self.config.sliding_window)}
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        # sqrt(C) rounded to the model's dtype first, as HF does (25.25, not 25.30, in bf16)
+        x = self.hook("hook_embed", x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype))
+        angles = {kind: rotary(positions, n_keys, x.dtype) for kind, rotary in self.rotary.items()}
+        for i, layer in enumerate(self.layers):
+            kind = self.config.layer_types[i]
+            cos, sin = angles[kind]  # (B, 1, T, hs) each: for every head
+            layer_cache = cache[i] if cache is not None else None
+            x = layer(x, cos, sin, masks[kind], layer_cache, input_pos)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        return self.unembed(x)
+
+    def unembed(self, x: Tensor) -> Tensor:
+        """Residual stream (B, T, C) -> float32 logits (B, T, V): final norm, then lm_head."""
+        return self.lm_head(self.norm(x)).float()
+
+
+# Checkpoint layout -----------------------------------------------------------------------------
+
+# Where the text model's tensors sit: Gemma3ForCausalLM (model.), Gemma3ForConditionalGeneration
+# since transformers 4.52 (model.language_model.) and before it (language_model.model.).
+_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.")
+_IMAGE_PARTS = ("vision_tower.", "multi_modal_projector.")  # the image encoder: not run here
+
+
+def sanitize(weights: dict[str, Tensor], config: Gemma3Config) -> dict[str, Tensor]:
+    """HF Gemma3ForCausalLM / Gemma3ForConditionalGeneration tensors -> our names."""
+    out = {}
+    for name, w in weights.items():
+        name = next((name.removeprefix(p) for p in _PREFIXES if name.startswith(p)), name)
+        if name.startswith(_IMAGE_PARTS):
+            continue
+        out[name] = w
+    if config.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+# The names the registry (models/__init__.py) looks up in every architecture file.
+Config = Gemma3Config
+Model = Gemma3
