@@ -46,19 +46,24 @@ def ours(gemma, texts):
 
 
 @pytest.fixture(scope="module")
-def llama_cpp_ids(texts):
-    """llama.cpp's ids from a child process (llama_cpp must not share one with torch)."""
+def llama_cpp_ids(texts, request):
+    """llama.cpp's ids from a child process (llama_cpp must not share one with torch); ours
+    are computed while it runs (~10 s for the corpus)."""
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36)")
-    request = json.dumps({"model": str(gemma3_gguf()), "texts": texts})
-    out = subprocess.run(
+    child = subprocess.Popen(
         [sys.executable, str(HERE / "llama_cpp_tokenize.py")],
-        input=request,
-        capture_output=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        check=True,
     )
-    return json.loads(out.stdout)
+    child.stdin.write(json.dumps({"model": str(gemma3_gguf()), "texts": texts}))
+    child.stdin.close()
+    request.getfixturevalue("ours")
+    out, err = child.stdout.read(), child.stderr.read()
+    assert child.wait() == 0, err[-2000:]
+    return json.loads(out)
 
 
 @pytest.fixture(scope="module")
