@@ -6,6 +6,8 @@ so a file that does not fit fails at once, naming the tensor.
 
 from __future__ import annotations
 
+import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -23,7 +25,8 @@ def load_gguf_model(
     path: Path, dtype: torch.dtype, device: torch.device, native: bool = False
 ) -> nn.Module:
     """The model of a GGUF file; `native`: its Q8_0/Q4_0/Q4_1 matrices stay in their blocks
-    and run on our CPU kernels (as llama.cpp computes), the rest is dequantized to `dtype`."""
+    and run on our CPU kernels (as llama.cpp computes), the rest is dequantized to `dtype`
+    (one line on stderr names the block kinds that run dense)."""
     with read_gguf(path) as gguf:
         architecture = gguf.metadata.get("general.architecture")
         try:
@@ -68,7 +71,28 @@ def load_gguf_model(
             from tinyformers.kernels.modules import pack_model
 
             pack_model(model, "f32", quantized=_native_blocks(gguf, fmt, config, names))
+            if dense := _dense_kinds(gguf):
+                print(
+                    f"tinyformers: {path.name}: {dense} matrices run dense "
+                    "(our kernels run Q8_0, Q4_0, Q4_1)",
+                    file=sys.stderr,
+                )
         return model
+
+
+NATIVE = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1)  # the block kinds our kernels compute on
+
+
+def _dense_kinds(gguf: GGUFFile) -> str:
+    """The quantized matrices that `quantize="gguf"` dequantizes, counted by block kind, most
+    first ("81 Q5_0, 27 Q4_K, 9 Q6_K"); "" when every one runs on its own blocks."""
+    plain = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)  # no blocks: dense is what they are
+    kinds = Counter(
+        GGMLType(info.ggml_type).name
+        for info in gguf.tensors.values()
+        if len(info.shape) == 2 and info.ggml_type not in NATIVE + plain
+    )
+    return ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
 
 
 def _native_blocks(gguf: GGUFFile, fmt, config, names: dict[str, str]) -> dict:
@@ -81,7 +105,7 @@ def _native_blocks(gguf: GGUFFile, fmt, config, names: dict[str, str]) -> dict:
             continue
         if info.ggml_type == GGMLType.Q8_0:
             parts[names[name]] = q8_0_split(gguf.raw(name), info.shape)
-        elif info.ggml_type in (GGMLType.Q4_0, GGMLType.Q4_1):
+        elif info.ggml_type in NATIVE:  # Q4_0, Q4_1
             parts[names[name]] = q4_split(gguf.raw(name), info.ggml_type, info.shape)
     by_part = [
         fmt.sanitize({k: v[i] for k, v in parts.items() if len(v) > i}, config)
