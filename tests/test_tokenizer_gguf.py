@@ -95,7 +95,7 @@ def gpt2_metadata():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"tokenizer.ggml.model": "llama"}, r"tokenizer\.ggml\.model 'llama' is not supported"),
+        ({"tokenizer.ggml.model": "bert"}, r"tokenizer\.ggml\.model 'bert' is not supported"),
         ({"tokenizer.ggml.pre": "qwen2"}, r"tokenizer\.ggml\.pre 'qwen2' is not supported"),
         ({"tokenizer.ggml.pre": None}, r"tokenizer\.ggml\.pre None is not supported"),
         ({"tokenizer.ggml.tokens": None}, r"tokenizer\.ggml\.tokens is missing"),

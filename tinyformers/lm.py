@@ -27,6 +27,7 @@ from tinyformers.kernels.modules import PackedEmbedding, PackedLinear, PackedWei
 from tinyformers.loading.json_file import read_json
 from tinyformers.loading.loader import load_model
 from tinyformers.models import set_fast_path
+from tinyformers.tokenizers import prompt_ids
 
 
 class LanguageModel:
@@ -216,9 +217,7 @@ class LanguageModel:
                     "(truncate=True) or fewer new tokens"
                 )
             prompt = prompt[-2 * most :]
-        ids = self.tokenizer.encode(prompt)
-        bos = self.tokenizer.bos_token_id
-        return ids if ids or bos is None else [bos]  # an empty prompt starts from BOS
+        return prompt_ids(self.tokenizer, prompt)  # BOS first where the tokenizer asks for it
 
     def _fit(self, prompt: list[int], max_new_tokens: int, truncate: bool) -> list[int]:
         prompt = fit_context(prompt, max_new_tokens, self.config.context_length, truncate)

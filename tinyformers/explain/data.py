@@ -15,6 +15,7 @@ from torch import Tensor
 
 from tinyformers.errors import ContextLengthError, TinyformersError
 from tinyformers.lens import act_name
+from tinyformers.tokenizers import prompt_ids
 
 # The logit lens holds (n_layer + 1) x T x V floats: 1.5 GB for SmolLM2 at 256 tokens.
 MAX_TOKENS = 256
@@ -51,9 +52,7 @@ def explain(model, text: str, top_k: int = 10, layers: list[int] | None = None) 
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise TinyformersError(f"{model.source}: no tokenizer files: explain needs text")
-    ids = tokenizer.encode(text)
-    if not ids and tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id]  # as generation does: an empty prompt starts from BOS
+    ids = prompt_ids(tokenizer, text)  # as generation reads it: BOS where the tokenizer asks
     if not ids:
         raise TinyformersError("the prompt is empty and the model has no BOS token to start from")
     limit = min(MAX_TOKENS, model.config.context_length)

@@ -31,6 +31,7 @@ from tinyformers.serve.engine import Delta, Engine, Failed, Finished, QueueFull
 from tinyformers.serve.engine import Request as Job
 from tinyformers.serve.protocol import APIError, ChatRequest, CompletionRequest, parse
 from tinyformers.serve.responses import DONE, Choice, Shapes, event
+from tinyformers.tokenizers import prompt_ids
 
 log = logging.getLogger("tinyformers.serve")
 
@@ -242,12 +243,12 @@ def _prompt_ids(model, prompt: str | list[int], context: int) -> list[int]:
             raise APIError(400, f"prompt: token id {bad} is outside 0..{vocab - 1}", param="prompt")
         return prompt
     _check_length(len(prompt), tokenizer, context, "prompt")
-    ids = tokenizer.encode(prompt)
-    if not ids and tokenizer.bos_token_id is None:
+    ids = prompt_ids(tokenizer, prompt)  # BOS first where the tokenizer asks for it
+    if not ids:
         raise APIError(
             400, "prompt: empty, and the model has no BOS token to start from", param="prompt"
         )
-    return ids or [tokenizer.bos_token_id]  # an empty prompt starts from BOS
+    return ids
 
 
 def _check_length(chars: int, tokenizer, context: int, param: str) -> None:

@@ -5,10 +5,23 @@ from tinyformers.tokenizers.bpe import StreamDecoder, Tokenizer
 from tinyformers.tokenizers.sentencepiece import SentencePieceTokenizer
 from tinyformers.tokenizers.sources import from_gguf_metadata, load_tokenizer
 
+
+def prompt_ids(tokenizer: Tokenizer | SentencePieceTokenizer, text: str) -> list[int]:
+    """The ids a model reads for a plain-text prompt: BOS first where the tokenizer's own config
+    asks for it (`add_bos_token`: Gemma, Llama 2; HF and llama.cpp do the same), and BOS alone
+    for an empty prompt. `encode` itself never adds BOS: the chat template writes its own."""
+    ids = tokenizer.encode(text)
+    bos = tokenizer.bos_token_id
+    if bos is not None and (tokenizer.add_bos_token or not ids) and ids[:1] != [bos]:
+        ids = [bos, *ids]
+    return ids
+
+
 __all__ = [
     "SentencePieceTokenizer",
     "StreamDecoder",
     "Tokenizer",
     "from_gguf_metadata",
     "load_tokenizer",
+    "prompt_ids",
 ]
