@@ -2,7 +2,7 @@
 
 Every file is opened without blocking and must be a regular file under a size cap: a FIFO or
 /dev/zero named config.json fails at once instead of hanging or filling memory. JSON integers
-longer than 20 digits are refused (a 5,000-digit int costs seconds and int() raises past
+longer than 40 digits are refused (a 5,000-digit int costs seconds and int() raises past
 4,300), and nesting deeper than Python's recursion limit (~1,000) is refused too; every
 failure is one error of the caller's class naming the file.
 """
@@ -18,7 +18,7 @@ from typing import Any
 from tinyformers.errors import CheckpointError, TinyformersError
 
 MAX_FILE_BYTES = 128 * 2**20  # the largest real tokenizer.json (Gemma's 256K vocab) is ~35 MB
-MAX_INT_DIGITS = 20  # int64 and uint64 fit; nothing in a config needs more
+MAX_INT_DIGITS = 40  # int64 fits, and HF's "no limit" model_max_length (1e30, 31 digits)
 
 
 def read_bytes(
