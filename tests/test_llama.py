@@ -9,6 +9,7 @@ from conftest import hf_logits, left_padded_batch, smollm2_gguf
 
 import tinyformers
 from tinyformers.errors import CheckpointError
+from tinyformers.models.llama import Llama, LlamaConfig
 
 # SmolLM2-135M's shapes, 2 layers instead of 30.
 SMOLLM2 = {
@@ -80,6 +81,58 @@ def test_unsupported_rope_scaling_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"config.json: rope_scaling .*yarn.* not supported"):
         tinyformers.load(tmp_path)
+
+
+# Mistral and Qwen2: the keys their HF config classes read, as they read them -----------------
+
+ALTERNATE = ["sliding_attention", "full_attention", "sliding_attention"]
+FAMILY_CONFIGS = [  # (model_type, config.json keys beyond the shapes): HF's per-layer windows
+    ("mistral", {}),  # no key: HF's default window of 4096 on every layer
+    ("mistral", {"sliding_window": None}),  # an explicit null: full attention
+    ("mistral", {"sliding_window": 5, "layer_types": ["full_attention"] * 3}),  # ignored
+    ("qwen2", {"sliding_window": 5}),  # no use_sliding_window: no window at all
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}),
+    ("qwen2", {"use_sliding_window": True}),  # HF's defaults: 4096 from layer 28, so none
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 5, "layer_types": ALTERNATE}),
+    ("llama", {"sliding_window": 5, "use_sliding_window": True}),  # Llama reads neither
+]
+
+
+@pytest.mark.parametrize(("model_type", "keys"), FAMILY_CONFIGS)
+def test_sliding_windows_are_read_as_hf_reads_them(model_type, keys):
+    import transformers
+
+    shapes = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96}
+    shapes |= {"num_hidden_layers": 3, "num_attention_heads": 4, "model_type": model_type}
+    hf = transformers.AutoConfig.for_model(**shapes, **keys)
+    kinds = {  # Mistral windows every layer, Qwen2 its layer_types, Llama none
+        "mistral": ["sliding_attention"] * 3,
+        "qwen2": getattr(hf, "layer_types", None),
+    }.get(model_type, ["full_attention"] * 3)
+    windows = [  # the window of HF's attention mask at each layer
+        getattr(hf, "sliding_window", None) if kinds[i] == "sliding_attention" else None
+        for i in range(3)
+    ]
+    config = LlamaConfig.from_dict({**shapes, **keys})
+    assert [config.layer_window(i) for i in range(3)] == windows
+
+
+def test_qwen2_biases_q_k_v_only_whatever_the_keys():
+    """HF's Qwen2 has no bias switch: q, k, v always biased, o never, mlp never."""
+    d = {"model_type": "qwen2", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 96}
+    d |= {"num_hidden_layers": 1, "num_attention_heads": 4, "attention_bias": True}
+    attn = Llama(LlamaConfig.from_dict(d | {"mlp_bias": True})).layers[0].self_attn
+    assert attn.q_proj.bias is not None and attn.v_proj.bias is not None
+    assert attn.o_proj.bias is None
+
+
+def test_sliding_layers_without_a_window_are_refused():
+    d = {"model_type": "qwen2", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 96}
+    d |= {"num_hidden_layers": 2, "num_attention_heads": 4}
+    with pytest.raises(ValueError, match="sliding_attention layers but sliding_window is null"):
+        LlamaConfig.from_dict(d | {"layer_types": ["sliding_attention", "full_attention"]})
+    with pytest.raises(ValueError, match="layer_types = .*expected a list of 2 kinds"):
+        LlamaConfig.from_dict(d | {"layer_types": ["full_attention"]})
 
 
 # The real SmolLM2-135M-Instruct GGUF ----------------------------------------------------------

@@ -1,5 +1,6 @@
 """Llama (Touvron et al., 2023) and its family (SmolLM2, Llama 3): RMSNorm, rotary positions,
-grouped-query attention and a SwiGLU MLP in pre-norm residual blocks.
+grouped-query attention and a SwiGLU MLP in pre-norm residual blocks. Mistral adds a sliding
+window (each query reads only the last `sliding_window` keys); Qwen2 adds biases to q, k and v.
 
 Shapes: B batch, T tokens in this call, S key slots (T without a cache, the cache length with one),
 C = hidden_size, nh = num_attention_heads, nkv = num_key_value_heads, hs = head_dim, V vocab size.
@@ -16,13 +17,14 @@ from torch import Tensor, nn
 from tinyformers.models import check_value, config_fields
 from tinyformers.models.hooks import HookPoint, Hooks
 from tinyformers.models.kv_cache import KVCache
-from tinyformers.models.masks import positions_and_mask
+from tinyformers.models.masks import positions_and_mask, sliding_window
 from tinyformers.models.rope import Rotary, check_rope_scaling, rotate
 
 
 @dataclass
 class LlamaConfig:
-    """The fields of Hugging Face's `LlamaForCausalLM` config.json that change the math."""
+    """The fields of Hugging Face's `LlamaForCausalLM` config.json that change the math
+    (and of `MistralForCausalLM` and `Qwen2ForCausalLM`, told apart by `model_type`)."""
 
     vocab_size: int
     hidden_size: int
@@ -41,11 +43,14 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    model_type: str = "llama"  # "qwen2": biases on q, k and v (never on o), whatever the keys
+    sliding_window: int | None = None  # None: every key; n: a query reads its last n keys
+    layer_types: list[str] | None = None  # "sliding_attention" layers use the window; None: all
 
     @classmethod
     def from_dict(cls, d: dict) -> LlamaConfig:
         """Map a checkpoint's config dict; unknown keys are ignored, missing required ones named."""
-        d = dict(d)
+        d = family_fields(dict(d))
         if (rope := d.pop("rope_parameters", None)) is not None:  # transformers >= 5 writes this
             check_value("rope_parameters", "dict", rope)
             d.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
@@ -68,7 +73,14 @@ class LlamaConfig:
                 "expected an even number >= 2"
             )
         check_rope_scaling(config.rope_scaling)
+        check_layer_types(config)
         return config
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer `i`, or None where it attends to every earlier key."""
+        if self.layer_types is None or self.layer_types[i] == "sliding_attention":
+            return self.sliding_window
+        return None
 
     @property
     def context_length(self) -> int:
@@ -77,6 +89,52 @@ class LlamaConfig:
     @property
     def layer_count(self) -> int:
         return self.num_hidden_layers
+
+
+def family_fields(d: dict) -> dict:
+    """`d` with the keys each family's HF config class reads, as that class reads them.
+
+    subtle: HF's classes differ on keys a config.json may carry: Mistral's window defaults to
+    4096 when the key is absent (an explicit null is full attention) and applies to every
+    layer; Qwen2's window counts only with `use_sliding_window`, and then only from layer
+    `max_window_layers` on (or where `layer_types` says). Neither reads the bias switches, and
+    Llama reads no window at all.
+    """
+    kind = d.get("model_type", "llama")
+    ignored = ["attention_bias", "mlp_bias"] if kind in ("mistral", "qwen2") else []
+    if kind == "mistral":
+        d.setdefault("sliding_window", 4096)
+        ignored.append("layer_types")
+    elif kind == "qwen2":
+        if not check_value("use_sliding_window", "bool", d.get("use_sliding_window", False)):
+            d["sliding_window"] = None
+        elif d.setdefault("sliding_window", 4096) is not None and d.get("layer_types") is None:
+            first = d.get("max_window_layers", 28)
+            if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+                raise ValueError(f"max_window_layers = {first!r:.60}: expected an integer >= 0")
+            n = check_value("num_hidden_layers", "int", d.get("num_hidden_layers"))
+            d["layer_types"] = [_LAYER_TYPES[i >= first] for i in range(n)]
+    else:
+        ignored += ["sliding_window", "layer_types"]
+    return {k: v for k, v in d.items() if k not in ignored}
+
+
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def check_layer_types(config: LlamaConfig) -> None:
+    """ValueError unless `layer_types` names one known kind per layer, with a window to use."""
+    kinds = config.layer_types
+    if kinds is None:
+        return
+    if not isinstance(kinds, list) or len(kinds) != config.num_hidden_layers:
+        raise ValueError(
+            f"layer_types = {kinds!r:.60}: expected a list of {config.num_hidden_layers} kinds"
+        )
+    if unknown := [k for k in kinds if k not in _LAYER_TYPES]:
+        raise ValueError(f"layer_types: {unknown[0]!r:.60} is not one of {_LAYER_TYPES}")
+    if "sliding_attention" in kinds and config.sliding_window is None:
+        raise ValueError("layer_types names sliding_attention layers but sliding_window is null")
 
 
 class RMSNorm(nn.Module):
@@ -105,9 +163,10 @@ class Attention(nn.Module):
             config.head_dim,
         )
         C, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
+        qkv_bias = bias or config.model_type == "qwen2"  # Qwen2: q, k, v biased, o not
+        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=bias)
         self.scale = self.head_dim**-0.5  # 1 / sqrt(hs): keeps q.k near unit variance
         self.hook = HookPoint(hooks, f"blocks.{i}.attn.")
@@ -239,11 +298,15 @@ class Llama(nn.Module):
             input_pos = torch.arange(T, device=input_ids.device)
         n_keys = cache[0].k.shape[2] if cache is not None else T
         positions, mask = positions_and_mask(attention_mask, input_pos, n_keys, B)
+        window = self.config.sliding_window
+        # Mistral (and Qwen2's later layers): a query reads only its last `window` keys
+        local = mask if window is None else sliding_window(mask, input_pos, window)
         x = self.hook("hook_embed", self.embed_tokens(input_ids))  # (B, T, C)
         # One angle per (position, pair of dimensions), shared by every layer.
         cos, sin = self.rotary(positions, n_keys, x.dtype)  # (B, 1, T, hs): for every head
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache[i] if cache is not None else None, input_pos)
+            m = local if self.config.layer_window(i) else mask  # (B, 1, T, S)
+            x = layer(x, cos, sin, m, cache[i] if cache is not None else None, input_pos)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         return self.unembed(x)
@@ -257,7 +320,8 @@ class Llama(nn.Module):
 
 
 def sanitize(weights: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tensor]:
-    """HF LlamaForCausalLM tensors -> our names (no `model.` prefix)."""
+    """HF LlamaForCausalLM (MistralForCausalLM, Qwen2ForCausalLM) tensors -> our names (no
+    `model.` prefix): the three share one layout."""
     out = {}
     for name, w in weights.items():
         name = name.removeprefix("model.")
