@@ -15,7 +15,7 @@ from conftest import gemma3_gguf, hf_logits, left_padded_batch
 from torch import Tensor
 
 import tinyformers
-from tinyformers.models.gemma3 import Gemma3Config
+from tinyformers.models.gemma3 import Gemma3Config, sanitize
 
 # Gemma 3 270M's layout, shrunk: GQA (4 query heads, 2 kv), head_dim apart from C / nh, a
 # window of 4 tokens so the local layers forget, and both layer kinds, global ones with linear
@@ -107,6 +107,22 @@ def test_multimodal_config_reads_text_config():
     config = Gemma3Config.from_dict(d)
     assert (config.hidden_size, config.vocab_size, config.sliding_window) == (2560, 262208, 1024)
     assert config.rope_scaling["factor"] == 8.0 and config.rope_local_base_freq == 10000.0
+
+
+def test_sanitize_keeps_the_text_model_of_every_checkpoint_layout():
+    """Gemma3ForCausalLM (model.), Gemma3ForConditionalGeneration since transformers 4.52
+    (model.language_model.) and before (language_model.model.); the image encoder is dropped."""
+    w = torch.zeros(1)
+    weights = {
+        "model.language_model.layers.0.mlp.up_proj.weight": w,
+        "language_model.model.layers.1.mlp.up_proj.weight": w,
+        "model.norm.weight": w,
+        "model.vision_tower.vision_model.post_layernorm.weight": w,
+        "multi_modal_projector.mm_input_projection_weight": w,
+        "lm_head.weight": w,  # tied: the embedding is the head
+    }
+    names = sorted(sanitize(weights, Gemma3Config.from_dict({})))
+    assert names == ["layers.0.mlp.up_proj.weight", "layers.1.mlp.up_proj.weight", "norm.weight"]
 
 
 def test_softcapping_is_refused():
