@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -95,3 +96,26 @@ def test_unreadable_or_short_file_is_one_line_exit_1(gpt2_small_dir, tmp_path, c
     run = plain("perplexity", str(path), "--model", str(gpt2_small_dir))
     assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
     assert message in run.stderr and str(path) in run.stderr
+
+
+def test_a_model_that_reads_bos_first_gets_it_at_every_window(gpt2_small_dir, reference, tmp_path):
+    """As llama.cpp's perplexity does for Gemma: BOS heads each window, then every text token
+    is scored (GPT-2 made to ask for BOS through its tokenizer_config.json)."""
+    folder = tmp_path / "with-bos"
+    shutil.copytree(gpt2_small_dir, folder)
+    (folder / "tokenizer_config.json").write_text('{"add_bos_token": true}')
+    (tmp_path / "text.txt").write_text(TEXT)
+    run = plain("perplexity", str(tmp_path / "text.txt"), "--model", str(folder), "-c", "16")
+    assert run.returncode == 0, run.stderr
+    tokenizer = tinyformers.load_tokenizer(folder)
+    ids, bos = tokenizer.encode(TEXT), tokenizer.bos_token_id
+    nll, scored = 0.0, 0
+    for start in range(0, len(ids), 15):  # 15 text tokens after BOS fill a 16-token window
+        window = torch.tensor([[bos, *ids[start : start + 15]]])
+        with torch.no_grad():
+            logits = reference(window).logits[0]
+        nll += F.cross_entropy(logits[:-1], window[0, 1:], reduction="sum").item()
+        scored += window.shape[1] - 1
+    ppl, n = measured(run.stdout)
+    assert n == scored == len(ids)  # every text token scored, the first one from BOS
+    assert ppl == pytest.approx(math.exp(nll / scored), rel=1e-4)  # fp32 sums in another order

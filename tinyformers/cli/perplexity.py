@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
         raise TinyformersError(f"{model.source}: no tokenizer files to turn the text into tokens")
     ids = model.tokenizer.encode(text)
     context = min(args.context or 1024, model.config.context_length)
-    nll, scored = perplexity_sums(model, ids, context, args.second_half)
+    tok = model.tokenizer
+    bos = tok.bos_token_id if tok.add_bos_token else None
+    nll, scored = perplexity_sums(model, ids, context, args.second_half, bos)
     if not scored:
         raise TinyformersError(f"{args.file}: {len(ids)} tokens, too few to score")
     windows = math.ceil(len(ids) / context)
@@ -72,15 +74,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def perplexity_sums(model, ids: list[int], context: int, second_half: bool) -> tuple[float, int]:
-    """(sum of negative log-likelihoods, tokens scored) over windows of `context` tokens."""
+def perplexity_sums(
+    model, ids: list[int], context: int, second_half: bool, bos: int | None = None
+) -> tuple[float, int]:
+    """(sum of negative log-likelihoods, tokens scored) over windows of `context` tokens.
+
+    bos: a model that reads BOS first (Gemma) gets it at the head of every window, and then its
+    first text token is scored too (llama.cpp's perplexity does the same)."""
     import torch
     import torch.nn.functional as F
 
     nll, scored = 0.0, 0
-    starts = range(0, len(ids), context)
+    head = [] if bos is None else [bos]
+    step = context - len(head)
+    starts = range(0, len(ids), step)
     for i, start in enumerate(starts, 1):
-        window = torch.tensor([ids[start : start + context]])  # (1, T)
+        window = torch.tensor([head + ids[start : start + step]])  # (1, T)
         first = context // 2 if second_half else 1  # the first position scored
         if window.shape[1] <= first:
             break
