@@ -1,7 +1,8 @@
 """GPT-2 (Radford et al., 2019): decoder-only transformer, learned positions, pre-LN blocks.
 
 Shapes: B batch, T tokens in this call, S key slots (T without a cache, the cache length with one),
-C = n_embd, nh = n_head, hs = C // nh head size, V vocab size.
+C = n_embd, nh = n_head, hs = head_dim (C // nh unless given), V vocab size. The attention's
+width is nh * hs, which is C except in one rank's shard under tensor parallel (fewer heads).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class GPT2Config:
     n_layer: int
     n_head: int
     n_inner: int | None = None  # None: 4 * n_embd
+    head_dim: int | None = None  # None: n_embd // n_head (not in HF's config: set for a shard)
     activation_function: str = "gelu_new"
     layer_norm_epsilon: float = 1e-5
     scale_attn_weights: bool = True
@@ -95,10 +97,11 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int, hooks: Hooks) -> None:
         super().__init__()
         self.n_head = config.n_head
+        self.head_size = head_size = config.head_dim or config.n_embd // config.n_head
+        width = self.n_head * head_size  # n_embd, or a shard's heads only (tensor parallel)
         # q, k and v projections fused in one matrix, as the checkpoint stores them.
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        head_size = config.n_embd // config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * width)
+        self.c_proj = nn.Linear(width, config.n_embd)
         self.scale = 1 / math.sqrt(head_size) if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:  # a stability trick of some GPT-2 variants
             self.scale /= layer_idx + 1
@@ -108,8 +111,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor, cache: KVCache | None, input_pos: Tensor) -> Tensor:
         B, T, C = x.shape
-        hs = C // self.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        nh, hs = self.n_head, self.head_size
+        q, k, v = self.c_attn(x).split(nh * hs, dim=2)  # 3 x (B, T, nh*hs): nh*hs = C
         q = self.hook("hook_q", q.view(B, T, self.n_head, hs)).transpose(1, 2)  # (B, nh, T, hs)
         k = self.hook("hook_k", k.view(B, T, self.n_head, hs)).transpose(1, 2)  # (B, nh, T, hs)
         v = self.hook("hook_v", v.view(B, T, self.n_head, hs)).transpose(1, 2)  # (B, nh, T, hs)
@@ -128,7 +131,7 @@ class CausalSelfAttention(nn.Module):
         else:  # the same equation in SDPA's fused kernel
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         z = self.hook("hook_z", z.to(x.dtype).transpose(1, 2))  # (B, T, nh, hs)
-        return self.c_proj(z.reshape(B, T, C))  # heads side by side again, then mixed
+        return self.c_proj(z.reshape(B, T, nh * hs))  # heads side by side again, then mixed
 
 
 class MLP(nn.Module):
@@ -181,7 +184,7 @@ class GPT2(nn.Module):
         self.hook = HookPoint(self.hooks, "")
 
     def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
-        hs = self.config.n_embd // self.config.n_head
+        hs = self.config.head_dim or self.config.n_embd // self.config.n_head
         dtype, device = self.ln_f.weight.dtype, self.ln_f.weight.device
         return [
             KVCache(batch, self.config.n_head, max_len, hs, dtype, device)
