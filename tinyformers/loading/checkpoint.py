@@ -8,13 +8,15 @@ refused, never executed (CVE-2025-32434).
 
 from __future__ import annotations
 
+import mmap
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from tinyformers.errors import CheckpointError
 from tinyformers.loading.json_file import read_json
-from tinyformers.loading.safetensors import load_safetensors
+from tinyformers.loading.safetensors import load_safetensors, map_safetensors
 from tinyformers.loading.torch_pickle import load_torch_pickle
 
 WEIGHT_FILES = (
@@ -25,13 +27,41 @@ WEIGHT_FILES = (
 )
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint in `folder`, by the checkpoint's own names."""
+def read_weights(folder: Path, read_file=None) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint in `folder`, by the checkpoint's own names
+    (`read_file(path)` reads each weights file; default: copied out whole)."""
+    read_file = read_file or _read_file
     for name in WEIGHT_FILES:
         path = folder / name
         if path.is_file():
-            return _read_sharded(path) if name.endswith(".index.json") else _read_file(path)
+            if name.endswith(".index.json"):
+                return _read_sharded(path, read_file)
+            return read_file(path)
     raise CheckpointError(f"{folder}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
+
+
+def map_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Callable[[], None]]:
+    """Like `read_weights`, but safetensors come back as views of the file mappings (nothing
+    read yet), with a function that drops the pages read so far from this process's memory.
+
+    For tensor parallel, which copies out one slice per tensor. Pickles are read whole (our
+    safe unpickler copies every tensor), and for them the function does nothing.
+    """
+    maps: list[mmap.mmap] = []
+
+    def read(path: Path) -> dict[str, torch.Tensor]:
+        if path.suffix != ".safetensors":
+            return load_torch_pickle(path)
+        tensors, mapping = map_safetensors(path)
+        maps.append(mapping)
+        return tensors
+
+    def drop_pages() -> None:
+        if hasattr(mmap, "MADV_DONTNEED"):
+            for mapping in maps:
+                mapping.madvise(mmap.MADV_DONTNEED)
+
+    return read_weights(folder, read), drop_pages
 
 
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
@@ -40,7 +70,7 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     return load_torch_pickle(path)
 
 
-def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+def _read_sharded(index_path: Path, read_file) -> dict[str, torch.Tensor]:
     """Every shard the index names; a missing shard or tensor is an error, not random weights."""
     weight_map = read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -55,7 +85,7 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
         shard_path = index_path.parent / shard
         if not shard_path.is_file():
             raise CheckpointError(f"{shard_path}: shard listed in {index_path.name} is missing")
-        for name, tensor in _read_file(shard_path).items():
+        for name, tensor in read_file(shard_path).items():
             if weight_map.get(name) != shard:
                 raise CheckpointError(f"{shard_path}: tensor {name} is not listed for this shard")
             tensors[name] = tensor

@@ -97,6 +97,33 @@ class GGUFFile:
         except GGUFError as e:
             raise GGUFError(f"{self.path}: tensor {name!r}: {e}") from e
 
+    def tensor_part(
+        self, name: str, dim: int, start: int, stop: int, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) start:stop of a tensor, dequantized from only the
+        blocks that hold them: one rank's slice under tensor parallel.
+
+        Example: f.tensor_part("blk.0.attn_q.weight", 0, 0, 192).shape == (192, 576)
+        """
+        info = self._info(name)
+        if len(info.shape) == 1 or (dim == 0 and start == 0 and stop == info.shape[0]):
+            return self.tensor(name, dtype).narrow(dim, start, stop - start)
+        rows, cols = info.shape[0], math.prod(info.shape[1:])
+        block_size, type_size = BLOCK_LAYOUT[info.ggml_type]
+        raw = self.raw(name).view(rows, cols // block_size * type_size)  # a row of blocks each
+        if dim == 0:
+            raw, shape, skip = raw[start:stop], (stop - start, *info.shape[1:]), 0
+        else:  # the blocks that cover the columns, then the columns cut out of them
+            assert len(info.shape) == 2
+            first, end = start // block_size, -(-stop // block_size)
+            raw = raw[:, first * type_size : end * type_size]
+            shape, skip = (rows, (end - first) * block_size), start - first * block_size
+        try:
+            w = dequantize(raw.contiguous().view(-1), info.ggml_type, shape)
+        except GGUFError as e:
+            raise GGUFError(f"{self.path}: tensor {name!r}: {e}") from e
+        return w.narrow(dim, skip, stop - start).to(dtype)
+
     def close(self) -> None:
         """Drop the mapping; views already handed out keep their pages until they are freed."""
         self._data = None

@@ -120,3 +120,27 @@ def _drop_pages(mm: mmap.mmap) -> None:
     """Unmap the pages we copied from: they stay in the page cache, out of our RSS."""
     if hasattr(mmap, "MADV_DONTNEED"):
         mm.madvise(mmap.MADV_DONTNEED)
+
+
+def map_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], mmap.mmap]:
+    """Every tensor of a .safetensors file as a view of one private memory map, and the map.
+
+    Nothing is read until a view is copied, and then only the pages it touches: tensor parallel
+    copies each rank's slice out of these views (parallel/shard.py), then drops the pages with
+    `map.madvise(mmap.MADV_DONTNEED)`, so a rank never holds the whole file.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header, data_start = read_header(path, size, f)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writes never reach the file
+    data = torch.frombuffer(mm, dtype=torch.uint8)  # keeps the map open while a view lives
+    tensors = {}
+    for name, info in header.items():
+        begin, stop = info["data_offsets"]
+        dtype = DTYPES[info["dtype"]]
+        raw = data[data_start + begin : data_start + stop]
+        if (data_start + begin) % dtype.itemsize:  # a misaligned tensor: this one is copied
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).reshape(info["shape"])
+    return tensors, mm
