@@ -78,6 +78,7 @@ class LanguageModel:
         """What was loaded and how it runs: the storage of each group of tensors, the dtype of
         the activations, the attention path, the context and the file."""
         attention = [m.fast for m in self.net.modules() if hasattr(m, "fast")]
+        world = getattr(self.net, "world", None)  # under tensor parallel (parallel/mirror.py)
         return {
             "architecture": type(self.net).__name__,
             "parameters": self.num_parameters(),
@@ -87,6 +88,7 @@ class LanguageModel:
             "context": self.config.context_length,
             "threads": torch.get_num_threads(),
             "file": str(self.source),
+            **({"tensor parallel": f"{world} ranks (rank 0's share above)"} if world else {}),
         }
 
     @property
@@ -329,6 +331,7 @@ def load(
     compile: bool = False,
     fast: bool = True,
     threads: int | None = None,
+    tensor_parallel: bool = False,
 ) -> LanguageModel:
     """Load a checkpoint folder, a .gguf file or a Hugging Face name (cache first, then the Hub).
 
@@ -344,6 +347,10 @@ def load(
     written-out math and the checkpoint's own matrices as nn.Linear, as the model files read.
     threads: torch's thread count for this process (None: OMP_NUM_THREADS if set, else the
     physical cores this process may run on; more threads than cores slows decode).
+    tensor_parallel: split the model across the ranks of a torch.distributed process group
+    (initialized by the caller, or from torchrun's environment): each rank loads its share of
+    the heads, MLP units and vocabulary. Rank 0 gets the model; on the other ranks `load`
+    runs rank 0's calls until it exits, then exits the process (docs/distributed.md).
     """
     if quantize not in (None, "int8", "gguf"):
         raise ValueError(f"quantize {quantize!r} is not supported (expected int8 or gguf)")
@@ -353,14 +360,24 @@ def load(
         raise ValueError(f"quantize {quantize} runs on the CPU kernels: it needs fast=True")
     torch.set_num_threads(default_threads() if threads is None else _checked_threads(threads))
     start = time.perf_counter()
+    shard = group = None
+    if tensor_parallel:
+        if compile or quantize == "gguf":
+            option = "compile" if compile else "quantize gguf"
+            raise ValueError(f"{option} does not run under tensor parallel yet")
+        from tinyformers import parallel
+
+        shard, group = parallel.join(torch.device(device or "cpu"))
     if quantize == "gguf":
         _kernels_or_error(quantize, torch.device(device or "cpu"))
         net, path = load_model(name_or_path, dtype, device, native_gguf=True)
     else:
-        net, path = load_model(name_or_path, dtype, device)
+        net, path = load_model(name_or_path, dtype, device, shard=shard)
         if fast:
             _use_kernels(net, quantize)
     set_fast_path(net, fast)
+    if shard is not None:  # on ranks other than 0 this serves rank 0, then exits
+        net = parallel.start(net, shard, group, shard.model_config)
     tokenizer = _tokenizer_for(path)
     eos_ids = _eos_ids(net.config, tokenizer, path)
     return LanguageModel(net, tokenizer, path, eos_ids, time.perf_counter() - start, compile)

@@ -6,15 +6,18 @@ Errors reach the user as one line on stderr: exit 2 for a bad flag (argparse's c
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import import_module
 
 from tinyformers import __version__
-from tinyformers.cli.options import Parser
+from tinyformers.cli.options import Parser, launched_by_torchrun, load_from_args
 from tinyformers.errors import TinyformersError
 
 # Subcommands, in the order `--help` lists them; each is tinyformers/cli/<name>.py.
 COMMANDS = ("generate", "chat", "tokenize", "explain", "perplexity", "serve")
+# The ones that run under torchrun, the model split across its processes (tensor parallel).
+TENSOR_PARALLEL = ("generate", "chat", "perplexity", "serve")
 
 DESCRIPTION = """\
 Run GPT-2 and Llama-family language models on the CPU: generate text, chat, look at the
@@ -44,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
+        if launched_by_torchrun():
+            if args.command not in TENSOR_PARALLEL:
+                raise TinyformersError(
+                    f"{args.command} does not run under torchrun "
+                    f"(tensor parallel runs {', '.join(TENSOR_PARALLEL)})"
+                )
+            if os.environ.get("RANK", "0") != "0":  # only rank 0 reads stdin and prints
+                load_from_args(args)  # runs rank 0's model calls on this rank, then exits
         return args.run(args) or 0
     except TinyformersError as e:
         print(f"tinyformers: error: {e}", file=sys.stderr)

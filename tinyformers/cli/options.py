@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 
@@ -211,9 +212,18 @@ def read_stdin(what: str) -> str:
         ) from None
 
 
+def launched_by_torchrun() -> bool:
+    """True in one of several processes that torchrun started: the model is split across them
+    (tensor parallel), rank 0 runs the command and the others serve it (docs/distributed.md)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return world.isdigit() and int(world) > 1
+
+
 def status(message: str, args: argparse.Namespace) -> None:
     """A status line on stderr, for a person watching (a terminal, or --verbose); piped
-    stderr keeps nothing but errors."""
+    stderr keeps nothing but errors. Under torchrun, rank 0 speaks for all."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     if sys.stderr.isatty() or getattr(args, "verbose", False):
         print(message, file=sys.stderr, flush=True)
 
@@ -234,6 +244,7 @@ def load_from_args(args: argparse.Namespace, fast: bool = True):
             compile=getattr(args, "compile", False),
             threads=args.threads,
             fast=fast,
+            tensor_parallel=launched_by_torchrun(),
         )
     except ValueError as e:  # a bad --device (no CUDA), --quantize with --dtype
         raise tinyformers.TinyformersError(str(e)) from e

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,11 +23,12 @@ from tinyformers.models import check_layer_count, get_architecture
 
 
 def load_gguf_model(
-    path: Path, dtype: torch.dtype, device: torch.device, native: bool = False
+    path: Path, dtype: torch.dtype, device: torch.device, native: bool = False, shard=None
 ) -> nn.Module:
     """The model of a GGUF file; `native`: its Q8_0/Q4_0/Q4_1 matrices stay in their blocks
     and run on our CPU kernels (as llama.cpp computes), the rest is dequantized to `dtype`
-    (one line on stderr names the block kinds that run dense)."""
+    (one line on stderr names the block kinds that run dense). `shard`: a `parallel.Shard`,
+    this rank's shard only, dequantized from the blocks that hold its slices."""
     with read_gguf(path) as gguf:
         architecture = gguf.metadata.get("general.architecture")
         try:
@@ -64,7 +66,14 @@ def load_gguf_model(
                     f"{path}: {ours} of shape {tuple(t.shape)} does not fit this "
                     f"{architecture} config"
                 )
-        weights = {names[name]: gguf.tensor(name) for name in gguf.tensors}
+        if shard is None:
+            weights = {names[name]: gguf.tensor(name) for name in gguf.tensors}
+        else:  # whole heads: llama.cpp's q/k row order is undone within each, on local heads
+            config = shard.local_config(config)
+            weights = {
+                names[n]: shard.take(names[n], info.shape, partial(gguf.tensor_part, n))
+                for n, info in gguf.tensors.items()
+            }
         weights = fmt.sanitize(weights, config)
         model = build(arch.Model, config, weights, dtype, device, source=path)
         if native:

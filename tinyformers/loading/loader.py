@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from tinyformers.errors import CheckpointError
-from tinyformers.loading.checkpoint import read_weights
+from tinyformers.loading.checkpoint import map_weights, read_weights
 from tinyformers.loading.hub import resolve
 from tinyformers.loading.json_file import read_json
 from tinyformers.models import check_layer_count, get_architecture
@@ -56,17 +56,19 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     native_gguf: bool = False,
+    shard=None,
 ) -> tuple[nn.Module, Path]:
     """The model of a checkpoint folder (or name) and the folder it came from.
 
     native_gguf: a GGUF's quantized matrices run as stored (see `load_gguf_model`).
+    shard: a `parallel.Shard`: build this rank's shard only, reading only its slices.
     """
     dtype, device = parse_dtype(dtype), parse_device(device)
     path = resolve(name_or_path)
     if path.is_file() and path.suffix == ".gguf":
         from tinyformers.loading.gguf_model import load_gguf_model
 
-        return load_gguf_model(path, dtype, device, native_gguf), path
+        return load_gguf_model(path, dtype, device, native_gguf, shard), path
     if native_gguf:
         raise CheckpointError(f"{path}: quantize gguf keeps a GGUF file's blocks: not a GGUF file")
     if not path.is_dir():
@@ -78,7 +80,10 @@ def load_model(
         config = arch.Config.from_dict(raw)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{config_path}: {e}") from e
-    weights = read_weights(path)
+    if shard is None:
+        weights = read_weights(path)
+    else:  # views of the files' mappings: only this rank's slices will be read
+        weights, drop_pages = map_weights(path)
     try:
         check_layer_count(config.layer_count, weights)
         # subtle: sanitize transposes and stacks tensors; one of a shape no config could have
@@ -86,6 +91,8 @@ def load_model(
         weights = arch.sanitize(weights, config)
     except (ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: tensors do not fit the config: {e}") from e
+    if shard is not None:
+        config, weights = shard.local_config(config), shard.take_all(weights, drop_pages)
     return build(arch.Model, config, weights, dtype, device, source=path), path
 
 

@@ -1,0 +1,213 @@
+"""Tensor parallel (tinyformers/parallel): ranks are processes on 127.0.0.1 talking over gloo,
+started as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), one thread each.
+
+The references are single-process runs in this process. GPT-2 (random weights, the real widths,
+2 layers; 12 heads) runs on 2 ranks, SmolLM2-135M (9 heads, 3 KV heads) on 3: 2 does not
+divide 9, which is an error that names both numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import smollm2_gguf
+
+import tinyformers
+from tinyformers.loading.gguf import read_gguf
+from tinyformers.models.llama import LlamaConfig
+from tinyformers.parallel import Shard
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "Once upon a time"
+IDS = [[0, 0, 11, 22, 33], [5, 6, 7, 8, 9]]  # two rows, the first left-padded
+MASK = [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+
+# What each rank runs: the model split across the ranks; rank 0 saves what it computed, and
+# every rank its peak memory (at exit: the other ranks leave from inside `load`).
+RANK_SCRIPT = """
+import atexit, json, os, sys, torch, tinyformers
+from tinyformers import kernels
+kernels.available()
+path, out, fast = sys.argv[1], sys.argv[2], sys.argv[3] == "fast"
+rank = int(os.environ["RANK"])
+before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def report():
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, from the forked pytest process
+    status = open("/proc/self/status").read().split("VmHWM:")[1]
+    peak = int(status.split()[0]) * 1024
+    with open(f"{out}/memory{rank}.json", "w") as f:
+        json.dump({"before": before, "peak": peak}, f)
+atexit.register(report)
+model = tinyformers.load(path, threads=1, fast=fast, tensor_parallel=True)
+ids, mask = torch.tensor(IDS), torch.tensor(MASK)
+torch.save({
+    "logits": model(ids, mask),
+    "greedy": model.generate(PROMPT, max_new_tokens=12, temperature=0),
+    "seeded": model.generate(PROMPT, max_new_tokens=12, seed=3),
+    "weight_bytes": sum(t.nbytes for t in [*model.net.parameters(), *model.net.buffers()]),
+}, f"{out}/rank0.pt")
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, argv: list[str], timeout: float = 20, stdin: str = "") -> list:
+    """`world` processes of `python argv...` as torchrun starts them; rank 0 gets `stdin`."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            TINYFORMERS_TP_TIMEOUT=str(timeout),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *argv],
+                env=env,
+                cwd=ROOT,
+                stdin=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    procs[0].stdin.write(stdin)
+    procs[0].stdin.close()
+    procs[0].stdin = None  # closed: communicate() must not flush it
+    return procs
+
+
+def finish(procs: list, timeout: float) -> list[tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of each process; a process still running after `timeout`
+    seconds fails the test (and every process is killed), never hangs it."""
+    deadline = time.monotonic() + timeout
+    try:
+        outputs = [p.communicate(timeout=max(0.1, deadline - time.monotonic())) for p in procs]
+        return [(p.returncode, *output) for p, output in zip(procs, outputs, strict=True)]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a rank was still running after {timeout} s")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def run_ranks(path: Path, world: int, out: Path, fast: bool) -> dict:
+    script = f"IDS, MASK, PROMPT = {IDS}, {MASK}, {PROMPT!r}\n" + RANK_SCRIPT
+    procs = launch(world, ["-c", script, str(path), str(out), "fast" if fast else "plain"])
+    for code, _, err in finish(procs, timeout=120):
+        assert code == 0, err[-2000:]
+    return torch.load(out / "rank0.pt")
+
+
+def single_process(path: Path, fast: bool) -> tuple[dict, int]:
+    model = tinyformers.load(path, threads=1, fast=fast)
+    got = {
+        "logits": model(torch.tensor(IDS), torch.tensor(MASK)),
+        "greedy": model.generate(PROMPT, max_new_tokens=12, temperature=0),
+        "seeded": model.generate(PROMPT, max_new_tokens=12, seed=3),
+    }
+    weights = sum(t.nbytes for t in [*model.net.parameters(), *model.net.buffers()])
+    return got, weights
+
+
+def check_memory(out: Path, world: int, weight_bytes: int) -> None:
+    """Each rank's peak RSS grew by at most 1/world of the weights plus 200 MB (the runtime's
+    working memory, one tensor being converted, the file pages read): no rank held the model."""
+    for rank in range(world):
+        memory = json.loads((out / f"memory{rank}.json").read_text())
+        grew = memory["peak"] - memory["before"]
+        print(f"rank {rank}: peak RSS grew {grew / 2**20:.0f} MB at load and run")
+        assert grew < weight_bytes / world + 200 * 2**20
+
+
+def test_gpt2_on_two_ranks_equals_one_process(gpt2_small_dir, tmp_path):
+    got = run_ranks(gpt2_small_dir, 2, tmp_path, fast=True)
+    want, weights = single_process(gpt2_small_dir, fast=True)
+    torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-5)
+    assert got["greedy"] == want["greedy"]
+    assert got["seeded"] == want["seeded"]  # rank 0 samples: the same draws from the same seed
+    # Rank 0 holds half the matrices and half the vocabulary, the norms and positions whole.
+    assert weights / 2 < got["weight_bytes"] < weights / 2 + 4 * 1024 * 768 + 2**20
+    check_memory(tmp_path, 2, weights)
+
+
+def test_smollm2_gguf_on_three_ranks_equals_one_process(tmp_path):
+    # The written-out path (torch's matmuls). Tolerance 1e-5 of the logits' scale (|logit| up
+    # to 29 here), 3e-4: a row-parallel layer sums its partial products in another order than
+    # one matmul does, and over 30 layers that moves a logit by ~4e-5 (measured), as much as
+    # the single process moves between 1 and 2 threads (5e-5).
+    got = run_ranks(smollm2_gguf(), 3, tmp_path, fast=False)
+    want, weights = single_process(smollm2_gguf(), fast=False)
+    scale = want["logits"].abs().max().item()
+    torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-5 * scale)
+    assert got["greedy"] == want["greedy"]
+    assert got["seeded"] == want["seeded"]
+    check_memory(tmp_path, 3, weights)
+
+
+def test_heads_that_do_not_divide_by_the_world_size_are_an_error():
+    argv = ["-m", "tinyformers", "generate", "--model", str(smollm2_gguf()), "-n", "1", "Hi"]
+    for code, _, err in finish(launch(2, argv), timeout=60):
+        assert code == 1
+        assert err.strip().splitlines()[-1] == (
+            "tinyformers: error: tensor parallel: num_attention_heads 9 does not divide by the "
+            "world size 2; run on a world size that divides it"
+        )
+    shard = Shard(2, 3).local_config(LlamaConfig(49152, 576, 1536, 30, 9, 3))
+    assert (shard.num_attention_heads, shard.num_key_value_heads, shard.head_dim) == (3, 1, 64)
+
+
+def test_gguf_tensor_part_reads_the_rows_and_columns_of_the_whole_tensor():
+    with read_gguf(smollm2_gguf()) as f:
+        for name in ("blk.0.attn_output.weight", "token_embd.weight"):  # Q4_1, Q8_0
+            whole = f.tensor(name)
+            assert torch.equal(f.tensor_part(name, 0, 100, 300), whole[100:300])
+            assert torch.equal(f.tensor_part(name, 1, 40, 300), whole[:, 40:300])  # mid-block
+
+
+def test_a_dead_rank_makes_the_others_exit_with_one_error_line(gpt2_small_dir):
+    argv = ["-m", "tinyformers", "generate", "--model", str(gpt2_small_dir), "-n", "1000"]
+    procs = launch(3, [*argv, "--temp", "0", "-t", "1", PROMPT], timeout=10)
+    assert procs[0].stdout.read(1)  # a token arrived: every rank has loaded and runs
+    procs[1].send_signal(signal.SIGKILL)
+    start = time.monotonic()
+    results = finish(procs, timeout=30)
+    assert time.monotonic() - start < 15
+    for rank in (0, 2):
+        code, _, err = results[rank]
+        assert code == 1
+        lines = err.strip().splitlines()
+        assert lines[-1].startswith("tinyformers: error: tensor parallel: rank"), err[-2000:]
+
+
+def test_a_hung_rank_0_makes_the_others_exit_within_the_timeout(gpt2_small_dir):
+    argv = ["-m", "tinyformers", "generate", "--model", str(gpt2_small_dir), "-n", "1000"]
+    procs = launch(2, [*argv, "--temp", "0", "-t", "1", PROMPT], timeout=3)
+    assert procs[0].stdout.read(1)
+    procs[0].send_signal(signal.SIGSTOP)  # alive, holding its sockets open, silent
+    start = time.monotonic()
+    code, _, err = finish(procs[1:], timeout=30)[0]
+    assert time.monotonic() - start < 10
+    procs[0].kill()
+    assert code == 1
+    assert "did not answer within 3 s" in err.strip().splitlines()[-1]
