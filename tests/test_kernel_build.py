@@ -32,9 +32,9 @@ def test_key_changes_with_torch_flags_compiler_and_source(monkeypatch, tmp_path)
         m.setenv("CXX", "clang++")
         changed.append(build.build_key())
     with monkeypatch.context() as m:
-        source = tmp_path / "gemv.cpp"
-        source.write_bytes(build.SOURCE.read_bytes() + b"\n// one more line\n")
-        m.setattr(build, "SOURCE", source)
+        source = tmp_path / "layers.cpp"
+        source.write_bytes(build.SOURCES[-1].read_bytes() + b"\n// one more line\n")
+        m.setattr(build, "SOURCES", [*build.SOURCES[:-1], source])
         changed.append(build.build_key())
     assert base not in changed and len(set(changed)) == 4
 

@@ -279,3 +279,67 @@ def test_disabling_the_kernels_by_environment():
     env = {**os.environ, "TINYFORMERS_NO_KERNELS": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False disabled by TINYFORMERS_NO_KERNELS=1", out.stderr
+
+
+# The fused ops between the matmuls (kernels/fused.py) against the written-out math -------------
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 5, 100), (3, 7)])
+def test_fused_rms_norm_and_silu_mul_match_the_written_out_math(shape):
+    from tinyformers.kernels import fused
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
+    ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(fused.rms_norm(x, w, 1e-5), ref, rtol=1e-5, atol=1e-6)
+    gate_up = torch.randn(*shape[:-1], 2 * shape[-1], generator=g) * 8  # exp far from 0
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(fused.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("T", [1, 3, 20])  # 20: prefill, SDPA behind the same call
+def test_fused_rotary_cache_write_and_attention_match_the_written_out_math(T):
+    from tinyformers.kernels import fused
+    from tinyformers.models.kv_cache import KVCache
+    from tinyformers.models.masks import positions_and_mask
+    from tinyformers.models.rope import Rotary, rotate
+
+    B, nh, nkv, hs, S, start = 2, 6, 2, 10, 32, 4
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(B, T, (nh + 2 * nkv) * hs, generator=g)
+    pos = torch.arange(start, start + T)
+    padding = torch.ones(B, S, dtype=torch.long)
+    padding[1, :2] = 0  # row 1 left-padded
+    positions, mask = positions_and_mask(padding, pos, S, B)
+    cos, sin = Rotary(hs, 10000.0)(positions, S, torch.float32)  # (B, 1, T, hs)
+    cache = KVCache(B, nkv, S, hs, torch.float32)
+    cache.k.normal_(generator=g), cache.v.normal_(generator=g)  # earlier tokens
+    expected = KVCache(B, nkv, S, hs, torch.float32)
+    expected.k.copy_(cache.k), expected.v.copy_(cache.v)
+
+    q, k, v = qkv.view(B, T, nh + 2 * nkv, hs).transpose(1, 2).split([nh, nkv, nkv], dim=1)
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    keys, values = expected.update(pos, k, v)
+    keys, values = keys.repeat_interleave(nh // nkv, 1), values.repeat_interleave(nh // nkv, 1)
+    scores = (q @ keys.transpose(-2, -1) * hs**-0.5).masked_fill(~mask, float("-inf"))
+    z = (torch.softmax(scores, dim=-1) @ values).transpose(1, 2).reshape(B, T, nh * hs)
+
+    q_fused = fused.rope_cache(qkv, cos, sin, cache, pos, nh)
+    torch.testing.assert_close(q_fused, q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cache.k, expected.k, rtol=1e-6, atol=1e-6)
+    assert torch.equal(cache.v, expected.v)
+    torch.testing.assert_close(
+        fused.attend(q_fused, cache, mask, hs**-0.5), z, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_fused_ops_are_not_used_off_the_cpu_fast_path(monkeypatch):
+    from tinyformers.kernels import fused
+
+    x = torch.ones(2, 4)
+    assert not fused.usable(x.double()) and not fused.usable(x.to("meta"))
+    assert not fused.usable(x.requires_grad_())
+    monkeypatch.setattr(fused, "_OPS", [None])  # as when the kernels cannot build here
+    assert not fused.usable(torch.ones(2, 4))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("gemv.cpp")
+SOURCES = [Path(__file__).with_name(f) for f in ("gemv.cpp", "layers.cpp")]
 NAME = "tinyformers_gemv"
 # What the kernels execute: AVX-512 F/BW/VL, vdpbf16ps, vpdpbusd, vcvtph2ps.
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma")
@@ -47,7 +47,7 @@ def build_key() -> str:
         platform.machine(),
         os.environ.get("CXX", "c++"),
         " ".join(CFLAGS),
-        hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
+        *(hashlib.sha256(source.read_bytes()).hexdigest() for source in SOURCES),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -79,7 +79,7 @@ def load_ops() -> tuple[object | None, str | None]:
     except Exception as e:  # no compiler, no ninja, a compile error: all mean "use torch"
         lines = str(e).splitlines() or [type(e).__name__]
         said = [ln for ln in lines if any(w in ln for w in ("error:", "not found", "required"))]
-        return None, f"{SOURCE}: build failed: {(said or lines)[0].strip()[:200]}"
+        return None, f"{SOURCES[0].parent}: build failed: {(said or lines)[0].strip()[:200]}"
     _register_fakes()
     return torch.ops.tinyformers, None
 
@@ -89,13 +89,13 @@ def _compile(folder: Path) -> None:
 
     print(f"tinyformers: compiling CPU kernels, once (~10 s), into {folder}", file=sys.stderr)
     folder.mkdir(parents=True, exist_ok=True)
-    # The source is compiled from a copy inside the keyed folder, so the build does not
+    # The sources are compiled from copies inside the keyed folder, so the build does not
     # depend on where this checkout lives.
-    source = folder / SOURCE.name
-    shutil.copyfile(SOURCE, source)
+    for source in SOURCES:
+        shutil.copyfile(source, folder / source.name)
     cpp_extension.load(
         NAME,
-        [str(source)],
+        [str(folder / source.name) for source in SOURCES],
         extra_cflags=CFLAGS,
         build_directory=str(folder),
         is_python_module=False,
@@ -114,3 +114,18 @@ def _register_fakes() -> None:
         lambda x, w, scales, bias, n, group_size: out(x, n)
     )
     torch.library.register_fake("tinyformers::gemv_q4")(lambda x, w, scales, bias, n: out(x, n))
+    # The ops between the matmuls (layers.cpp)
+    torch.library.register_fake("tinyformers::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
+    torch.library.register_fake("tinyformers::silu_mul")(
+        lambda gate_up: out(gate_up, gate_up.shape[-1] // 2)
+    )
+    torch.library.register_fake("tinyformers::rope_cache")(
+        lambda qkv, cos, sin, k_cache, v_cache, pos, n_head: qkv.new_empty(
+            (qkv.shape[0], n_head, qkv.shape[1], k_cache.shape[3])
+        )
+    )
+    torch.library.register_fake("tinyformers::attend")(
+        lambda q, k_cache, v_cache, mask, scale: q.new_empty(
+            (q.shape[0], q.shape[2], q.shape[1] * q.shape[3])
+        )
+    )

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tinyformers.kernels import fused
 from tinyformers.models import check_value, config_fields
 from tinyformers.models.hooks import HookPoint, Hooks
 from tinyformers.models.kv_cache import KVCache
@@ -145,8 +146,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.hook = HookPoint(hooks, name)
+        self.fast = False  # set at load: the same line in one C++ pass (kernels/fused.py)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fast and fused.usable(x) and not self.hook.listening:
+            return fused.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # rms 1 per token
         return self.weight * self.hook("hook_normalized", x32.to(x.dtype))
@@ -184,6 +188,11 @@ class Attention(nn.Module):
     ) -> Tensor:
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        if self.fast and self._fused(x, cache, input_pos):
+            # The lines below in two C++ ops (kernels/fused.py): rotate q and k, write k and v
+            # into the cache, then attention over the cache with each kv head read once.
+            q = fused.rope_cache(self.qkv_proj(x), cos, sin, cache, input_pos, nh)  # (B,nh,T,hs)
+            return self.o_proj(fused.attend(q, cache, mask, self.scale))  # (B,T,nh*hs) -> (B,T,C)
         if self.qkv_proj is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B,T,nh*hs), 2x(B,T,nkv*hs)
         else:  # packed for the kernels: one pass over x for the three (modules.pack_model)
@@ -215,6 +224,17 @@ class Attention(nn.Module):
         z = self.hook("hook_z", z.transpose(1, 2))  # (B, T, nh, hs)
         return self.o_proj(z.reshape(B, T, nh * hs))  # (B, T, nh*hs) -> (B, T, C)
 
+    def _fused(self, x: Tensor, cache: KVCache | None, input_pos: Tensor) -> bool:
+        """Whether the fused ops can run this call: packed q/k/v, a cache written at the same
+        slots for every row, float32 on the CPU, and no hook asking for the values between."""
+        return (
+            self.qkv_proj is not None
+            and cache is not None
+            and input_pos.dim() == 1
+            and fused.usable(x)
+            and not self.hook.listening
+        )
+
 
 class MLP(nn.Module):
     """SwiGLU (Shazeer, 2020): down(silu(gate(x)) * up(x))."""
@@ -229,8 +249,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(H, C, bias=bias)
         self.hook = HookPoint(hooks, f"blocks.{i}.mlp.")
         self.gate_up_proj: nn.Module | None = None  # set when packing: gate and up rows stacked
+        self.fast = False  # set at load: silu(gate) * up in one C++ pass (kernels/fused.py)
 
     def forward(self, x: Tensor) -> Tensor:
+        fast = self.fast and self.gate_up_proj is not None and not self.hook.listening
+        if fast and fused.usable(x):  # the lines below in one C++ pass between the matmuls
+            return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
         if self.gate_up_proj is None:
             gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, C) -> 2 x (B, T, H)
         else:  # packed for the kernels: one pass over x for both

@@ -1,0 +1,69 @@
+"""The small ops between a Llama layer's matmuls, one C++ pass each (layers.cpp).
+
+A decode step of SmolLM2 runs ~60 torch ops per layer besides its 4 matmuls, each a Python
+call, a dispatch and an allocation for a few hundred numbers; these four ops do the same work
+in one call each. The model files call them as the fast path beside their written-out math
+(models/llama.py), only where `usable(x)`: float32 activations on the CPU with the kernels
+loaded, no autograd.
+
+Example:
+    if fused.usable(x):
+        y = fused.rms_norm(x, norm.weight, norm.eps)  # = x * rsqrt(mean(x^2) + eps) * weight
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .build import load_ops
+
+_OPS: list = []  # the loaded ops, or None: a plain value torch.compile can trace through
+ATTEND_ROWS = 16  # query positions up to which `attend` runs ours; more (prefill): SDPA's
+
+
+def _ops():
+    if not _OPS:
+        _OPS.append(load_ops()[0])
+    return _OPS[0]
+
+
+def usable(x: Tensor) -> bool:
+    """True when the fused ops can compute on `x`: float32 on the CPU, kernels loaded, no grad."""
+    return (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and _ops() is not None
+    )
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / rms(x) * weight over the last dim, in one pass. x [..., C] -> [..., C]."""
+    return _ops().rms_norm(x.contiguous(), weight.contiguous(), eps)
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up for gate and up stacked on the last dim: [..., 2H] -> [..., H]."""
+    return _ops().silu_mul(gate_up.contiguous())
+
+
+def rope_cache(qkv: Tensor, cos: Tensor, sin: Tensor, cache, input_pos: Tensor, n_head: int):
+    """Rotate q and k of qkv [B, T, (nh + 2 nkv) hs] (cos, sin [B, 1, T, hs]), write k and v
+    into `cache` at slots `input_pos` [T]; return q rotated, [B, nh, T, hs]."""
+    k, v = cache.k, cache.v
+    return _ops().rope_cache(qkv.contiguous(), cos.contiguous(), sin.contiguous(), k, v,
+                              input_pos, n_head)  # fmt: skip
+
+
+def attend(q: Tensor, cache, mask: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T * scale, masked) v over the whole cache, each group of query heads
+    sharing its kv head: q [B, nh, T, hs], mask [B, 1, T, S] -> z [B, T, nh * hs]."""
+    B, nh, T, hs = q.shape
+    if T > ATTEND_ROWS:  # prefill: SDPA's flash kernel is parallel over query blocks
+        z = F.scaled_dot_product_attention(
+            q, cache.k, cache.v, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+        return z.transpose(1, 2).reshape(B, T, nh * hs)  # (B, nh, T, hs) -> (B, T, nh*hs)
+    return _ops().attend(q, cache.k, cache.v, mask, scale)

@@ -1,0 +1,258 @@
+// The small ops between the matmuls of a Llama layer, each one pass in C++ where torch takes
+// several ops (and a Python call, a dispatch and an allocation each): on SmolLM2's 30 thin
+// layers these cost more per decode step than the matmuls. Float32 only; the model files keep
+// the written-out math beside each call (models/llama.py), and tests compare the two.
+//   rms_norm     x / rms(x) * w
+//   silu_mul     silu(gate) * up from the stacked [gate | up] rows
+//   rope_cache   rotate q and k (HF's half-split pairs), write k and v into the KV cache
+//   attend       softmax(q k^T * scale, masked) v for a few query rows, GQA without copies
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+__mmask16 first(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// exp(x) to about 1 ulp: x = n ln2 + r with |r| <= ln2/2, a degree-7 Taylor polynomial of r
+// (error < 6e-9), times 2^n. Below -104 the result underflows to 0, so -inf gives 0.
+__m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), 0);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln2, high bits
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);       // ln2, the rest
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+void check_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() >= 1, name,
+              " must be a contiguous float32 tensor");
+}
+
+// Rows of x [..., C] split over the pool only when there is enough work to pay for the wake-up.
+template <typename F>
+void for_rows(int64_t rows, int64_t work_per_row, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, work_per_row));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) f(r);
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  check_f32(x, "x");
+  check_f32(w, "weight");
+  const int64_t C = x.size(-1), rows = x.numel() / C;
+  TORCH_CHECK(w.numel() == C, "weight must have ", C, " values");
+  at::Tensor y = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_rows(rows, C, [&](int64_t r) {
+    const float* xr = xp + r * C;
+    __m512 ss = _mm512_setzero_ps();
+    for (int64_t c = 0; c < C; c += 16) {
+      const __m512 v = _mm512_maskz_loadu_ps(first(C - c), xr + c);
+      ss = _mm512_fmadd_ps(v, v, ss);
+    }
+    const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / float(C) + float(eps));
+    const __m512 s = _mm512_set1_ps(inv);
+    for (int64_t c = 0; c < C; c += 16) {
+      const __mmask16 m = first(C - c);
+      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + c), s);  // rms 1
+      _mm512_mask_storeu_ps(yp + r * C + c, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, wp + c), v));
+    }
+  });
+  return y;
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_f32(gate_up, "gate_up");
+  const int64_t H = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * H);
+  TORCH_CHECK(gate_up.size(-1) == 2 * H, "gate_up must hold gate and up: an even width");
+  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
+  shape.back() = H;
+  at::Tensor y = at::empty(shape, gate_up.options());
+  const float* gp = gate_up.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_rows(rows, 8 * H, [&](int64_t r) {
+    const float *g = gp + r * 2 * H, *u = g + H;
+    for (int64_t h = 0; h < H; h += 16) {
+      const __mmask16 m = first(H - h);
+      const __m512 gv = _mm512_maskz_loadu_ps(m, g + h);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));  // exp(-gate)
+      const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+      _mm512_mask_storeu_ps(yp + r * H + h, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, u + h)));
+    }
+  });
+  return y;
+}
+
+// out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1) for halves x1, x2 of hs.
+void rotate_row(const float* x, const float* cos, const float* sin, float* out, int64_t hs) {
+  const int64_t half = hs / 2;
+  for (int64_t i = 0; i < half; i += 16) {
+    const __mmask16 m = first(half - i);
+    const __m512 x1 = _mm512_maskz_loadu_ps(m, x + i), x2 = _mm512_maskz_loadu_ps(m, x + half + i);
+    const __m512 a = _mm512_mul_ps(x1, _mm512_maskz_loadu_ps(m, cos + i));
+    const __m512 b = _mm512_mul_ps(x2, _mm512_maskz_loadu_ps(m, sin + i));
+    _mm512_mask_storeu_ps(out + i, m, _mm512_sub_ps(a, b));
+    const __m512 c = _mm512_mul_ps(x2, _mm512_maskz_loadu_ps(m, cos + half + i));
+    const __m512 d = _mm512_mul_ps(x1, _mm512_maskz_loadu_ps(m, sin + half + i));
+    _mm512_mask_storeu_ps(out + half + i, m, _mm512_add_ps(c, d));
+  }
+}
+
+void check_cache(const at::Tensor& c, int64_t B, int64_t nkv, int64_t hs) {
+  TORCH_CHECK(c.scalar_type() == at::kFloat && c.dim() == 4 && c.size(0) == B &&
+                  c.size(1) == nkv && c.size(3) == hs && c.stride(3) == 1,
+              "cache must be float32 [B, nkv, S, hs] with contiguous rows");
+}
+
+// qkv [B, T, (nh + 2 nkv) hs] -> q [B, nh, T, hs] rotated; k rotated and v into the cache at
+// slots pos [T]. cos, sin [B, T, hs] (any leading shape of B * T rows).
+at::Tensor rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                      at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& pos,
+                      int64_t n_head) {
+  check_f32(qkv, "qkv");
+  check_f32(cos, "cos");
+  check_f32(sin, "sin");
+  TORCH_CHECK(qkv.dim() == 3 && pos.dim() == 1 && pos.scalar_type() == at::kLong &&
+                  pos.size(0) == qkv.size(1) && pos.is_contiguous(),
+              "qkv must be [B, T, width] and pos [T] int64");
+  const int64_t B = qkv.size(0), T = qkv.size(1), nkv = k_cache.size(1), hs = k_cache.size(3);
+  const int64_t nh = n_head, S = k_cache.size(2), W = (nh + 2 * nkv) * hs;
+  TORCH_CHECK(qkv.size(2) == W && hs % 2 == 0, "qkv width must be (nh + 2 nkv) * hs");
+  TORCH_CHECK(cos.numel() == B * T * hs && sin.numel() == B * T * hs, "cos, sin: [B, T, hs]");
+  check_cache(k_cache, B, nkv, hs);
+  check_cache(v_cache, B, nkv, hs);
+  const int64_t* slot = pos.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; t++) TORCH_CHECK(slot[t] >= 0 && slot[t] < S, "pos out of range");
+  at::Tensor q = at::empty({B, nh, T, hs}, qkv.options());
+  const float *xp = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>();
+  float* vp = v_cache.data_ptr<float>();
+  const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
+  const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
+  for_rows(B * T, W, [&](int64_t r) {
+    const int64_t b = r / T, t = r % T;
+    const float *x = xp + r * W, *c = cp + r * hs, *s = sp + r * hs;
+    for (int64_t h = 0; h < nh; h++) rotate_row(x + h * hs, c, s, qp + ((b * nh + h) * T + t) * hs, hs);
+    for (int64_t h = 0; h < nkv; h++) {
+      rotate_row(x + (nh + h) * hs, c, s, kp + b * ks0 + h * ks1 + slot[t] * ks2, hs);
+      std::memcpy(vp + b * vs0 + h * vs1 + slot[t] * vs2, x + (nh + nkv + h) * hs, hs * 4);
+    }
+  });
+  return q;
+}
+
+// z [B, T, nh * hs] = softmax(q k^T * scale where mask, float32) v, for q [B, nh, T, hs] and
+// the cache [B, nkv, S, hs]: query head h reads kv head h / (nh / nkv). Masked slots are
+// skipped, not computed: a decode step reads only the keys it may see.
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& mask, double scale) {
+  check_f32(q, "q");
+  TORCH_CHECK(q.dim() == 4, "q must be [B, nh, T, hs]");
+  const int64_t B = q.size(0), nh = q.size(1), T = q.size(2), hs = q.size(3);
+  const int64_t nkv = k_cache.size(1), S = k_cache.size(2), rep = nh / nkv;
+  check_cache(k_cache, B, nkv, hs);
+  check_cache(v_cache, B, nkv, hs);
+  TORCH_CHECK(nh % nkv == 0 && v_cache.size(2) == S, "query heads must group over kv heads");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && mask.size(0) == B &&
+                  mask.size(1) == 1 && mask.size(2) == T && mask.size(3) == S,
+              "mask must be bool [B, 1, T, S]");
+  at::Tensor z = at::empty({B, T, nh * hs}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const bool* mp = mask.data_ptr<bool>();
+  float* zp = z.data_ptr<float>();
+  const int64_t ms0 = mask.stride(0), ms2 = mask.stride(2), ms3 = mask.stride(3);
+  const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
+  const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
+  // One task = one (row, kv head, query position): its rep query heads share every k, v read.
+  for_rows(B * nkv * T, S * rep * hs * 4, [&](int64_t task) {
+    const int64_t b = task / (nkv * T), g = task / T % nkv, t = task % T;
+    const bool* m = mp + b * ms0 + t * ms2;
+    const float* kb = kp + b * ks0 + g * ks1;
+    const float* vb = vp + b * vs0 + g * vs1;
+    std::vector<float> p(rep * S);  // scores, then probabilities, [rep, S]
+    std::vector<float> acc(rep * hs, 0.0f);
+    std::vector<float> top(rep, -INFINITY);
+    for (int64_t s = 0; s < S; s++) {
+      if (!m[s * ms3]) continue;
+      const float* k = kb + s * ks2;
+      for (int64_t j = 0; j < rep; j++) {
+        const float* qr = qp + ((b * nh + g * rep + j) * T + t) * hs;
+        __m512 d = _mm512_setzero_ps();
+        for (int64_t i = 0; i < hs; i += 16) {
+          const __mmask16 mk = first(hs - i);
+          d = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, qr + i), _mm512_maskz_loadu_ps(mk, k + i), d);
+        }
+        const float score = _mm512_reduce_add_ps(d) * float(scale);
+        p[j * S + s] = score;
+        top[j] = std::max(top[j], score);
+      }
+    }
+    for (int64_t j = 0; j < rep; j++) {  // p = exp(score - max), 0 where masked
+      float* pj = p.data() + j * S;
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t s = 0; s < S; s += 16) {
+        __mmask16 keep = 0;
+        for (int64_t i = 0; i < 16 && s + i < S; i++) keep |= __mmask16(m[(s + i) * ms3]) << i;
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, pj + s),
+                                             _mm512_set1_ps(top[j])));
+        _mm512_mask_storeu_ps(pj + s, first(S - s), _mm512_maskz_mov_ps(keep, e));
+        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(keep, e));
+      }
+      const float sum = _mm512_reduce_add_ps(total);
+      const float inv = sum > 0 ? 1.0f / sum : 0.0f;
+      for (int64_t s = 0; s < S; s++) pj[s] *= inv;
+    }
+    for (int64_t s = 0; s < S; s++) {
+      if (!m[s * ms3]) continue;
+      const float* v = vb + s * vs2;
+      for (int64_t j = 0; j < rep; j++) {
+        const __m512 pj = _mm512_set1_ps(p[j * S + s]);
+        float* a = acc.data() + j * hs;
+        for (int64_t i = 0; i < hs; i += 16) {
+          const __mmask16 mk = first(hs - i);
+          const __m512 sum = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(mk, v + i),
+                                             _mm512_maskz_loadu_ps(mk, a + i));
+          _mm512_mask_storeu_ps(a + i, mk, sum);
+        }
+      }
+    }
+    for (int64_t j = 0; j < rep; j++)
+      std::memcpy(zp + (b * T + t) * nh * hs + (g * rep + j) * hs, acc.data() + j * hs, hs * 4);
+  });
+  return z;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tinyformers, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("rope_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache,"
+        " Tensor pos, int n_head) -> Tensor");
+  m.def("attend(Tensor q, Tensor k_cache, Tensor v_cache, Tensor mask, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tinyformers, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("rope_cache", &rope_cache);
+  m.impl("attend", &attend);
+}
