@@ -95,9 +95,20 @@ class Gemma3Config:
             )
         if config.head_dim % 2:  # rotary embeddings turn pairs
             raise ValueError(f"head_dim = {config.head_dim}: expected an even number")
-        config.layer_types = _layer_types(config)
+        _check_layer_types(config)
         check_rope_scaling(config.rope_scaling)
         return config
+
+    def layer_kind(self, i: int) -> str:
+        """Layer `i`'s attention: from `layer_types`, else every `sliding_window_pattern`-th
+        layer global (layers 5, 11, 17 ... for 6), as HF derives it for older configs.
+
+        subtle: computed per layer, never as a list of every layer's kind up front: a config
+        may claim 2^31 layers, and only the weights (checked later) say how many there are.
+        """
+        if self.layer_types is not None:
+            return self.layer_types[i]
+        return GLOBAL if (i + 1) % self.sliding_window_pattern == 0 else LOCAL
 
     @property
     def context_length(self) -> int:
@@ -108,19 +119,15 @@ class Gemma3Config:
         return self.num_hidden_layers
 
 
-def _layer_types(config: Gemma3Config) -> list[str]:
-    """The kind of each layer: from `layer_types`, else every `sliding_window_pattern`-th layer
-    global (layers 5, 11, 17 ... for 6), as HF derives it for older configs."""
-    n = config.num_hidden_layers
-    if config.layer_types is None:
-        pattern = config.sliding_window_pattern
-        return [GLOBAL if (i + 1) % pattern == 0 else LOCAL for i in range(n)]
-    types = config.layer_types
+def _check_layer_types(config: Gemma3Config) -> None:
+    """ValueError unless `layer_types`, when given, names one known kind per layer."""
+    types, n = config.layer_types, config.num_hidden_layers
+    if types is None:
+        return
     if not isinstance(types, list) or len(types) != n or not set(types) <= {LOCAL, GLOBAL}:
         raise ValueError(
             f"layer_types {types!r:.80}: expected {n} entries, each {LOCAL!r} or {GLOBAL!r}"
         )
-    return list(types)
 
 
 class RMSNorm(nn.Module):
@@ -309,7 +316,7 @@ class Gemma3(nn.Module):
         x = self.hook("hook_embed", x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype))
         angles = {kind: rotary(positions, n_keys, x.dtype) for kind, rotary in self.rotary.items()}
         for i, layer in enumerate(self.layers):
-            kind = self.config.layer_types[i]
+            kind = self.config.layer_kind(i)
             cos, sin = angles[kind]  # (B, 1, T, hs) each: for every head
             layer_cache = cache[i] if cache is not None else None
             x = layer(x, cos, sin, masks[kind], layer_cache, input_pos)

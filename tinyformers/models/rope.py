@@ -31,16 +31,12 @@ def check_rope_scaling(scaling: dict | None) -> None:
         )
     if kind == "default":
         return
-    keys = ["factor"]
-    if kind == "llama3":
-        keys += ["low_freq_factor", "high_freq_factor"]
-        check_value(
-            "rope_scaling.original_max_position_embeddings",
-            "int",
-            scaling.get("original_max_position_embeddings"),
-        )
+    keys = ["factor", "low_freq_factor", "high_freq_factor"] if kind == "llama3" else ["factor"]
     for key in keys:
         check_value(f"rope_scaling.{key}", "float", scaling.get(key))
+    if kind == "llama3":
+        key = "rope_scaling.original_max_position_embeddings"
+        check_value(key, "int", scaling.get("original_max_position_embeddings"))
     if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
         raise ValueError("rope_scaling: expected high_freq_factor > low_freq_factor")
 
