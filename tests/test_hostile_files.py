@@ -34,6 +34,7 @@ LLAMA = {
     "num_hidden_layers": 1,
     "num_attention_heads": 2,
 }
+GEMMA3 = LLAMA | {"model_type": "gemma3_text", "num_key_value_heads": 1, "head_dim": 4}
 
 
 def _folder(root: Path, name: str, config: str | dict | None = None) -> Path:
@@ -198,6 +199,11 @@ def _build(root: Path) -> dict[str, tuple[str, type, str]]:
     )
     _gguf_llama(root / "layers.gguf", 100_000)
     case("gguf_with_10^5_layers", root / "layers.gguf", "asks for 100000 layers")
+    # a per-layer list built from the config (Gemma 3's layer kinds) before the weights are
+    # counted: the fuzzer's 2^31 layers made one of 16 GB
+    folder = _folder(root, "gemma_layers", GEMMA3 | {"num_hidden_layers": 2**31 - 1})
+    _tiny_gpt2_weights(folder)
+    case("gemma3_config_with_2^31_layers", folder, "asks for 2147483647 layers")
 
     # -- silent acceptance: a Q4_K tensor with no elements ----------------------------------
     name = b"blk.0.ffn_down.weight"
@@ -280,8 +286,9 @@ CASES = [
     "stride_0_view_2^48_elements", "elements_past_storage", "legacy_missing_storage", "zip_bomb",
     "quantized_tensor", "sparse_tensor", "pickle_that_calls_a_function",
     "pickle_bytearray8_of_16_gb",
-    "config_with_10^5_layers", "gguf_with_10^5_layers", "gguf_q4_k_with_no_elements",
-    "config_n_head_0", "config_n_layer_true", "config_eps_nan", "config_flag_string_false",
+    "config_with_10^5_layers", "gguf_with_10^5_layers", "gemma3_config_with_2^31_layers",
+    "gguf_q4_k_with_no_elements", "config_n_head_0", "config_n_layer_true", "config_eps_nan",
+    "config_flag_string_false",
     "config_rope_theta_0", "config_rope_scaling_string", "config_rope_scaling_no_factor",
     "config_context_10^13", "config_odd_head_dim", "config_no_head_dim", "config_required_missing",
 ]  # fmt: skip
