@@ -343,3 +343,45 @@ def test_fused_ops_are_not_used_off_the_cpu_fast_path(monkeypatch):
     assert not fused.usable(x.requires_grad_())
     monkeypatch.setattr(fused, "_OPS", [None])  # as when the kernels cannot build here
     assert not fused.usable(torch.ones(2, 4))
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8", "q4"])
+def test_one_call_for_every_layer_equals_the_layer_by_layer_path(fmt, monkeypatch):
+    """fused.llama_layers runs the same ops as Block.forward's fast path, so decode steps give
+    the same bits; with q/k/v biases (Qwen2), a window on one layer and head_dim 80 (> 64)."""
+    from tinyformers.kernels.modules import pack_model
+    from tinyformers.models import set_fast_path
+    from tinyformers.models.llama import Llama, LlamaConfig
+
+    config = LlamaConfig.from_dict({
+        "model_type": "qwen2", "vocab_size": 96, "hidden_size": 160, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1,
+    })  # fmt: skip
+    torch.manual_seed(0)
+    net = Llama(config).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0 if p.dim() > 1 else 1.0, 0.3)
+    net = pack_model(net, fmt)
+    set_fast_path(net, True)
+    ids = torch.tensor([[3, 50, 7, 9, 11], [0, 0, 8, 12, 4]])
+    padding = torch.ones(2, 8, dtype=torch.long)
+    padding[1, :2] = 0
+
+    def decode(one_call: bool) -> list[torch.Tensor]:
+        if not one_call:
+            monkeypatch.setattr(Llama, "_packed", lambda *args: None)
+        cache = net.make_cache(2, 8)
+        with torch.inference_mode():
+            logits = [net(ids, padding, cache=cache, input_pos=torch.arange(5))]
+            for step in range(3):
+                token, pos = torch.tensor([[5 + step], [40]]), torch.tensor([5 + step])
+                logits.append(net(token, padding, cache=cache, input_pos=pos))
+        monkeypatch.undo()
+        return logits
+
+    assert net._packed(torch.ones(2, 1, 160), net.make_cache(2, 8), torch.tensor([5]))
+    for fused_all, by_layer in zip(decode(True), decode(False), strict=True):
+        assert torch.equal(fused_all, by_layer)

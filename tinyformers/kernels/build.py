@@ -124,6 +124,11 @@ def _register_fakes() -> None:
             (qkv.shape[0], n_head, qkv.shape[1], k_cache.shape[3])
         )
     )
+    torch.library.register_fake("tinyformers::llama_layers")(
+        lambda x, weights, meta, k_caches, v_caches, cos, sin, pos, masks, n_head, eps, scale: (
+            torch.empty_like(x, memory_format=torch.contiguous_format)
+        )
+    )
     torch.library.register_fake("tinyformers::attend")(
         lambda q, k_cache, v_cache, mask, scale: q.new_empty(
             (q.shape[0], q.shape[2], q.shape[1] * q.shape[3])

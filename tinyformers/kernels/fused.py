@@ -2,8 +2,10 @@
 
 A decode step of SmolLM2 runs ~60 torch ops per layer besides its 4 matmuls, each a Python
 call, a dispatch and an allocation for a few hundred numbers; these four ops do the same work
-in one call each. The model files call them as the fast path beside their written-out math
-(models/llama.py), only where `usable(x)`: float32 activations on the CPU with the kernels
+in one call each, and `llama_layers` runs every decoder layer (norms, the packed matmuls,
+rotary, cache write, attention, residual adds) in one call for the few query rows of decode.
+The model files call them as the fast path beside their written-out math (models/llama.py),
+only where `usable(x)`: float32 activations on the CPU with the kernels
 loaded, no autograd.
 
 Example:
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .build import load_ops
+from .packed import PackedWeight
 
 _OPS: list = []  # the loaded ops, or None: a plain value torch.compile can trace through
 ATTEND_ROWS = 16  # query positions up to which `attend` runs ours; more (prefill): SDPA's
@@ -67,3 +70,29 @@ def attend(q: Tensor, cache, mask: Tensor, scale: float) -> Tensor:
         )
         return z.transpose(1, 2).reshape(B, T, nh * hs)  # (B, nh, T, hs) -> (B, T, nh*hs)
     return _ops().attend(q, cache.k, cache.v, mask, scale)
+
+
+FORMAT_CODES = {"f32": 0, "bf16": 1, "int8": 2, "q4": 3}  # packed_linear's (gemv.cpp)
+
+
+def layer_weights(norms, linears) -> tuple[list, list[int]] | None:
+    """The tensors and [format, n, group size] triples `llama_layer` takes for a layer's two
+    norms and four projections (q/k/v, o, gate/up, down), or None when one is not packed."""
+    weights, meta = [norm.weight for norm in norms], []
+    for linear in linears:
+        w = getattr(linear, "weight", None)
+        if not isinstance(w, PackedWeight) or FORMAT_CODES.get(w.fmt) is None:
+            return None
+        weights += [w._buffers["data"], w._buffers["scales"], linear.bias]
+        meta += [FORMAT_CODES[w.fmt], w.n, w.group_size]
+    return weights, meta
+
+
+def llama_layers(x: Tensor, packed, cos, sin, cache, input_pos, masks, n_head, eps, scale):
+    """Every Llama decoder layer in one C++ call (up to ATTEND_ROWS query rows): x [B, T, C]
+    -> [B, T, C]; `packed` holds the layers' `layer_weights`, flattened; layer i writes k and v
+    into cache[i] at `input_pos` and attends under masks[i]."""
+    weights, meta = packed
+    k, v = [c.k for c in cache], [c.v for c in cache]
+    return _ops().llama_layers(x, weights, meta, k, v, cos, sin, input_pos, masks, n_head, eps,
+                               scale)  # fmt: skip

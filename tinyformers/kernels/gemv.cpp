@@ -347,6 +347,29 @@ at::Tensor gemv_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 
 }  // namespace
 
+namespace tinyformers {
+// y = x @ W^T (+ bias) for a weight in format fmt (0 f32, 1 bf16, 2 int8, 3 q4; -1: zeros of
+// the output's shape, the benchmark's stand-in that times everything but the matmuls), for
+// the one C++ call per decoder layer in layers.cpp.
+at::Tensor packed_linear(const at::Tensor& x, int64_t fmt, const at::Tensor& w,
+                         const std::optional<at::Tensor>& scales,
+                         const std::optional<at::Tensor>& bias, int64_t n, int64_t group_size) {
+  TORCH_CHECK(fmt < 2 || scales.has_value(), "int8 and q4 weights need scales");
+  switch (fmt) {
+    case 0: return gemv_f32(x, w, bias, n);
+    case 1: return gemv_bf16(x, w, bias, n);
+    case 2: return gemv_int8(x, w, *scales, bias, n, group_size);
+    case 3: return gemv_q4(x, w, *scales, bias, n);
+    default: {
+      TORCH_CHECK(fmt == -1, "unknown weight format ", fmt);
+      at::Tensor y = empty_out(x, n);
+      std::memset(y.data_ptr<float>(), 0, y.numel() * 4);
+      return y;
+    }
+  }
+}
+}  // namespace tinyformers
+
 // Schemas apart from the CPU kernels, so torch.compile can be given shape-only versions (build.py).
 TORCH_LIBRARY(tinyformers, m) {
   m.def("gemv_f32(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor");

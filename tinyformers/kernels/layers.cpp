@@ -51,6 +51,22 @@ void for_rows(int64_t rows, int64_t work_per_row, const F& f) {
   });
 }
 
+// y = x / rms(x) * w for one row of C values.
+void rms_norm_row(const float* xr, const float* wp, float* yr, int64_t C, double eps) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t c = 0; c < C; c += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(first(C - c), xr + c);
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / float(C) + float(eps));
+  const __m512 s = _mm512_set1_ps(inv);
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 m = first(C - c);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + c), s);  // rms 1
+    _mm512_mask_storeu_ps(yr + c, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, wp + c), v));
+  }
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   check_f32(x, "x");
   check_f32(w, "weight");
@@ -59,22 +75,25 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   at::Tensor y = at::empty_like(x);
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for_rows(rows, C, [&](int64_t r) {
-    const float* xr = xp + r * C;
-    __m512 ss = _mm512_setzero_ps();
-    for (int64_t c = 0; c < C; c += 16) {
-      const __m512 v = _mm512_maskz_loadu_ps(first(C - c), xr + c);
-      ss = _mm512_fmadd_ps(v, v, ss);
-    }
-    const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / float(C) + float(eps));
-    const __m512 s = _mm512_set1_ps(inv);
+  for_rows(rows, C, [&](int64_t r) { rms_norm_row(xp + r * C, wp, yp + r * C, C, eps); });
+  return y;
+}
+
+// x += a in place (the residual add), then, with a norm weight wp, the norm of the sum into y.
+void add_rms_norm(at::Tensor& x, const at::Tensor& a, const float* wp, float* yp, double eps) {
+  const int64_t C = x.size(-1), rows = x.numel() / C;
+  TORCH_CHECK(a.numel() == x.numel(), "residual add: shapes differ");
+  float* xp = x.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  for (int64_t r = 0; r < rows; r++) {
+    float* xr = xp + r * C;
     for (int64_t c = 0; c < C; c += 16) {
       const __mmask16 m = first(C - c);
-      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + c), s);  // rms 1
-      _mm512_mask_storeu_ps(yp + r * C + c, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, wp + c), v));
+      _mm512_mask_storeu_ps(xr + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, xr + c),
+                                                     _mm512_maskz_loadu_ps(m, ap + r * C + c)));
     }
-  });
-  return y;
+    if (wp) rms_norm_row(xr, wp, yp + r * C, C, eps);
+  }
 }
 
 at::Tensor silu_mul(const at::Tensor& gate_up) {
@@ -181,63 +200,122 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   const int64_t ms0 = mask.stride(0), ms2 = mask.stride(2), ms3 = mask.stride(3);
   const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
   const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
-  // One task = one (row, kv head, query position): its rep query heads share every k, v read.
+  // One task = one (row, kv head, query position): its rep query heads share each k, v row,
+  // which stays in cache between them.
   for_rows(B * nkv * T, S * rep * hs * 4, [&](int64_t task) {
     const int64_t b = task / (nkv * T), g = task / T % nkv, t = task % T;
     const bool* m = mp + b * ms0 + t * ms2;
     const float* kb = kp + b * ks0 + g * ks1;
     const float* vb = vp + b * vs0 + g * vs1;
-    std::vector<float> p(rep * S);  // scores, then probabilities, [rep, S]
-    std::vector<float> acc(rep * hs, 0.0f);
-    std::vector<float> top(rep, -INFINITY);
-    for (int64_t s = 0; s < S; s++) {
-      if (!m[s * ms3]) continue;
-      const float* k = kb + s * ks2;
-      for (int64_t j = 0; j < rep; j++) {
-        const float* qr = qp + ((b * nh + g * rep + j) * T + t) * hs;
+    std::vector<int64_t> keep;  // the slots this query may read, in order
+    keep.reserve(S);
+    for (int64_t s = 0; s < S; s++)
+      if (m[s * ms3]) keep.push_back(s);
+    const int64_t L = keep.size();
+    std::vector<float> p(L + 16);  // scores, then probabilities, of one query head
+    for (int64_t j = 0; j < rep; j++) {
+      const float* qr = qp + ((b * nh + g * rep + j) * T + t) * hs;
+      float top = -INFINITY;
+      for (int64_t n = 0; n < L; n++) {
+        const float* k = kb + keep[n] * ks2;
         __m512 d = _mm512_setzero_ps();
         for (int64_t i = 0; i < hs; i += 16) {
           const __mmask16 mk = first(hs - i);
           d = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, qr + i), _mm512_maskz_loadu_ps(mk, k + i), d);
         }
-        const float score = _mm512_reduce_add_ps(d) * float(scale);
-        p[j * S + s] = score;
-        top[j] = std::max(top[j], score);
+        p[n] = _mm512_reduce_add_ps(d) * float(scale);
+        top = std::max(top, p[n]);
       }
-    }
-    for (int64_t j = 0; j < rep; j++) {  // p = exp(score - max), 0 where masked
-      float* pj = p.data() + j * S;
-      __m512 total = _mm512_setzero_ps();
-      for (int64_t s = 0; s < S; s += 16) {
-        __mmask16 keep = 0;
-        for (int64_t i = 0; i < 16 && s + i < S; i++) keep |= __mmask16(m[(s + i) * ms3]) << i;
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, pj + s),
-                                             _mm512_set1_ps(top[j])));
-        _mm512_mask_storeu_ps(pj + s, first(S - s), _mm512_maskz_mov_ps(keep, e));
-        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(keep, e));
+      __m512 total = _mm512_setzero_ps();  // p = exp(score - max)
+      for (int64_t n = 0; n < L; n += 16) {
+        const __mmask16 mk = first(L - n);
+        const __m512 e = _mm512_maskz_mov_ps(
+            mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, &p[n]), _mm512_set1_ps(top))));
+        _mm512_mask_storeu_ps(&p[n], mk, e);
+        total = _mm512_add_ps(total, e);
       }
       const float sum = _mm512_reduce_add_ps(total);
       const float inv = sum > 0 ? 1.0f / sum : 0.0f;
-      for (int64_t s = 0; s < S; s++) pj[s] *= inv;
-    }
-    for (int64_t s = 0; s < S; s++) {
-      if (!m[s * ms3]) continue;
-      const float* v = vb + s * vs2;
-      for (int64_t j = 0; j < rep; j++) {
-        const __m512 pj = _mm512_set1_ps(p[j * S + s]);
-        float* a = acc.data() + j * hs;
-        for (int64_t i = 0; i < hs; i += 16) {
-          const __mmask16 mk = first(hs - i);
-          const __m512 sum = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(mk, v + i),
-                                             _mm512_maskz_loadu_ps(mk, a + i));
-          _mm512_mask_storeu_ps(a + i, mk, sum);
+      for (int64_t n = 0; n < L; n++) p[n] *= inv;
+      float* zr = zp + (b * T + t) * nh * hs + (g * rep + j) * hs;
+      for (int64_t i0 = 0; i0 < hs; i0 += 64) {  // z = p v, 64 columns at a time in registers
+        const __mmask16 m0 = first(hs - i0), m1 = first(hs - i0 - 16);
+        const __mmask16 m2 = first(hs - i0 - 32), m3 = first(hs - i0 - 48);
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t n = 0; n < L; n++) {
+          const float* v = vb + keep[n] * vs2 + i0;
+          const __m512 pn = _mm512_set1_ps(p[n]);
+          a0 = _mm512_fmadd_ps(pn, _mm512_maskz_loadu_ps(m0, v), a0);
+          a1 = _mm512_fmadd_ps(pn, _mm512_maskz_loadu_ps(m1, v + 16), a1);
+          a2 = _mm512_fmadd_ps(pn, _mm512_maskz_loadu_ps(m2, v + 32), a2);
+          a3 = _mm512_fmadd_ps(pn, _mm512_maskz_loadu_ps(m3, v + 48), a3);
         }
+        _mm512_mask_storeu_ps(zr + i0, m0, a0);
+        _mm512_mask_storeu_ps(zr + i0 + 16, m1, a1);
+        _mm512_mask_storeu_ps(zr + i0 + 32, m2, a2);
+        _mm512_mask_storeu_ps(zr + i0 + 48, m3, a3);
       }
     }
-    for (int64_t j = 0; j < rep; j++)
-      std::memcpy(zp + (b * T + t) * nh * hs + (g * rep + j) * hs, acc.data() + j * hs, hs * 4);
   });
   return z;
+}
+
+}  // namespace
+
+namespace tinyformers {
+at::Tensor packed_linear(const at::Tensor& x, int64_t fmt, const at::Tensor& w,
+                         const std::optional<at::Tensor>& scales,
+                         const std::optional<at::Tensor>& bias, int64_t n, int64_t group_size);
+}
+
+namespace {
+
+// One Llama decoder layer for a few query rows (decode): what Block.forward computes, with the
+// ops above and the packed matmuls (gemv.cpp), without a Python call between them.
+//   w = [ln1, ln2, then data, scales, bias of qkv_proj, o_proj, gate_up_proj, down_proj]
+//   meta = [format, n, group size] of each of the four matrices (packed_linear's)
+at::Tensor llama_layer(const at::Tensor& x_in, const std::optional<at::Tensor>* w,
+                       const int64_t* meta, at::Tensor& k_cache, at::Tensor& v_cache,
+                       const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos,
+                       const at::Tensor& mask, int64_t n_head, double eps, double scale) {
+  const auto lin = [&](int j, const at::Tensor& h) {
+    return tinyformers::packed_linear(h, meta[3 * j], *w[2 + 3 * j], w[3 + 3 * j], w[4 + 3 * j],
+                                      meta[3 * j + 1], meta[3 * j + 2]);
+  };
+  for (int j = 0; j < 2; j++) {
+    check_f32(*w[j], "norm weight");
+    TORCH_CHECK(w[j]->numel() == x_in.size(-1), "norm weights must have C values");
+  }
+  at::Tensor x = x_in.clone(at::MemoryFormat::Contiguous);  // the residual stream, added to below
+  const at::Tensor q = rope_cache(lin(0, rms_norm(x, *w[0], eps)), cos, sin, k_cache, v_cache,
+                                  pos, n_head);
+  at::Tensor h = at::empty_like(x);  // x + attention, normed
+  add_rms_norm(x, lin(1, attend(q, k_cache, v_cache, mask, scale)), w[1]->data_ptr<float>(),
+               h.data_ptr<float>(), eps);
+  add_rms_norm(x, lin(3, silu_mul(lin(2, h))), nullptr, nullptr, eps);
+  return x;
+}
+
+// Every decoder layer of a Llama in turn, one call per decode step: layer i reads 14 entries
+// of weights from 14 i, 12 of meta from 12 i, its own caches and mask.
+at::Tensor llama_layers(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& weights,
+                        at::IntArrayRef meta, at::TensorList k_caches, at::TensorList v_caches,
+                        const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos,
+                        at::TensorList masks, int64_t n_head, double eps, double scale) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 3, "x must be float32 [B, T, C]");
+  const int64_t n = k_caches.size();
+  TORCH_CHECK(int64_t(weights.size()) == 14 * n && int64_t(meta.size()) == 12 * n &&
+                  int64_t(v_caches.size()) == n && int64_t(masks.size()) == n,
+              "per layer: 2 norms + 4 x 3 tensors, 12 ints, a k and v cache, a mask");
+  const std::vector<std::optional<at::Tensor>> w(weights.begin(), weights.end());
+  const at::Tensor c = cos.contiguous(), s = sin.contiguous();
+  at::Tensor x = x_in;
+  for (int64_t i = 0; i < n; i++) {
+    at::Tensor k = k_caches[i], v = v_caches[i];
+    x = llama_layer(x, w.data() + 14 * i, meta.data() + 12 * i, k, v, c, s, pos, masks[i],
+                    n_head, eps, scale);
+  }
+  return x;
 }
 
 }  // namespace
@@ -248,6 +326,9 @@ TORCH_LIBRARY_FRAGMENT(tinyformers, m) {
   m.def("rope_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache,"
         " Tensor pos, int n_head) -> Tensor");
   m.def("attend(Tensor q, Tensor k_cache, Tensor v_cache, Tensor mask, float scale) -> Tensor");
+  m.def("llama_layers(Tensor x, Tensor?[] weights, int[] meta, Tensor(a!)[] k_caches,"
+        " Tensor(b!)[] v_caches, Tensor cos, Tensor sin, Tensor pos, Tensor[] masks, int n_head,"
+        " float eps, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tinyformers, CPU, m) {
@@ -255,4 +336,5 @@ TORCH_LIBRARY_IMPL(tinyformers, CPU, m) {
   m.impl("silu_mul", &silu_mul);
   m.impl("rope_cache", &rope_cache);
   m.impl("attend", &attend);
+  m.impl("llama_layers", &llama_layers);
 }

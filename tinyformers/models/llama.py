@@ -281,6 +281,14 @@ class Block(nn.Module):
         mlp_out = self.hook("hook_mlp_out", self.mlp(self.post_attention_layernorm(x)))
         return self.hook("hook_resid_post", x + mlp_out)
 
+    def packed_weights(self) -> tuple[list, list[int]] | None:
+        """This layer's tensors for `fused.llama_layers` (`fused.layer_weights`), or None when
+        one of its matrices is not packed for the kernels."""
+        attn, mlp = self.self_attn, self.mlp
+        norms = (self.input_layernorm, self.post_attention_layernorm)
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        return fused.layer_weights(norms, linears)
+
 
 class Llama(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
@@ -298,6 +306,7 @@ class Llama(nn.Module):
         self.hook = HookPoint(self.hooks, "")
         # One angle per (position, pair of dimensions), shared by every layer (models/rope.py).
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.packed: tuple | None = None  # (layer 0's q/k/v data, every layer's packed_weights)
 
     def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
         c = self.config
@@ -328,12 +337,47 @@ class Llama(nn.Module):
         x = self.hook("hook_embed", self.embed_tokens(input_ids))  # (B, T, C)
         # One angle per (position, pair of dimensions), shared by every layer.
         cos, sin = self.rotary(positions, n_keys, x.dtype)  # (B, 1, T, hs): for every head
-        for i, layer in enumerate(self.layers):
-            m = local if self.config.layer_window(i) else mask  # (B, 1, T, S)
-            x = layer(x, cos, sin, m, cache[i] if cache is not None else None, input_pos)
+        windows = [self.config.layer_window(i) for i in range(len(self.layers))]
+        masks = [local if w else mask for w in windows]  # (B, 1, T, S) for each layer
+        if (packed := self._packed(x, cache, input_pos)) is not None:
+            # Every layer's Block.forward in one C++ call for decode's few query rows
+            # (kernels/fused.py): norms, packed matmuls, rotary, cache writes, attention.
+            attn, eps = self.layers[0].self_attn, self.config.rms_norm_eps
+            x = fused.llama_layers(
+                x, packed, cos, sin, cache, input_pos, masks, attn.n_head, eps, attn.scale
+            )
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, masks[i], cache[i] if cache is not None else None, input_pos)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         return self.unembed(x)
+
+    def _packed(self, x: Tensor, cache: list[KVCache] | None, input_pos: Tensor):
+        """Every layer's `packed_weights`, flattened, when `fused.llama_layers` can run this
+        call: at most `fused.ATTEND_ROWS` query rows, what `Attention._fused` asks, every
+        matrix packed for the kernels, not under torch.compile; else None."""
+        attn = self.layers[0].self_attn
+        if cache is None or x.shape[1] > fused.ATTEND_ROWS or not attn.fast:
+            return None
+        if torch.compiler.is_compiling():  # torch.compile traces (and fuses) the layers' ops
+            return None
+        if not (self.layers[0].mlp.fast and attn._fused(x, cache[0], input_pos)):
+            return None
+        key = getattr(attn.qkv_proj, "weight", None)
+        key = key._buffers.get("data") if isinstance(key, nn.Module) else key
+        # subtle: looked up once, again when layer 0's matrix changes or `_apply` (.to()) runs
+        if self.packed is None or self.packed[0] is not key:
+            layers = [block.packed_weights() for block in self.layers]
+            flat = None
+            if all(layer is not None for layer in layers):
+                flat = [t for w, _ in layers for t in w], [v for _, m in layers for v in m]
+            self.packed = (key, flat)
+        return self.packed[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        self.packed = None  # .to(), .float(), ...: the tensors may be new ones
+        return super()._apply(fn, *args, **kwargs)
 
     def unembed(self, x: Tensor) -> Tensor:
         """Residual stream (B, T, C) -> float32 logits (B, T, V): final norm, then lm_head."""
