@@ -47,6 +47,7 @@ class LlamaConfig:
     model_type: str = "llama"  # "qwen2": biases on q, k and v (never on o), whatever the keys
     sliding_window: int | None = None  # None: every key; n: a query reads its last n keys
     layer_types: list[str] | None = None  # "sliding_attention" layers use the window; None: all
+    max_window_layers: int | None = None  # Qwen2 without layer_types: the first windowed layer
 
     @classmethod
     def from_dict(cls, d: dict) -> LlamaConfig:
@@ -78,10 +79,16 @@ class LlamaConfig:
         return config
 
     def layer_window(self, i: int) -> int | None:
-        """The sliding window of layer `i`, or None where it attends to every earlier key."""
-        if self.layer_types is None or self.layer_types[i] == "sliding_attention":
-            return self.sliding_window
-        return None
+        """The sliding window of layer `i`, or None where it attends to every earlier key.
+
+        subtle: computed per layer, never as a list of every layer's kind up front: a config
+        may claim 2^31 layers, and only the weights (checked later) say how many there are.
+        """
+        if self.layer_types is not None:
+            return self.sliding_window if self.layer_types[i] == "sliding_attention" else None
+        if self.max_window_layers is not None and i < self.max_window_layers:
+            return None
+        return self.sliding_window
 
     @property
     def context_length(self) -> int:
@@ -103,6 +110,7 @@ def family_fields(d: dict) -> dict:
     """
     kind = d.get("model_type", "llama")
     ignored = ["attention_bias", "mlp_bias"] if kind in ("mistral", "qwen2") else []
+    ignored.append("max_window_layers")  # set below for Qwen2 only, when it counts
     if kind == "mistral":
         d.setdefault("sliding_window", 4096)
         ignored.append("layer_types")
@@ -113,8 +121,9 @@ def family_fields(d: dict) -> dict:
             first = d.get("max_window_layers", 28)
             if not isinstance(first, int) or isinstance(first, bool) or first < 0:
                 raise ValueError(f"max_window_layers = {first!r:.60}: expected an integer >= 0")
-            n = check_value("num_hidden_layers", "int", d.get("num_hidden_layers"))
-            d["layer_types"] = [_LAYER_TYPES[i >= first] for i in range(n)]
+            if first > 0:  # 0: every layer windowed, as with no max_window_layers at all
+                ignored.remove("max_window_layers")
+                d["max_window_layers"] = first
     else:
         ignored += ["sliding_window", "layer_types"]
     return {k: v for k, v in d.items() if k not in ignored}
