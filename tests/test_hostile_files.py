@@ -208,6 +208,11 @@ def _build(root: Path) -> dict[str, tuple[str, type, str]]:
     folder = _folder(root, "qwen2_layers", qwen2 | {"num_hidden_layers": 2**31 - 1})
     _tiny_gpt2_weights(folder)
     case("qwen2_config_with_2^31_layers", folder, "asks for 2147483647 layers")
+    # RoPE's speeds computed at build time, before the weights are checked: the fuzzer's
+    # hidden_size 10^9 (head_dim 5 * 10^8) took 11 s and 5.7 GB
+    folder = _folder(root, "huge_head_dim", LLAMA | {"hidden_size": 10**9})
+    _tiny_gpt2_weights(folder)
+    case("llama_config_with_head_dim_5x10^8", folder, "missing tensor")
 
     # -- silent acceptance: a Q4_K tensor with no elements ----------------------------------
     name = b"blk.0.ffn_down.weight"
@@ -291,7 +296,8 @@ CASES = [
     "quantized_tensor", "sparse_tensor", "pickle_that_calls_a_function",
     "pickle_bytearray8_of_16_gb",
     "config_with_10^5_layers", "gguf_with_10^5_layers", "gemma3_config_with_2^31_layers",
-    "qwen2_config_with_2^31_layers", "gguf_q4_k_with_no_elements", "config_n_head_0",
+    "qwen2_config_with_2^31_layers", "llama_config_with_head_dim_5x10^8",
+    "gguf_q4_k_with_no_elements", "config_n_head_0",
     "config_n_layer_true", "config_eps_nan", "config_flag_string_false",
     "config_rope_theta_0", "config_rope_scaling_string", "config_rope_scaling_no_factor",
     "config_context_10^13", "config_odd_head_dim", "config_no_head_dim", "config_required_missing",

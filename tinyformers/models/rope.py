@@ -69,14 +69,18 @@ class Rotary:
     """
 
     def __init__(self, head_dim: int, theta: float, scaling: dict | None = None) -> None:
-        self.inv_freq = inv_frequencies(head_dim, theta, scaling)  # (hs/2,)
-        self.cos = self.sin = torch.empty(0, head_dim, device="cpu")
+        # subtle: nothing is computed here. The model is built (on the meta device) before its
+        # weights are checked against the config, and a config's head_dim of 5 * 10^8 must fail
+        # that check, not first fill 2 GB with speeds (a fuzz finding).
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.cos = self.sin = torch.empty(0, head_dim, device="meta")
 
     def extend(self, n: int, device: torch.device, dtype: torch.dtype) -> None:
         """Make the tables cover positions 0..n-1 on `device` in `dtype`."""
         if self.cos.shape[0] >= n and self.cos.device == device and self.cos.dtype == dtype:
             return
         n = max(n, self.cos.shape[0])
+        self.inv_freq = inv_frequencies(self.head_dim, self.theta, self.scaling)  # (hs/2,)
         # fp32 angles, as the reference computes them: position * speed, then cos and sin
         angles = torch.arange(n, device=device).float()[:, None] * self.inv_freq.to(device)
         angles = torch.cat((angles, angles), dim=-1)  # (n, hs): pair (i, i + hs/2) shares one
