@@ -90,24 +90,27 @@ def _llama_config(m: dict, n_vocab: int) -> dict:
     }
 
 
+# Llama-family GGUF names: the whole-model tensors and each block's (Gemma 3 adds norms)
+LLAMA_NAMES = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
+LLAMA_PER_LAYER = {
+    "attn_norm": "layers.{i}.input_layernorm",
+    "attn_q": "layers.{i}.self_attn.q_proj",
+    "attn_k": "layers.{i}.self_attn.k_proj",
+    "attn_v": "layers.{i}.self_attn.v_proj",
+    "attn_output": "layers.{i}.self_attn.o_proj",
+    "ffn_norm": "layers.{i}.post_attention_layernorm",
+    "ffn_gate": "layers.{i}.mlp.gate_proj",
+    "ffn_up": "layers.{i}.mlp.up_proj",
+    "ffn_down": "layers.{i}.mlp.down_proj",
+}
+
+
 def _llama_names(config) -> dict[str, str]:
-    names = {
-        "token_embd.weight": "embed_tokens.weight",
-        "output_norm.weight": "norm.weight",
-        "output.weight": "lm_head.weight",
-    }
-    per_layer = {
-        "attn_norm": "layers.{i}.input_layernorm",
-        "attn_q": "layers.{i}.self_attn.q_proj",
-        "attn_k": "layers.{i}.self_attn.k_proj",
-        "attn_v": "layers.{i}.self_attn.v_proj",
-        "attn_output": "layers.{i}.self_attn.o_proj",
-        "ffn_norm": "layers.{i}.post_attention_layernorm",
-        "ffn_gate": "layers.{i}.mlp.gate_proj",
-        "ffn_up": "layers.{i}.mlp.up_proj",
-        "ffn_down": "layers.{i}.mlp.down_proj",
-    }
-    return expand_names(names, per_layer, config.num_hidden_layers)
+    return expand_names(LLAMA_NAMES, LLAMA_PER_LAYER, config.num_hidden_layers)
 
 
 def _llama_sanitize(weights: dict[str, Tensor], config) -> dict[str, Tensor]:
@@ -159,27 +162,16 @@ def _gemma3_config(m: dict, n_vocab: int) -> dict:
 
 
 def _gemma3_names(config) -> dict[str, str]:
-    names = {
-        "token_embd.weight": "embed_tokens.weight",
-        "output_norm.weight": "norm.weight",
-        "output.weight": "lm_head.weight",
-    }
-    per_layer = {
-        "attn_norm": "layers.{i}.input_layernorm",
-        "attn_q": "layers.{i}.self_attn.q_proj",
-        "attn_k": "layers.{i}.self_attn.k_proj",
-        "attn_v": "layers.{i}.self_attn.v_proj",
+    """Llama's names, with q/k norms and a norm after attention and after the MLP; the norm
+    llama.cpp calls `ffn_norm` is Gemma's pre-feedforward one."""
+    per_layer = LLAMA_PER_LAYER | {
         "attn_q_norm": "layers.{i}.self_attn.q_norm",
         "attn_k_norm": "layers.{i}.self_attn.k_norm",
-        "attn_output": "layers.{i}.self_attn.o_proj",
         "post_attention_norm": "layers.{i}.post_attention_layernorm",
         "ffn_norm": "layers.{i}.pre_feedforward_layernorm",
-        "ffn_gate": "layers.{i}.mlp.gate_proj",
-        "ffn_up": "layers.{i}.mlp.up_proj",
-        "ffn_down": "layers.{i}.mlp.down_proj",
         "post_ffw_norm": "layers.{i}.post_feedforward_layernorm",
     }
-    return expand_names(names, per_layer, config.num_hidden_layers)
+    return expand_names(LLAMA_NAMES, per_layer, config.num_hidden_layers)
 
 
 def _gemma3_sanitize(weights: dict[str, Tensor], config) -> dict[str, Tensor]:
