@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from tinyformers.models import check_value, config_fields
 from tinyformers.models.hooks import HookPoint, Hooks
-from tinyformers.models.kv_cache import KVCache
+from tinyformers.models.kv_cache import KVCache, per_layer
 from tinyformers.models.masks import positions_and_mask, sliding_window
 from tinyformers.models.rope import Rotary, check_rope_scaling, rotate
 
@@ -289,11 +289,9 @@ class Gemma3(nn.Module):
     def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
         """One full-length cache per layer; a local layer's mask hides what its window left."""
         c = self.config
-        dtype, device = self.norm.weight.dtype, self.norm.weight.device
-        return [
-            KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, device)
-            for _ in range(c.num_hidden_layers)
-        ]
+        return per_layer(
+            c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim, self.norm.weight
+        )
 
     def forward(
         self,

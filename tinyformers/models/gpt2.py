@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from tinyformers.models import config_fields
 from tinyformers.models.hooks import HookPoint, Hooks
-from tinyformers.models.kv_cache import KVCache
+from tinyformers.models.kv_cache import KVCache, per_layer
 from tinyformers.models.masks import positions_and_mask
 
 ACTIVATIONS = {
@@ -184,12 +184,9 @@ class GPT2(nn.Module):
         self.hook = HookPoint(self.hooks, "")
 
     def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
-        hs = self.config.head_dim or self.config.n_embd // self.config.n_head
-        dtype, device = self.ln_f.weight.dtype, self.ln_f.weight.device
-        return [
-            KVCache(batch, self.config.n_head, max_len, hs, dtype, device)
-            for _ in range(self.config.n_layer)
-        ]
+        c = self.config
+        hs = c.head_dim or c.n_embd // c.n_head
+        return per_layer(c.n_layer, batch, c.n_head, max_len, hs, self.ln_f.weight)
 
     def forward(
         self,

@@ -51,3 +51,13 @@ class KVCache(nn.Module):
         view.register_buffer("k", self.k[index], persistent=False)
         view.register_buffer("v", self.v[index], persistent=False)
         return view
+
+
+def per_layer(
+    n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int, like: Tensor
+) -> list[KVCache]:
+    """One cache per layer, in the dtype and on the device of `like` (a model's weight)."""
+    return [
+        KVCache(batch, n_kv_head, max_len, head_dim, like.dtype, like.device)
+        for _ in range(n_layer)
+    ]
