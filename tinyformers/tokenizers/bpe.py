@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import codecs
 import heapq
-from collections.abc import Iterable, Set
+import re
+from collections.abc import Callable, Iterable, Set
 from itertools import pairwise
 from typing import Literal
 
@@ -149,16 +150,7 @@ class Tokenizer:
         text = _without_lone_surrogates(text)
         allowed = self.special_tokens.keys() if allowed_special == "all" else allowed_special
         matcher = self._token_matcher(frozenset(allowed))
-        if matcher is None:
-            return self._encode_ordinary(text)
-        ids: list[int] = []
-        start = 0
-        for m in matcher.finditer(text):
-            ids += self._encode_ordinary(text[start : m.start()])
-            ids.append(self._literal_ids[m.group()])
-            start = m.end()
-        ids += self._encode_ordinary(text[start:])
-        return ids
+        return encode_around(text, matcher, self._literal_ids, self._encode_ordinary)
 
     def encode_batch(
         self, texts: Iterable[str], *, allowed_special: Set[str] | Literal["all"] = frozenset()
@@ -336,6 +328,25 @@ class StreamDecoder:
     def flush(self) -> str:
         """The held-back tail: U+FFFD for a character that never finished."""
         return self._utf8.decode(b"", final=True)
+
+
+def encode_around(
+    text: str,
+    matcher: regex.Pattern | re.Pattern | None,
+    literal_ids: dict[str, int],
+    encode: Callable[[str], list[int]],
+) -> list[int]:
+    """`encode` the text between the literal tokens `matcher` finds, each of which is its own
+    id (`literal_ids`); no matcher: `encode` the whole text."""
+    if matcher is None:
+        return encode(text)
+    ids: list[int] = []
+    start = 0
+    for m in matcher.finditer(text):
+        ids += encode(text[start : m.start()])
+        ids.append(literal_ids[m.group()])
+        start = m.end()
+    return ids + encode(text[start:])
 
 
 def _is_int(value) -> bool:

@@ -19,7 +19,12 @@ from collections.abc import Iterable, Set
 from typing import Literal
 
 from tinyformers.errors import TokenizerError
-from tinyformers.tokenizers.bpe import MAX_VOCAB, StreamDecoder, _without_lone_surrogates
+from tinyformers.tokenizers.bpe import (
+    MAX_VOCAB,
+    StreamDecoder,
+    _without_lone_surrogates,
+    encode_around,
+)
 
 SPACE = "\u2581"  # ▁, SentencePiece's visible space
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -128,15 +133,7 @@ class SentencePieceTokenizer:
         text = _without_lone_surrogates(text)
         allowed = self.special_tokens.keys() if allowed_special == "all" else allowed_special
         matcher = self._literal_matcher(frozenset(allowed))
-        if matcher is None:
-            return self._encode_fragment(text)
-        ids: list[int] = []
-        start = 0
-        for m in matcher.finditer(text):
-            ids += self._encode_fragment(text[start : m.start()])
-            ids.append(self._literal_ids[m.group()])
-            start = m.end()
-        return ids + self._encode_fragment(text[start:])
+        return encode_around(text, matcher, self._literal_ids, self._encode_fragment)
 
     def encode_batch(
         self, texts: Iterable[str], *, allowed_special: Set[str] | Literal["all"] = frozenset()
