@@ -23,7 +23,12 @@ from tinyformers.generation.generate import (
     stream_text,
 )
 from tinyformers.generation.params import SamplingParams
-from tinyformers.kernels.modules import PackedEmbedding, PackedLinear, PackedWeight
+from tinyformers.kernels.modules import (
+    PackedEmbedding,
+    PackedLinear,
+    PackedWeight,
+    prefill_kernels,
+)
 from tinyformers.loading.json_file import read_json
 from tinyformers.loading.loader import load_model
 from tinyformers.models import set_fast_path
@@ -76,15 +81,18 @@ class LanguageModel:
 
     def info(self) -> dict[str, str | int]:
         """What was loaded and how it runs: the storage of each group of tensors, the dtype of
-        the activations, the attention path, the context and the file."""
+        the activations, the attention path, the kernel of multi-row matmuls (prefill), the
+        context and the file."""
         attention = [m.fast for m in self.net.modules() if hasattr(m, "fast")]
         world = getattr(self.net, "world", None)  # under tensor parallel (parallel/mirror.py)
+        prefill = prefill_kernels(self.net)  # None unless packed for the kernels on the CPU
         return {
             "architecture": type(self.net).__name__,
             "parameters": self.num_parameters(),
             **{f"weights: {group}": fmt for group, fmt in weight_formats(self.net).items()},
             "activations": str(self._activation_dtype()).removeprefix("torch."),
             "attention": "fused (SDPA)" if all(attention) else "written out",
+            **({"prefill matmuls": prefill} if prefill else {}),
             "context": self.config.context_length,
             "threads": torch.get_num_threads(),
             "file": str(self.source),

@@ -1,7 +1,9 @@
 """Put a loaded model on the kernels: every nn.Linear becomes a PackedLinear.
 
 A tied input embedding (GPT-2's wte, SmolLM2's embed_tokens) reads its rows from the packed
-lm_head, so the model keeps one copy of that matrix, as before packing.
+lm_head, so the model keeps one copy of that matrix, as before packing. Passes of more than
+`fused.ATTEND_ROWS` rows (prefill) run torch's matmul instead where it measured faster at load
+(choose.py); only those weights keep a second, dense copy.
 """
 
 from __future__ import annotations
@@ -12,23 +14,34 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from .choose import Choice, choose, mode, torch_linear
+from .fused import ATTEND_ROWS
 from .packed import PackedWeight, linear, pack, pack_quantized
 
 
 class PackedLinear(nn.Module):
     """nn.Linear with its weight in a kernel layout (f32, bf16, int8 or q4);
-    `weight.dense()` gives the [out, in] matrix back, as the kernel sees it."""
+    `weight.dense()` gives the [out, in] matrix back, as the kernel sees it.
+
+    `prefill` is the kernel chosen at load for passes of more than ATTEND_ROWS rows (None:
+    no choice made, `linear` decides); where it is torch's, `torch_weight` holds the weight
+    in torch's layout (a buffer, moved by `.to()`, left out of the state_dict)."""
 
     def __init__(self, weight: PackedWeight, bias: Tensor | None) -> None:
         super().__init__()
         self.weight = weight
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.in_features, self.out_features = weight.k, weight.n
+        self.prefill: Choice | None = None
+        self.register_buffer("torch_weight", None, persistent=False)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
     def forward(self, x: Tensor) -> Tensor:
+        dense = self._buffers["torch_weight"]  # a dict read: this runs ~200 times a token
+        if dense is not None and x.is_cpu and x.numel() > ATTEND_ROWS * self.in_features:
+            return torch_linear(x, dense, self.bias)  # prefill, where torch's won at load
         return linear(x, self.weight, self.bias)
 
 
@@ -58,7 +71,10 @@ def pack_model(
     Everything else (norms, biases, position embeddings, so activations and the KV cache)
     becomes float32: the kernels compute in float32 anyway, these tensors are a few percent of
     the bytes, and torch's CPU attention is several times slower in bfloat16.
+
+    Last, each PackedLinear's prefill kernel is chosen (`choose_prefill`).
     """
+    how = mode()  # checked first: a bad TINYFORMERS_PREFILL fails before seconds of packing
     quantized = quantized or {}
     embedding_of = {  # the matrix of each embedding -> where the embedding sits
         m.weight.data_ptr(): (parent, name, f"{parent_name}.{name}".lstrip("."))
@@ -102,7 +118,51 @@ def pack_model(
         _return_freed_memory()
     for p in net.parameters():
         p.data = p.data.float()
+    choose_prefill([m for m in net.modules() if isinstance(m, PackedLinear)], how)
     return net
+
+
+def choose_prefill(linears: list[PackedLinear], how: str) -> None:
+    """Choose the prefill kernel of each distinct (format, N, K) once (choose.py: timed when
+    `how` is "measure") for every weight of that shape; where torch's wins, keep the weight
+    dense in torch's layout too.
+
+    Chosen here at load, not lazily at the first prefill: the timing (~0.1 s for SmolLM2) and
+    the dense copies' memory are settled before `load` returns, never inside a timed first
+    prompt or a torch.compile trace.
+    """
+    choices: dict[tuple[str, int, int], Choice | None] = {}
+    for lin in linears:
+        w = lin.weight
+        key = (w.fmt, w.n, w.k)
+        if key not in choices:
+            choices[key] = choose(w, how)
+        lin.prefill = choices[key]
+        if lin.prefill is not None and lin.prefill.kernel == "torch":
+            lin.torch_weight = w.unpacked()  # the same values, in torch's [N, K] layout
+
+
+def prefill_kernels(net: nn.Module) -> str | None:
+    """Which matmul runs the passes of more than ATTEND_ROWS rows, by shape: for `info()`.
+
+    Example: "ours on bf16 960x576, 576x576 (measured at load, 128 rows: ours 1.0 ms, torch
+    1.1 ms in all); decode (<= 16 rows): ours"
+    """
+    groups: dict[tuple[str, str, str], dict[str, Choice]] = {}
+    for m in net.modules():
+        if isinstance(m, PackedLinear) and m.prefill is not None:
+            w, c = m.weight, m.prefill
+            groups.setdefault((c.kernel, c.why, w.fmt), {})[f"{w.n}x{w.k}"] = c
+    if not groups:
+        return None
+    parts = []
+    for (kernel, why, fmt), shapes in groups.items():
+        name = "torch F.linear" if kernel == "torch" else "ours"
+        timed = [c for c in shapes.values() if c.ours_ms is not None]
+        ours_ms, torch_ms = sum(c.ours_ms for c in timed), sum(c.torch_ms for c in timed)
+        times = f": ours {ours_ms:.1f} ms, torch {torch_ms:.1f} ms in all" if timed else ""
+        parts.append(f"{name} on {fmt} {', '.join(shapes)} ({why}{times})")
+    return "; ".join(parts) + f"; decode (<= {ATTEND_ROWS} rows): ours"
 
 
 def _kind(linear: nn.Module | None, blocks: tuple[Tensor, ...] | None) -> tuple | None:

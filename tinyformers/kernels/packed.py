@@ -42,6 +42,14 @@ class PackedWeight(nn.Module):
         """[N, K] float32: the weight exactly as the kernel sees it (dequantised if quantised)."""
         return self.rows(torch.arange(self.n, device=self.data.device))
 
+    def unpacked(self) -> Tensor:
+        """[N, K] in the stored dtype, f32 or bf16 (no float32 copy of a bf16 weight on the
+        way): the weight in torch's layout, for torch's matmul (choose.py)."""
+        assert self.fmt in ("f32", "bf16"), self.fmt
+        nb, ks, step = self.data.shape[0], self.data.shape[1], self.data.dim() - 2
+        blocks = self.data.view(nb, ks, 32, step).transpose(1, 2)  # (N/32, 32, K/step, step)
+        return blocks.reshape(nb * 32, ks * step)[: self.n, : self.k].contiguous()
+
     def rows(self, ids: Tensor) -> Tensor:
         """Rows `ids` of the weight as [..., K] float32: an embedding lookup for a tied lm_head.
 
