@@ -299,14 +299,27 @@ def test_fused_rms_norm_and_silu_mul_match_the_written_out_math(shape):
 
 
 @needs_kernels
-@pytest.mark.parametrize("T", [1, 3, 20])  # 20: prefill, SDPA behind the same call
-def test_fused_rotary_cache_write_and_attention_match_the_written_out_math(T):
+@pytest.mark.parametrize(
+    "T, S, hs, dtype",
+    [
+        (1, 32, 10, torch.float32),
+        (3, 32, 10, torch.float32),
+        (20, 32, 10, torch.float32),  # 20: prefill, SDPA behind the same call
+        (1, 32, 10, torch.float16),
+        (20, 32, 10, torch.float16),
+        (1, 1300, 64, torch.float32),  # keys in 6 pieces of 256, spread over threads, merged
+        (2, 1300, 64, torch.float16),
+    ],
+)
+def test_fused_rotary_cache_write_and_attention_match_the_written_out_math(T, S, hs, dtype):
+    """The float16 cache (quantized and bfloat16 weights) is checked against the same math on
+    its values rounded to float16, as the written-out path reads them."""
     from tinyformers.kernels import fused
     from tinyformers.models.kv_cache import KVCache
     from tinyformers.models.masks import positions_and_mask
     from tinyformers.models.rope import Rotary, rotate
 
-    B, nh, nkv, hs, S, start = 2, 6, 2, 10, 32, 4
+    B, nh, nkv, start = 2, 6, 2, 4
     g = torch.Generator().manual_seed(1)
     qkv = torch.randn(B, T, (nh + 2 * nkv) * hs, generator=g)
     pos = torch.arange(start, start + T)
@@ -314,21 +327,26 @@ def test_fused_rotary_cache_write_and_attention_match_the_written_out_math(T):
     padding[1, :2] = 0  # row 1 left-padded
     positions, mask = positions_and_mask(padding, pos, S, B)
     cos, sin = Rotary(hs, 10000.0)(positions, S, torch.float32)  # (B, 1, T, hs)
-    cache = KVCache(B, nkv, S, hs, torch.float32)
-    cache.k.normal_(generator=g), cache.v.normal_(generator=g)  # earlier tokens
-    expected = KVCache(B, nkv, S, hs, torch.float32)
+    cache = KVCache(B, nkv, S, hs, dtype)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))  # earlier tokens
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    expected = KVCache(B, nkv, S, hs, dtype)
     expected.k.copy_(cache.k), expected.v.copy_(cache.v)
 
     q, k, v = qkv.view(B, T, nh + 2 * nkv, hs).transpose(1, 2).split([nh, nkv, nkv], dim=1)
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-    keys, values = expected.update(pos, k, v)
-    keys, values = keys.repeat_interleave(nh // nkv, 1), values.repeat_interleave(nh // nkv, 1)
-    scores = (q @ keys.transpose(-2, -1) * hs**-0.5).masked_fill(~mask, float("-inf"))
-    z = (torch.softmax(scores, dim=-1) @ values).transpose(1, 2).reshape(B, T, nh * hs)
+    expected.update(pos, k, v)  # written in the cache's dtype
 
     q_fused = fused.rope_cache(qkv, cos, sin, cache, pos, nh)
+    keys = cache.k.float().repeat_interleave(nh // nkv, 1)  # the attention reads these
+    values = cache.v.float().repeat_interleave(nh // nkv, 1)
+    scores = (q @ keys.transpose(-2, -1) * hs**-0.5).masked_fill(~mask, float("-inf"))
+    z = (torch.softmax(scores, dim=-1) @ values).transpose(1, 2).reshape(B, T, nh * hs)
     torch.testing.assert_close(q_fused, q, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(cache.k, expected.k, rtol=1e-6, atol=1e-6)
+    # float32: 1e-6 (the rotation's own rounding); float16: the same rounding to nearest
+    # of values within an ulp of each other may differ by one float16 ulp (2^-10 relative)
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(cache.k, expected.k, rtol=tol, atol=tol)
     assert torch.equal(cache.v, expected.v)
     torch.testing.assert_close(
         fused.attend(q_fused, cache, mask, hs**-0.5), z, rtol=1e-5, atol=1e-5

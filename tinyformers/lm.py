@@ -93,6 +93,7 @@ class LanguageModel:
             "activations": str(self._activation_dtype()).removeprefix("torch."),
             "attention": "fused (SDPA)" if all(attention) else "written out",
             **({"prefill matmuls": prefill} if prefill else {}),
+            "kv cache": str(self.net.make_cache(1, 1)[0].k.dtype).removeprefix("torch."),
             "context": self.config.context_length,
             "threads": torch.get_num_threads(),
             "file": str(self.source),
@@ -384,6 +385,7 @@ def load(
         if fast:
             _use_kernels(net, quantize)
     set_fast_path(net, fast)
+    _half_cache_beside_16_bit_weights(net)
     if shard is not None:  # on ranks other than 0 this serves rank 0, then exits
         net = parallel.start(net, shard, group, shard.model_config)
     tokenizer = _tokenizer_for(path)
@@ -472,6 +474,15 @@ def _use_kernels(net: nn.Module, quantize: str | None) -> None:
     fmt = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(param.dtype)
     if fmt is not None and param.device.type == "cpu" and kernels.available():
         pack_model(net, fmt)  # else float16 or CUDA: torch's own kernels are the fast path
+
+
+def _half_cache_beside_16_bit_weights(net: nn.Module) -> None:
+    """A float16 KV cache where the kernels run bfloat16 or quantized matrices (a model with
+    `cache_dtype`: Llama's fused attention reads float16): llama.cpp's default, and half the
+    bytes a decode step reads at long context. Float32 matrices keep a float32 cache (parity)."""
+    formats = {m.fmt for m in net.modules() if isinstance(m, PackedWeight)}
+    if hasattr(net, "cache_dtype") and formats - {"f32"}:
+        net.cache_dtype = torch.float16
 
 
 def _kernels_or_error(quantize: str, device: torch.device) -> None:

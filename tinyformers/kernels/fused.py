@@ -61,13 +61,12 @@ def rope_cache(qkv: Tensor, cos: Tensor, sin: Tensor, cache, input_pos: Tensor, 
 
 
 def attend(q: Tensor, cache, mask: Tensor, scale: float) -> Tensor:
-    """softmax(q k^T * scale, masked) v over the whole cache, each group of query heads
-    sharing its kv head: q [B, nh, T, hs], mask [B, 1, T, S] -> z [B, T, nh * hs]."""
+    """softmax(q k^T * scale, masked) v over the whole cache (float32 or float16), each group
+    of query heads sharing its kv head: q [B, nh, T, hs], mask [B, 1, T, S] -> z [B, T, nh*hs]."""
     B, nh, T, hs = q.shape
     if T > ATTEND_ROWS:  # prefill: SDPA's flash kernel is parallel over query blocks
-        z = F.scaled_dot_product_attention(
-            q, cache.k, cache.v, attn_mask=mask, scale=scale, enable_gqa=True
-        )
+        k, v = cache.k.to(q.dtype), cache.v.to(q.dtype)  # a float16 cache read as float32
+        z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         return z.transpose(1, 2).reshape(B, T, nh * hs)  # (B, nh, T, hs) -> (B, T, nh*hs)
     return _ops().attend(q, cache.k, cache.v, mask, scale)
 

@@ -24,6 +24,16 @@ __mmask16 first(int64_t n) {
   return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
+// A cache row of hs values as float32, 16 at a time: the cache is float32 or float16.
+inline __m512 load_row(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_row(const at::Half* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+inline void store_row(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store_row(at::Half* p, __mmask16 m, __m512 v) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
 // exp(x) to about 1 ulp: x = n ln2 + r with |r| <= ln2/2, a degree-7 Taylor polynomial of r
 // (error < 6e-9), times 2^n. Below -104 the result underflows to 0, so -inf gives 0.
 __m512 exp16(__m512 x) {
@@ -119,50 +129,47 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 }
 
 // out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1) for halves x1, x2 of hs.
-void rotate_row(const float* x, const float* cos, const float* sin, float* out, int64_t hs) {
+template <typename C>
+void rotate_row(const float* x, const float* cos, const float* sin, C* out, int64_t hs) {
   const int64_t half = hs / 2;
   for (int64_t i = 0; i < half; i += 16) {
     const __mmask16 m = first(half - i);
     const __m512 x1 = _mm512_maskz_loadu_ps(m, x + i), x2 = _mm512_maskz_loadu_ps(m, x + half + i);
     const __m512 a = _mm512_mul_ps(x1, _mm512_maskz_loadu_ps(m, cos + i));
     const __m512 b = _mm512_mul_ps(x2, _mm512_maskz_loadu_ps(m, sin + i));
-    _mm512_mask_storeu_ps(out + i, m, _mm512_sub_ps(a, b));
+    store_row(out + i, m, _mm512_sub_ps(a, b));
     const __m512 c = _mm512_mul_ps(x2, _mm512_maskz_loadu_ps(m, cos + half + i));
     const __m512 d = _mm512_mul_ps(x1, _mm512_maskz_loadu_ps(m, sin + half + i));
-    _mm512_mask_storeu_ps(out + half + i, m, _mm512_add_ps(c, d));
+    store_row(out + half + i, m, _mm512_add_ps(c, d));
+  }
+}
+
+// out = x, hs values, in the cache's type.
+template <typename C>
+void copy_row(const float* x, C* out, int64_t hs) {
+  for (int64_t i = 0; i < hs; i += 16) {
+    const __mmask16 m = first(hs - i);
+    store_row(out + i, m, _mm512_maskz_loadu_ps(m, x + i));
   }
 }
 
 void check_cache(const at::Tensor& c, int64_t B, int64_t nkv, int64_t hs) {
-  TORCH_CHECK(c.scalar_type() == at::kFloat && c.dim() == 4 && c.size(0) == B &&
-                  c.size(1) == nkv && c.size(3) == hs && c.stride(3) == 1,
-              "cache must be float32 [B, nkv, S, hs] with contiguous rows");
+  TORCH_CHECK((c.scalar_type() == at::kFloat || c.scalar_type() == at::kHalf) && c.dim() == 4 &&
+                  c.size(0) == B && c.size(1) == nkv && c.size(3) == hs && c.stride(3) == 1,
+              "cache must be float32 or float16 [B, nkv, S, hs] with contiguous rows");
 }
 
-// qkv [B, T, (nh + 2 nkv) hs] -> q [B, nh, T, hs] rotated; k rotated and v into the cache at
-// slots pos [T]. cos, sin [B, T, hs] (any leading shape of B * T rows).
-at::Tensor rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                      at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& pos,
-                      int64_t n_head) {
-  check_f32(qkv, "qkv");
-  check_f32(cos, "cos");
-  check_f32(sin, "sin");
-  TORCH_CHECK(qkv.dim() == 3 && pos.dim() == 1 && pos.scalar_type() == at::kLong &&
-                  pos.size(0) == qkv.size(1) && pos.is_contiguous(),
-              "qkv must be [B, T, width] and pos [T] int64");
-  const int64_t B = qkv.size(0), T = qkv.size(1), nkv = k_cache.size(1), hs = k_cache.size(3);
-  const int64_t nh = n_head, S = k_cache.size(2), W = (nh + 2 * nkv) * hs;
-  TORCH_CHECK(qkv.size(2) == W && hs % 2 == 0, "qkv width must be (nh + 2 nkv) * hs");
-  TORCH_CHECK(cos.numel() == B * T * hs && sin.numel() == B * T * hs, "cos, sin: [B, T, hs]");
-  check_cache(k_cache, B, nkv, hs);
-  check_cache(v_cache, B, nkv, hs);
-  const int64_t* slot = pos.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; t++) TORCH_CHECK(slot[t] >= 0 && slot[t] < S, "pos out of range");
-  at::Tensor q = at::empty({B, nh, T, hs}, qkv.options());
+// rope_cache's work, for a cache of float32 or float16.
+template <typename C>
+void rope_rows(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+               at::Tensor& k_cache, at::Tensor& v_cache, const int64_t* slot, int64_t slot_row,
+               int64_t nh, at::Tensor& q) {
+  const int64_t B = qkv.size(0), T = qkv.size(1), W = qkv.size(2);
+  const int64_t nkv = k_cache.size(1), hs = k_cache.size(3);
   const float *xp = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
-  float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>();
-  float* vp = v_cache.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  C *kp = k_cache.data_ptr<C>(), *vp = v_cache.data_ptr<C>();
   const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
   const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
   for_rows(B * T, W, [&](int64_t r) {
@@ -170,93 +177,214 @@ at::Tensor rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
     const float *x = xp + r * W, *c = cp + r * hs, *s = sp + r * hs;
     for (int64_t h = 0; h < nh; h++) rotate_row(x + h * hs, c, s, qp + ((b * nh + h) * T + t) * hs, hs);
     for (int64_t h = 0; h < nkv; h++) {
-      rotate_row(x + (nh + h) * hs, c, s, kp + b * ks0 + h * ks1 + slot[t] * ks2, hs);
-      std::memcpy(vp + b * vs0 + h * vs1 + slot[t] * vs2, x + (nh + nkv + h) * hs, hs * 4);
+      const int64_t at = slot[slot_row * b + t];
+      rotate_row(x + (nh + h) * hs, c, s, kp + b * ks0 + h * ks1 + at * ks2, hs);
+      copy_row(x + (nh + nkv + h) * hs, vp + b * vs0 + h * vs1 + at * vs2, hs);
     }
   });
+}
+
+// qkv [B, T, (nh + 2 nkv) hs] -> q [B, nh, T, hs] rotated; k rotated and v into the cache at
+// slots pos, [T] for every row or [B, T] a row each (the server's rows sit at different
+// positions). cos, sin [B, T, hs] (any leading shape of B * T rows).
+at::Tensor rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                      at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& pos,
+                      int64_t n_head) {
+  check_f32(qkv, "qkv");
+  check_f32(cos, "cos");
+  check_f32(sin, "sin");
+  TORCH_CHECK(qkv.dim() == 3 && pos.scalar_type() == at::kLong && pos.is_contiguous() &&
+                  ((pos.dim() == 1 && pos.size(0) == qkv.size(1)) ||
+                   (pos.dim() == 2 && pos.size(0) == qkv.size(0) && pos.size(1) == qkv.size(1))),
+              "qkv must be [B, T, width] and pos [T] or [B, T] int64");
+  const int64_t B = qkv.size(0), T = qkv.size(1), nkv = k_cache.size(1), hs = k_cache.size(3);
+  const int64_t nh = n_head, S = k_cache.size(2), W = (nh + 2 * nkv) * hs;
+  TORCH_CHECK(qkv.size(2) == W && hs % 2 == 0, "qkv width must be (nh + 2 nkv) * hs");
+  TORCH_CHECK(cos.numel() == B * T * hs && sin.numel() == B * T * hs, "cos, sin: [B, T, hs]");
+  check_cache(k_cache, B, nkv, hs);
+  check_cache(v_cache, B, nkv, hs);
+  const int64_t* slot = pos.data_ptr<int64_t>();
+  for (int64_t i = 0; i < pos.numel(); i++)
+    TORCH_CHECK(slot[i] >= 0 && slot[i] < S, "pos out of range");
+  const int64_t slot_row = pos.dim() == 2 ? T : 0;  // row b's slots start at slot_row * b
+  at::Tensor q = at::empty({B, nh, T, hs}, qkv.options());
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k and v caches must agree");
+  if (k_cache.scalar_type() == at::kHalf)
+    rope_rows<at::Half>(qkv, cos, sin, k_cache, v_cache, slot, slot_row, nh, q);
+  else
+    rope_rows<float>(qkv, cos, sin, k_cache, v_cache, slot, slot_row, nh, q);
   return q;
 }
 
+// r[i] = the sum of the 16 lanes of v[i]: 16 dot products finished in 45 ops, not 16 reductions.
+__m512 sum_lanes16(const __m512* v) {
+  __m512 s2[8], s4[4];
+  for (int i = 0; i < 8; i++)  // per 128-bit block: (v[2i] 0+2, v[2i+1] 0+2, v[2i] 1+3, ...)
+    s2[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                          _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; i++) {  // per block: the block's sum of v[4i], ..., v[4i + 3]
+    const __m512d a = _mm512_castps_pd(s2[2 * i]), b = _mm512_castps_pd(s2[2 * i + 1]);
+    s4[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                          _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const auto pairs = [](__m512 a, __m512 b) {  // blocks (a0 + a1, a2 + a3, b0 + b1, b2 + b3)
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+  };
+  return pairs(pairs(s4[0], s4[1]), pairs(s4[2], s4[3]));
+}
+
+// One piece of attention: query heads h0 .. h0 + rep of one (row, position) over the kept
+// slots keep[0 .. L) of their kv head; leaves the piece's max score, sum of exp(score - max)
+// and the unnormalized sum of exp(score - max) v per head, for `attend` to merge.
+template <typename C>
+void attend_piece(const float* q, int64_t q_head_stride, const C* kb, int64_t ks, const C* vb,
+                  int64_t vs, const int32_t* keep, int64_t L, int64_t rep, int64_t hs,
+                  float scale, float* top, float* total, float* acc) {
+  std::vector<float> p(rep * (L + 16));  // head j's scores, then exp(score - max), at j (L + 16)
+  const int64_t P = L + 16;
+  for (int64_t n0 = 0; n0 < L; n0 += 16) {  // 16 keys at a time: dots summed in one vector
+    for (int64_t j = 0; j < rep; j++) {
+      const float* qr = q + j * q_head_stride;
+      __m512 d[16];
+      for (int64_t n = 0; n < 16; n++) d[n] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < hs; i += 16) {
+        const __mmask16 mk = first(hs - i);
+        const __m512 qv = _mm512_maskz_loadu_ps(mk, qr + i);
+        for (int64_t n = 0; n < 16; n++)  // keep has 16 slots past L: the unrolled loop
+          d[n] = _mm512_fmadd_ps(qv, load_row(kb + keep[n0 + n] * ks + i, mk), d[n]);
+      }
+      _mm512_storeu_ps(&p[j * P + n0], _mm512_mul_ps(sum_lanes16(d), _mm512_set1_ps(scale)));
+    }
+  }
+  for (int64_t j = 0; j < rep; j++) {
+    float* pj = &p[j * P];
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t n = 0; n < L; n += 16)
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), first(L - n), pj + n));
+    const float m = _mm512_reduce_max_ps(mx);
+    __m512 sum = _mm512_setzero_ps();  // p = exp(score - max)
+    for (int64_t n = 0; n < L; n += 16) {
+      const __mmask16 mk = first(L - n);
+      const __m512 e = _mm512_maskz_mov_ps(
+          mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, pj + n), _mm512_set1_ps(m))));
+      _mm512_mask_storeu_ps(pj + n, mk, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    top[j] = m;
+    total[j] = _mm512_reduce_add_ps(sum);
+    float* aj = acc + j * hs;
+    for (int64_t i0 = 0; i0 < hs; i0 += 64) {  // p v, 64 columns at a time in registers
+      const __mmask16 m0 = first(hs - i0), m1 = first(hs - i0 - 16);
+      const __mmask16 m2 = first(hs - i0 - 32), m3 = first(hs - i0 - 48);
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t n = 0; n < L; n++) {
+        const C* v = vb + keep[n] * vs + i0;
+        const __m512 pn = _mm512_set1_ps(pj[n]);
+        a0 = _mm512_fmadd_ps(pn, load_row(v, m0), a0);
+        a1 = _mm512_fmadd_ps(pn, load_row(v + 16, m1), a1);
+        a2 = _mm512_fmadd_ps(pn, load_row(v + 32, m2), a2);
+        a3 = _mm512_fmadd_ps(pn, load_row(v + 48, m3), a3);
+      }
+      _mm512_mask_storeu_ps(aj + i0, m0, a0);
+      _mm512_mask_storeu_ps(aj + i0 + 16, m1, a1);
+      _mm512_mask_storeu_ps(aj + i0 + 32, m2, a2);
+      _mm512_mask_storeu_ps(aj + i0 + 48, m3, a3);
+    }
+  }
+}
+
+constexpr int64_t PIECE = 256;  // keys per piece: its v rows stay in L2 while each head reads them
+
 // z [B, T, nh * hs] = softmax(q k^T * scale where mask, float32) v, for q [B, nh, T, hs] and
-// the cache [B, nkv, S, hs]: query head h reads kv head h / (nh / nkv). Masked slots are
-// skipped, not computed: a decode step reads only the keys it may see.
-at::Tensor attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                  const at::Tensor& mask, double scale) {
-  check_f32(q, "q");
-  TORCH_CHECK(q.dim() == 4, "q must be [B, nh, T, hs]");
+// the cache [B, nkv, S, hs] (float32 or float16): query head h reads kv head h / (nh / nkv).
+// Masked slots are skipped, not computed: a decode step reads only the keys it may see. The
+// kept keys are cut in pieces of PIECE, spread over the threads (one row's step at long
+// context is the 2 threads' work, not one kv head each); each piece's softmax is exact with
+// its own max, and the pieces merge by rescaling to the largest (Milakov & Gimelshein 2018).
+template <typename C>
+void attend_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& mask, double scale, at::Tensor& z) {
   const int64_t B = q.size(0), nh = q.size(1), T = q.size(2), hs = q.size(3);
   const int64_t nkv = k_cache.size(1), S = k_cache.size(2), rep = nh / nkv;
-  check_cache(k_cache, B, nkv, hs);
-  check_cache(v_cache, B, nkv, hs);
-  TORCH_CHECK(nh % nkv == 0 && v_cache.size(2) == S, "query heads must group over kv heads");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && mask.size(0) == B &&
-                  mask.size(1) == 1 && mask.size(2) == T && mask.size(3) == S,
-              "mask must be bool [B, 1, T, S]");
-  at::Tensor z = at::empty({B, T, nh * hs}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const C* kp = k_cache.data_ptr<C>();
+  const C* vp = v_cache.data_ptr<C>();
   const bool* mp = mask.data_ptr<bool>();
   float* zp = z.data_ptr<float>();
   const int64_t ms0 = mask.stride(0), ms2 = mask.stride(2), ms3 = mask.stride(3);
   const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
   const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
-  // One task = one (row, kv head, query position): its rep query heads share each k, v row,
-  // which stays in cache between them.
-  for_rows(B * nkv * T, S * rep * hs * 4, [&](int64_t task) {
-    const int64_t b = task / (nkv * T), g = task / T % nkv, t = task % T;
-    const bool* m = mp + b * ms0 + t * ms2;
-    const float* kb = kp + b * ks0 + g * ks1;
-    const float* vb = vp + b * vs0 + g * vs1;
-    std::vector<int64_t> keep;  // the slots this query may read, in order
-    keep.reserve(S);
-    for (int64_t s = 0; s < S; s++)
-      if (m[s * ms3]) keep.push_back(s);
-    const int64_t L = keep.size();
-    std::vector<float> p(L + 16);  // scores, then probabilities, of one query head
-    for (int64_t j = 0; j < rep; j++) {
-      const float* qr = qp + ((b * nh + g * rep + j) * T + t) * hs;
-      float top = -INFINITY;
-      for (int64_t n = 0; n < L; n++) {
-        const float* k = kb + keep[n] * ks2;
-        __m512 d = _mm512_setzero_ps();
-        for (int64_t i = 0; i < hs; i += 16) {
-          const __mmask16 mk = first(hs - i);
-          d = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, qr + i), _mm512_maskz_loadu_ps(mk, k + i), d);
-        }
-        p[n] = _mm512_reduce_add_ps(d) * float(scale);
-        top = std::max(top, p[n]);
-      }
-      __m512 total = _mm512_setzero_ps();  // p = exp(score - max)
-      for (int64_t n = 0; n < L; n += 16) {
-        const __mmask16 mk = first(L - n);
-        const __m512 e = _mm512_maskz_mov_ps(
-            mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, &p[n]), _mm512_set1_ps(top))));
-        _mm512_mask_storeu_ps(&p[n], mk, e);
-        total = _mm512_add_ps(total, e);
-      }
-      const float sum = _mm512_reduce_add_ps(total);
-      const float inv = sum > 0 ? 1.0f / sum : 0.0f;
-      for (int64_t n = 0; n < L; n++) p[n] *= inv;
-      float* zr = zp + (b * T + t) * nh * hs + (g * rep + j) * hs;
-      for (int64_t i0 = 0; i0 < hs; i0 += 64) {  // z = p v, 64 columns at a time in registers
-        const __mmask16 m0 = first(hs - i0), m1 = first(hs - i0 - 16);
-        const __mmask16 m2 = first(hs - i0 - 32), m3 = first(hs - i0 - 48);
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t n = 0; n < L; n++) {
-          const float* v = vb + keep[n] * vs2 + i0;
-          const __m512 pn = _mm512_set1_ps(p[n]);
-          a0 = _mm512_fmadd_ps(pn, _mm512_maskz_loadu_ps(m0, v), a0);
-          a1 = _mm512_fmadd_ps(pn, _mm512_maskz_loadu_ps(m1, v + 16), a1);
-          a2 = _mm512_fmadd_ps(pn, _mm512_maskz_loadu_ps(m2, v + 32), a2);
-          a3 = _mm512_fmadd_ps(pn, _mm512_maskz_loadu_ps(m3, v + 48), a3);
-        }
-        _mm512_mask_storeu_ps(zr + i0, m0, a0);
-        _mm512_mask_storeu_ps(zr + i0 + 16, m1, a1);
-        _mm512_mask_storeu_ps(zr + i0 + 32, m2, a2);
-        _mm512_mask_storeu_ps(zr + i0 + 48, m3, a3);
-      }
+  std::vector<std::vector<int32_t>> keep(B * T);  // the slots (b, t) may read, in order
+  struct Piece { int64_t b, t, g, n0, n1; };
+  std::vector<Piece> pieces;
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t t = 0; t < T; t++) {
+      std::vector<int32_t>& kept = keep[b * T + t];
+      const bool* m = mp + b * ms0 + t * ms2;
+      for (int64_t s = 0; s < S; s++)
+        if (m[s * ms3]) kept.push_back(int32_t(s));
+      const int64_t L = kept.size();
+      kept.resize(L + 16, L ? kept[L - 1] : 0);  // attend_piece reads 16 keys at a time
+      for (int64_t g = 0; g < nkv; g++)
+        for (int64_t n0 = 0; n0 < std::max<int64_t>(L, 1); n0 += PIECE)
+          pieces.push_back({b, t, g, n0, std::min(L, n0 + PIECE)});
+    }
+  const int64_t np = pieces.size();
+  std::vector<float> top(np * rep), total(np * rep), acc(np * rep * hs);
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / (PIECE * rep * hs));
+  at::parallel_for(0, np, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t i = p0; i < p1; i++) {
+      const Piece& c = pieces[i];
+      attend_piece<C>(qp + ((c.b * nh + c.g * rep) * T + c.t) * hs, T * hs,
+                      kp + c.b * ks0 + c.g * ks1, ks2, vp + c.b * vs0 + c.g * vs1, vs2,
+                      keep[c.b * T + c.t].data() + c.n0, c.n1 - c.n0, rep, hs, float(scale),
+                      &top[i * rep], &total[i * rep], &acc[i * rep * hs]);
     }
   });
+  // Merge the pieces of each (row, position, kv head), which sit one after another.
+  for (int64_t i0 = 0, i1; i0 < np; i0 = i1) {
+    const Piece& c = pieces[i0];
+    for (i1 = i0 + 1; i1 < np && pieces[i1].b == c.b && pieces[i1].t == c.t &&
+                      pieces[i1].g == c.g; i1++) {}
+    for (int64_t j = 0; j < rep; j++) {
+      float m = -INFINITY, sum = 0;
+      for (int64_t i = i0; i < i1; i++) m = std::max(m, top[i * rep + j]);
+      std::vector<float> w(i1 - i0);
+      for (int64_t i = i0; i < i1; i++) {
+        w[i - i0] = top[i * rep + j] == -INFINITY ? 0.0f : std::exp(top[i * rep + j] - m);
+        sum += w[i - i0] * total[i * rep + j];
+      }
+      const float inv = sum > 0 ? 1.0f / sum : 0.0f;  // no slot to read: z = 0
+      float* zr = zp + (c.b * T + c.t) * nh * hs + (c.g * rep + j) * hs;
+      for (int64_t h = 0; h < hs; h++) {
+        float s = 0;
+        for (int64_t i = i0; i < i1; i++) s += w[i - i0] * acc[(i * rep + j) * hs + h];
+        zr[h] = s * inv;
+      }
+    }
+  }
+}
+
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& mask, double scale) {
+  check_f32(q, "q");
+  TORCH_CHECK(q.dim() == 4, "q must be [B, nh, T, hs]");
+  const int64_t B = q.size(0), nh = q.size(1), T = q.size(2), hs = q.size(3);
+  const int64_t nkv = k_cache.size(1), S = k_cache.size(2);
+  check_cache(k_cache, B, nkv, hs);
+  check_cache(v_cache, B, nkv, hs);
+  TORCH_CHECK(nh % nkv == 0 && v_cache.size(2) == S && v_cache.scalar_type() == k_cache.scalar_type(),
+              "query heads must group over kv heads, and k and v caches agree");
+  TORCH_CHECK(S < (int64_t(1) << 31), "at most 2^31 cache slots");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && mask.size(0) == B &&
+                  mask.size(1) == 1 && mask.size(2) == T && mask.size(3) == S,
+              "mask must be bool [B, 1, T, S]");
+  at::Tensor z = at::empty({B, T, nh * hs}, q.options());
+  if (k_cache.scalar_type() == at::kHalf)
+    attend_cache<at::Half>(q, k_cache, v_cache, mask, scale, z);
+  else
+    attend_cache<float>(q, k_cache, v_cache, mask, scale, z);
   return z;
 }
 

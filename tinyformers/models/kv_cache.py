@@ -30,7 +30,10 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v ([B, nh, T, hs]) at slots `input_pos`, [T] for every row or [B, T] a row
-        each (rows of a continuous batch sit at different positions); return the whole cache."""
+        each (rows of a continuous batch sit at different positions); return the whole cache,
+        in k's dtype (a float16 cache of a model computing in float32 is read as float32)."""
+        dtype = k.dtype
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if input_pos.dim() == 1:
             self.k.index_copy_(2, input_pos, k)
             self.v.index_copy_(2, input_pos, v)
@@ -39,7 +42,7 @@ class KVCache(nn.Module):
             # subtle: indices split by a slice put their dims first: [B, T, nh, hs]
             self.k[rows, :, input_pos] = k.transpose(1, 2)
             self.v[rows, :, input_pos] = v.transpose(1, 2)
-        return self.k, self.v
+        return self.k.to(dtype), self.v.to(dtype)
 
     def rows(self, index: slice | tuple) -> KVCache:
         """A view of part of this cache ([B, nh, S, hs] indexed by `index`), sharing its
@@ -54,10 +57,17 @@ class KVCache(nn.Module):
 
 
 def per_layer(
-    n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int, like: Tensor
+    n_layer: int,
+    batch: int,
+    n_kv_head: int,
+    max_len: int,
+    head_dim: int,
+    like: Tensor,
+    dtype: torch.dtype | None = None,
 ) -> list[KVCache]:
-    """One cache per layer, in the dtype and on the device of `like` (a model's weight)."""
+    """One cache per layer on the device of `like` (a model's weight), in `dtype`, else in
+    like's dtype."""
     return [
-        KVCache(batch, n_kv_head, max_len, head_dim, like.dtype, like.device)
+        KVCache(batch, n_kv_head, max_len, head_dim, dtype or like.dtype, like.device)
         for _ in range(n_layer)
     ]

@@ -234,12 +234,11 @@ class Attention(nn.Module):
         return self.o_proj(z.reshape(B, T, nh * hs))  # (B, T, nh*hs) -> (B, T, C)
 
     def _fused(self, x: Tensor, cache: KVCache | None, input_pos: Tensor) -> bool:
-        """Whether the fused ops can run this call: packed q/k/v, a cache written at the same
-        slots for every row, float32 on the CPU, and no hook asking for the values between."""
+        """Whether the fused ops can run this call: packed q/k/v, a cache, float32 on the CPU,
+        and no hook asking for the values between."""
         return (
             self.qkv_proj is not None
             and cache is not None
-            and input_pos.dim() == 1
             and fused.usable(x)
             and not self.hook.listening
         )
@@ -316,12 +315,14 @@ class Llama(nn.Module):
         # One angle per (position, pair of dimensions), shared by every layer (models/rope.py).
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)
         self.packed: tuple | None = None  # (layer 0's q/k/v data, every layer's packed_weights)
+        # set at load: float16 beside bfloat16 or quantized matrices, as llama.cpp keeps its
+        # cache (half the bytes a long-context decode step reads); else the weights' dtype
+        self.cache_dtype: torch.dtype | None = None
 
     def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
-        c = self.config
-        return per_layer(
-            c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim, self.norm.weight
-        )
+        c, like = self.config, self.norm.weight
+        n_layer, n_kv_head = c.num_hidden_layers, c.num_key_value_heads
+        return per_layer(n_layer, batch, n_kv_head, max_len, c.head_dim, like, self.cache_dtype)
 
     def forward(
         self,
