@@ -158,7 +158,7 @@ class RMSNorm(nn.Module):
         self.fast = False  # set at load: the same line in one C++ pass (kernels/fused.py)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fast and fused.usable(x) and not self.hook.listening:
+        if self.fast and few_rows(x) and fused.usable(x) and not self.hook.listening:
             return fused.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # rms 1 per token
@@ -261,7 +261,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         fast = self.fast and self.gate_up_proj is not None and not self.hook.listening
-        if fast and fused.usable(x):  # the lines below in one C++ pass between the matmuls
+        if fast and few_rows(x) and fused.usable(x):  # the lines below in one C++ pass
             return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
         if self.gate_up_proj is None:
             gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, C) -> 2 x (B, T, H)
@@ -407,6 +407,15 @@ def sanitize(weights: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tenso
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out
+
+
+def few_rows(x: Tensor) -> bool:
+    """Decode's few query rows (up to fused.ATTEND_ROWS, as `fused.attend`): there the fused
+    rms_norm and silu_mul run; a prefill keeps the written-out math. Their last-bit roundings
+    differ, and in the int8 and q4 modes any 1-ulp change re-rolls the int8 roundings of the
+    activations: SmolLM2's perplexity on benchmarks/perplexity.txt moves by 0.3% (one sd),
+    so prefill keeps the bits it had before the fused ops (docs/kernels.md)."""
+    return x.dim() < 2 or x.shape[-2] <= fused.ATTEND_ROWS
 
 
 # The names the registry (models/__init__.py) looks up in every architecture file.
