@@ -12,7 +12,8 @@ Against the machine's own limit: the run first measures read bandwidth (a sum ov
 tensor, same threads), and each row prints the weight bytes one decode step reads and the
 share of the bandwidth bound it reaches (decode tok/s x bytes per token / bandwidth).
 `--context N` makes the prompt N tokens (decode then reads N keys per layer; no batch-8 column).
-Both sides decode by the same clock: time(prompt + n new) - time(prompt + 1 new), EOS ignored.
+Both sides decode by the same clock: time(prompt + n new) - time(prompt + 1 new), EOS ignored;
+with --context, each run times its decode steps apart from its prefill (the same on each side).
 Our modes: float32, bfloat16, int8 (quantize="int8"), gguf (the file's own Q4_1/Q8_0 blocks),
 and +compile (torch.compile of the decode step). Perplexity is on benchmarks/perplexity.txt.
 """
@@ -128,7 +129,12 @@ def run_ours(model_name: str, mode: str) -> dict:
     prompt = prompt_ids(model.config.vocab_size)
 
     def run(batch: int, new: int):
-        return lambda: model.generate_ids([prompt] * batch, new, temperature=0)
+        def go() -> tuple[float, float]:
+            model.generate_ids([prompt] * batch, new, temperature=0)
+            stats = model.last_stats
+            return stats.prefill_seconds, 1 / max(stats.decode_tokens_per_second, 1e-9)
+
+        return go
 
     return measure(run, load_s) | {
         "perplexity": perplexity_ours(model) if model_name == "smollm2" else None,
@@ -187,10 +193,18 @@ def run_hf(model_name: str, mode: str) -> dict:
     prompt = prompt_ids(model.config.vocab_size)
     read = bytes_per_token(model)
 
+    from transformers import LogitsProcessorList
+
     def run(batch: int, new: int):
         ids = torch.tensor([prompt] * batch)
 
-        def go():
+        def go() -> tuple[float, float]:
+            calls = [time.perf_counter()]  # then one per new token, after its forward
+
+            def clock(input_ids, scores):
+                calls.append(time.perf_counter())
+                return scores
+
             with torch.inference_mode():
                 model.generate(
                     ids,
@@ -199,7 +213,9 @@ def run_hf(model_name: str, mode: str) -> dict:
                     min_new_tokens=new,
                     do_sample=False,
                     pad_token_id=0,
+                    logits_processor=LogitsProcessorList([clock]),
                 )
+            return calls[1] - calls[0], (calls[-1] - calls[1]) / max(len(calls) - 2, 1)
 
         return go
 
@@ -237,12 +253,16 @@ def run_llama_cpp(model_name: str, mode: str) -> dict:
         if batch > 1:
             return None  # llama-cpp-python's high-level API decodes one sequence at a time
 
-        def go():
+        def go() -> tuple[float, float]:
+            start = time.perf_counter()
             llm.reset()
             llm.eval(prompt)
+            token = llm.sample(top_k=1)
+            prefilled = time.perf_counter()
             for _ in range(new - 1):
-                token = llm.sample(top_k=1)
                 llm.eval([token])
+                token = llm.sample(top_k=1)
+            return prefilled - start, (time.perf_counter() - prefilled) / max(new - 1, 1)
 
         return go
 
@@ -322,8 +342,19 @@ def run_bandwidth(model_name: str, mode: str) -> dict:
 
 
 def measure(run, load_s: float) -> dict:
+    if PROMPT_TOKENS > 128:
+        # A long prompt's prefill varies between runs by more than the whole decode takes, so
+        # each run times its decode steps apart from its prefill (best of 2 runs each).
+        runs = [run(1, NEW_TOKENS + 1)() for _ in range(2)]
+        return {
+            "load_s": load_s,
+            "prefill_tps": PROMPT_TOKENS / min(prefill for prefill, _ in runs),
+            "decode_tps": 1 / min(step for _, step in runs),
+            "batch8_tps": None,
+            "peak_rss_mb": peak_rss_mb(),
+        }
     run(1, 8)()  # warm-up (and, for compiled decode, its compiles: one per new shape)
-    batched = PROMPT_TOKENS <= 128 and run(BATCH, 8) is not None  # none for --context
+    batched = run(BATCH, 8) is not None
     if batched:
         run(BATCH, 8)()
     one = best_seconds(run(1, 1))
