@@ -349,8 +349,42 @@ def test_fused_rotary_cache_write_and_attention_match_the_written_out_math(T, S,
     torch.testing.assert_close(cache.k, expected.k, rtol=tol, atol=tol)
     assert torch.equal(cache.v, expected.v)
     torch.testing.assert_close(
-        fused.attend(q_fused, cache, mask, hs**-0.5), z, rtol=1e-5, atol=1e-5
+        fused.attend(q_fused, cache, mask, hs**-0.5, pos), z, rtol=1e-5, atol=1e-5
     )
+
+
+@needs_kernels
+@pytest.mark.parametrize("pad", [0, 2])
+def test_prefill_attention_from_slot_0_is_causal_and_reads_only_written_slots(pad, monkeypatch):
+    """A prompt from slot 0 without padding runs SDPA's causal kernel (no mask, half the
+    scores); a padded one keeps the mask; both read the T written slots, not the whole cache."""
+    from tinyformers.kernels import fused
+    from tinyformers.models.kv_cache import KVCache
+    from tinyformers.models.masks import positions_and_mask
+
+    B, nh, nkv, hs, T, S = 2, 4, 2, 16, 24, 64
+    g = torch.Generator().manual_seed(2)
+    cache = KVCache(B, nkv, S, hs, torch.float16)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    padding = torch.ones(B, S, dtype=torch.long)
+    padding[1, :pad] = 0
+    pos = torch.arange(T)
+    _, mask = positions_and_mask(padding, pos, S, B)
+    q = torch.randn(B, nh, T, hs, generator=g)
+    keys = cache.k.float().repeat_interleave(nh // nkv, 1)
+    values = cache.v.float().repeat_interleave(nh // nkv, 1)
+    scores = (q @ keys.transpose(-2, -1) * hs**-0.5).masked_fill(~mask, float("-inf"))
+    z = (torch.softmax(scores, dim=-1) @ values).transpose(1, 2).reshape(B, T, nh * hs)
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((k.shape[2], kwargs["is_causal"], kwargs["attn_mask"] is None))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(fused.F, "scaled_dot_product_attention", spy)
+    torch.testing.assert_close(fused.attend(q, cache, mask, hs**-0.5, pos), z, rtol=1e-5, atol=1e-5)
+    assert seen == [(T, pad == 0, pad == 0)]
 
 
 def test_fused_ops_are_not_used_off_the_cpu_fast_path(monkeypatch):

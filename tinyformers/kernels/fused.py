@@ -60,15 +60,26 @@ def rope_cache(qkv: Tensor, cos: Tensor, sin: Tensor, cache, input_pos: Tensor, 
                               input_pos, n_head)  # fmt: skip
 
 
-def attend(q: Tensor, cache, mask: Tensor, scale: float) -> Tensor:
-    """softmax(q k^T * scale, masked) v over the whole cache (float32 or float16), each group
-    of query heads sharing its kv head: q [B, nh, T, hs], mask [B, 1, T, S] -> z [B, T, nh*hs]."""
+def attend(q: Tensor, cache, mask: Tensor, scale: float, input_pos: Tensor) -> Tensor:
+    """softmax(q k^T * scale, masked) v over the cache (float32 or float16), each group of
+    query heads sharing its kv head: q [B, nh, T, hs], mask [B, 1, T, S], input_pos the slots
+    of q's rows ([T] or [B, T]) -> z [B, T, nh * hs]."""
     B, nh, T, hs = q.shape
-    if T > ATTEND_ROWS:  # prefill: SDPA's flash kernel is parallel over query blocks
-        k, v = cache.k.to(q.dtype), cache.v.to(q.dtype)  # a float16 cache read as float32
-        z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        return z.transpose(1, 2).reshape(B, T, nh * hs)  # (B, nh, T, hs) -> (B, T, nh*hs)
-    return _ops().attend(q, cache.k, cache.v, mask, scale)
+    if T <= ATTEND_ROWS:
+        return _ops().attend(q, cache.k, cache.v, mask, scale)
+    # Prefill: SDPA's flash kernel, parallel over query blocks, over the slots written so far
+    # (not the whole cache); a float16 cache is read as float32.
+    end = int(input_pos.max()) + 1
+    k, v = cache.k[:, :, :end].to(q.dtype), cache.v[:, :, :end].to(q.dtype)
+    mask = mask[..., :end]
+    # subtle: a prompt from slot 0 with no padding (its last row reads every slot) is plain
+    # causal attention: then SDPA skips the masked half of the scores, where with the mask it
+    # computes all of them (2x the work of a long prompt: HF passes is_causal there too).
+    causal = input_pos.dim() == 1 and end == T and bool(mask[:, :, -1].all())
+    z = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=None if causal else mask, is_causal=causal, scale=scale, enable_gqa=True
+    )
+    return z.transpose(1, 2).reshape(B, T, nh * hs)  # (B, nh, T, hs) -> (B, T, nh*hs)
 
 
 FORMAT_CODES = {"f32": 0, "bf16": 1, "int8": 2, "q4": 3}  # packed_linear's (gemv.cpp)

@@ -201,7 +201,8 @@ class Attention(nn.Module):
             # The lines below in two C++ ops (kernels/fused.py): rotate q and k, write k and v
             # into the cache, then attention over the cache with each kv head read once.
             q = fused.rope_cache(self.qkv_proj(x), cos, sin, cache, input_pos, nh)  # (B,nh,T,hs)
-            return self.o_proj(fused.attend(q, cache, mask, self.scale))  # (B,T,nh*hs) -> (B,T,C)
+            z = fused.attend(q, cache, mask, self.scale, input_pos)  # (B, T, nh*hs)
+            return self.o_proj(z)  # (B, T, nh*hs) -> (B, T, C)
         if self.qkv_proj is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B,T,nh*hs), 2x(B,T,nkv*hs)
         else:  # packed for the kernels: one pass over x for the three (modules.pack_model)
