@@ -91,9 +91,9 @@ def peak_rss_mb() -> float:
     return int(line.split()[1]) / 1024
 
 
-def best_seconds(fn) -> float:
+def best_seconds(fn, repeats: int = REPEATS) -> float:
     times = []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -357,7 +357,7 @@ def measure(run, load_s: float) -> dict:
     batched = run(BATCH, 8) is not None
     if batched:
         run(BATCH, 8)()
-    one = best_seconds(run(1, 1))
+    one = best_seconds(run(1, 1), 3 * REPEATS)  # a prefill is short: more runs, less noise
     full = best_seconds(run(1, NEW_TOKENS + 1))
     batch_tps = None
     if batched:
