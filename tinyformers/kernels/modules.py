@@ -189,6 +189,9 @@ def _libc_function(name: str):
         return None
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
 def reuse_freed_memory() -> None:
     """Let the process reuse the memory an op frees, rather than map it afresh for the next.
 
@@ -197,14 +200,11 @@ def reuse_freed_memory() -> None:
     anew: a 6,000-token [T, 3072] float32 activation is 74 MB, 18k faults, and our bf16 matmul
     fell from ~390 to ~250 GFLOP/s at 6,000 rows (torch's too, 410 -> 340). With both
     thresholds at 1 GiB, freed blocks stay in the heap for the next op, as llama.cpp reuses
-    one compute buffer; the peak RSS is the same (SmolLM2 bf16, 6,000 tokens: +29 MB).
+    one compute buffer; the peak RSS barely moves (SmolLM2 bf16, 6,000 tokens: +29 MB).
     """
     if mallopt := _libc_function("mallopt"):
         for param in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):
             mallopt(param, 1 << 30)
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 def _return_freed_memory() -> None:
