@@ -348,6 +348,32 @@ def sanitize(weights: dict[str, Tensor], config: Gemma3Config) -> dict[str, Tens
     return out
 
 
+def to_hf(weights: dict[str, Tensor], config: Gemma3Config) -> dict[str, Tensor]:
+    """Our tensors -> HF Gemma3ForCausalLM's (the text model alone, whatever the source held):
+    the `model.` prefix on all but lm_head, and no lm_head when it is embed_tokens. The norm
+    weights are HF's already (the gain minus 1), so nothing else changes."""
+    out = {}
+    for name, w in weights.items():
+        if name != "lm_head.weight":
+            out[f"model.{name}"] = w
+        elif not config.tie_word_embeddings:
+            out[name] = w
+    return out
+
+
+def hf_config(config: Gemma3Config) -> dict:
+    """The config.json (model_type gemma3_text, never nested under text_config) from which
+    HF's Gemma3ForCausalLM (and `from_dict`) rebuild this model.
+
+    layer_types is written out, one kind per (real) layer: transformers reads the older
+    sliding_window_pattern only as a fallback. A null token id stays null (left out, HF would
+    put in its class default).
+    """
+    d = {k: v for k, v in vars(config).items() if v is not None or k.endswith("_token_id")}
+    d["layer_types"] = [config.layer_kind(i) for i in range(config.num_hidden_layers)]
+    return {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], **d}
+
+
 # The names the registry (models/__init__.py) looks up in every architecture file.
 Config = Gemma3Config
 Model = Gemma3

@@ -248,6 +248,32 @@ def sanitize(weights: dict[str, Tensor], config: GPT2Config) -> dict[str, Tensor
     return out
 
 
+def to_hf(weights: dict[str, Tensor], config: GPT2Config) -> dict[str, Tensor]:
+    """Our tensors -> HF GPT2LMHeadModel's, what `sanitize` undoes: the `transformer.` prefix,
+    Conv1D's (in, out) layout, and no lm_head when it is wte (HF's own files leave it out)."""
+    out = {}
+    for name, w in weights.items():
+        if name == "lm_head.weight":
+            if not config.tie_word_embeddings:
+                out[name] = w
+            continue
+        if CONV1D.fullmatch(name):
+            w = w.t()  # (out, in) -> (in, out), as Conv1D stores it
+        out[f"transformer.{name}"] = w
+    return out
+
+
+def hf_config(config: GPT2Config) -> dict:
+    """The config.json from which HF's GPT2LMHeadModel (and `from_dict`) rebuild this model.
+
+    A null token id stays null: left out, HF would put in its class default (50256). head_dim
+    is ours only (a tensor-parallel shard's); HF derives n_embd // n_head.
+    """
+    fields = {k: v for k, v in vars(config).items() if v is not None or k.endswith("_token_id")}
+    fields.pop("head_dim", None)
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **fields}
+
+
 # The names the registry (models/__init__.py) looks up in every architecture file.
 Config = GPT2Config
 Model = GPT2

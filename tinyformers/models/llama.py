@@ -410,6 +410,42 @@ def sanitize(weights: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tenso
     return out
 
 
+def to_hf(weights: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tensor]:
+    """Our tensors -> HF's (Llama, Mistral, Qwen2 alike): the `model.` prefix on all but
+    lm_head, and no lm_head when it is embed_tokens (HF's own files leave it out)."""
+    out = {}
+    for name, w in weights.items():
+        if name != "lm_head.weight":
+            out[f"model.{name}"] = w
+        elif not config.tie_word_embeddings:
+            out[name] = w
+    return out
+
+
+HF_CLASSES = {  # model_type -> the HF class that runs it
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+def hf_config(config: LlamaConfig) -> dict:
+    """The config.json from which HF's class for `model_type` (and `from_dict`) rebuild this
+    model; a null token id stays null (left out, HF would put in its class default).
+
+    subtle: the window keys are written as `family_fields` reads them. Mistral's null window
+    stays null (absent means 4096); Qwen2's counts only with use_sliding_window, from layer
+    max_window_layers on (absent means 28; 0 is every layer) unless layer_types says.
+    """
+    d = {k: v for k, v in vars(config).items() if v is not None or k.endswith("_token_id")}
+    if config.model_type == "mistral":
+        d["sliding_window"] = config.sliding_window
+    elif config.model_type == "qwen2" and config.sliding_window is not None:
+        d["use_sliding_window"] = True
+        d.setdefault("max_window_layers", 0)
+    return {"architectures": [HF_CLASSES[config.model_type]], **d}
+
+
 def few_rows(x: Tensor) -> bool:
     """Decode's few query rows (up to fused.ATTEND_ROWS, as `fused.attend`): there the fused
     rms_norm and silu_mul run; a prefill keeps the written-out math. Their last-bit roundings

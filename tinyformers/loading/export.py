@@ -1,0 +1,72 @@
+"""A loaded model -> a Hugging Face checkpoint folder that transformers'
+`AutoModelForCausalLM.from_pretrained` and our own `load` both read.
+
+Each architecture file says how, beside the `sanitize` that it undoes: `to_hf` (our tensor
+names and layout -> HF's) and `hf_config` (the config.json). This file writes the folder,
+every file through `atomic_path`, so a failed save (a full disk) leaves the old file whole.
+Tokenizer files are written by `tokenizers/save.py`, not here.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import import_module
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from tinyformers.errors import TinyformersError
+from tinyformers.loading.atomic import atomic_path, write_atomic
+from tinyformers.loading.loader import build_meta
+
+
+def save_pretrained(net: nn.Module, folder: Path, dtype: torch.dtype | None = None) -> None:
+    """Write `net` into `folder` (made if missing): config.json, generation_config.json and
+    model.safetensors, tied weights once. dtype: the tensors' dtype in the file (default:
+    the model's own; float32 keeps every logit, bfloat16 halves the file).
+
+    Example:
+        save_pretrained(tinyformers.load("smollm2", fast=False).net, Path("smollm2-hf"))
+    """
+    folder = Path(folder)
+    arch = import_module(type(net).__module__)  # models/<architecture>.py
+    _check_unpacked(net, folder)
+    tensors = {
+        name: _own_memory(w, dtype) for name, w in arch.to_hf(net.state_dict(), net.config).items()
+    }
+    config = arch.hf_config(net.config)
+    config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    ids = {k: config[k] for k in ("bos_token_id", "eos_token_id") if config.get(k) is not None}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "model.safetensors") as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt"})  # transformers 4.x needs it
+        write_atomic(folder / "config.json", json.dumps(config, indent=2) + "\n")
+        write_atomic(folder / "generation_config.json", json.dumps(ids, indent=2) + "\n")
+    except (OSError, SafetensorError) as e:  # a full disk, no permission: the old files stay
+        raise TinyformersError(f"{folder}: could not save the model: {e}") from e
+
+
+def _check_unpacked(net: nn.Module, folder: Path) -> None:
+    """TinyformersError unless `net` holds its architecture's own tensors: `load(fast=True)`
+    packs the matrices for our CPU kernels (q, k, v stacked, a blocked layout, maybe int8 or
+    GGUF blocks), and those are not unpacked here."""
+    expected = build_meta(type(net), net.config, folder).state_dict().keys()
+    if net.state_dict().keys() != expected:
+        raise TinyformersError(
+            f"{folder}: this model's matrices are packed for the CPU kernels: "
+            "load it with fast=False to save it"
+        )
+
+
+def _own_memory(w: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """`w` on the CPU in `dtype`, contiguous, in memory of its own: safetensors refuses
+    tensors that share memory, and a GGUF's float32 tensors (SmolLM2's norms) are views of
+    the one mapped file."""
+    w = w.detach().to("cpu", dtype or w.dtype).contiguous()
+    if w.untyped_storage().nbytes() != w.numel() * w.element_size():
+        w = w.clone()
+    return w
