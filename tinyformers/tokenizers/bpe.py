@@ -91,6 +91,12 @@ class Tokenizer:
         """`vocab` holds every token: ordinary ones in the byte alphabet, special/added as text."""
         self.source = source
         _check_vocab(vocab, source)
+        # What it is built from, kept as given so `save_tokenizer` can write it out again.
+        self.vocab = vocab
+        self.merges = merges
+        self.split_patterns = list(split_patterns)
+        self.ignore_merges = ignore_merges
+        self.unk_token_id = unk_token_id
         self.special_tokens: dict[str, int] = {t: _lookup(vocab, t, source) for t in special_tokens}
         self.added_tokens: dict[str, int] = {t: _lookup(vocab, t, source) for t in added_tokens}
         self._literal_ids = {**self.special_tokens, **self.added_tokens}

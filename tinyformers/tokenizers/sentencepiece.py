@@ -74,6 +74,10 @@ class SentencePieceTokenizer:
         self.vocab_size: int = len(tokens)
         if (scores is None) == (merges is None):
             raise TokenizerError(f"{source}: expected either scores or merges, not both or none")
+        # What it is built from, kept as given so `save_tokenizer` can write it out again.
+        self.tokens = tokens
+        self.scores = scores
+        self.merges = merges
         # subtle: the priority of merging symbols a and b. With scores (llama.cpp) any a + b that
         # is a token may merge, control tokens included; with merges (HF) only listed pairs.
         self._priority = _score_priority(tokens, scores, source) if merges is None else None
