@@ -1,12 +1,17 @@
 """Tokenizers from GGUF, tokenizer.json or vocab.json: byte-level BPE (GPT-2, SmolLM2, Llama 3)
-and SentencePiece-style BPE (Gemma, Llama 2)."""
+and SentencePiece-style BPE (Gemma, Llama 2); characters (nanoGPT's shakespeare_char); all
+written back as Hugging Face files by `save_tokenizer`."""
 
 from tinyformers.tokenizers.bpe import StreamDecoder, Tokenizer
+from tinyformers.tokenizers.chars import CharTokenizer
+from tinyformers.tokenizers.save import save_tokenizer
 from tinyformers.tokenizers.sentencepiece import SentencePieceTokenizer
 from tinyformers.tokenizers.sources import from_gguf_metadata, load_tokenizer
 
 
-def prompt_ids(tokenizer: Tokenizer | SentencePieceTokenizer, text: str) -> list[int]:
+def prompt_ids(
+    tokenizer: Tokenizer | SentencePieceTokenizer | CharTokenizer, text: str
+) -> list[int]:
     """The ids a model reads for a plain-text prompt: BOS first where the tokenizer's own config
     asks for it (`add_bos_token`: Gemma, Llama 2; HF and llama.cpp do the same), and BOS alone
     for an empty prompt. `encode` itself never adds BOS: the chat template writes its own."""
@@ -18,10 +23,12 @@ def prompt_ids(tokenizer: Tokenizer | SentencePieceTokenizer, text: str) -> list
 
 
 __all__ = [
+    "CharTokenizer",
     "SentencePieceTokenizer",
     "StreamDecoder",
     "Tokenizer",
     "from_gguf_metadata",
     "load_tokenizer",
     "prompt_ids",
+    "save_tokenizer",
 ]

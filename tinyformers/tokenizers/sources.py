@@ -1,7 +1,8 @@
 """Build a tokenizer from what ships with a model: GGUF metadata, `tokenizer.json`, or
 `vocab.json` + `merges.txt` (with Hugging Face's side files for bos/eos and the chat template).
 Byte-level BPE gives a `Tokenizer`; SentencePiece-style BPE (GGUF model `llama`, or a BPE
-tokenizer.json with `byte_fallback`) a `SentencePieceTokenizer`.
+tokenizer.json with `byte_fallback`) a `SentencePieceTokenizer`; a tokenizer.json that only maps
+characters (decoder `Fuse`, what `save_tokenizer` writes for one) a `CharTokenizer`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import regex
 from tinyformers.errors import TokenizerError
 from tinyformers.loading.json_file import read_json, read_text
 from tinyformers.tokenizers.bpe import GPT2_PATTERN, LLAMA3_PATTERN, Tokenizer
+from tinyformers.tokenizers.chars import CharTokenizer
 from tinyformers.tokenizers.sentencepiece import SPACE, SentencePieceTokenizer
 
 # llama.cpp's `tokenizer.ggml.pre` names -> split patterns, applied in order (llama-vocab.cpp).
@@ -34,7 +36,9 @@ _UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
 _GPT2_EOS = "<|endoftext|>"
 
 
-def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer | SentencePieceTokenizer:
+def load_tokenizer(
+    name_or_path: str | os.PathLike,
+) -> Tokenizer | SentencePieceTokenizer | CharTokenizer:
     """The tokenizer of a `.gguf` file, a model folder, a `tokenizer.json`, or a model name.
 
     Example: load_tokenizer("tests/data/gpt2").encode("hello world") == [31373, 995]
@@ -153,9 +157,9 @@ def _gguf_list(metadata: dict[str, Any], key: str, source: str) -> list[str]:
 # -- Hugging Face files --------------------------------------------------------------------
 
 
-def from_tokenizer_json(path: Path) -> Tokenizer | SentencePieceTokenizer:
-    """A Hugging Face `tokenizer.json` with a BPE model (byte-level, or SentencePiece-style with
-    `byte_fallback`), plus its folder's side files."""
+def from_tokenizer_json(path: Path) -> Tokenizer | SentencePieceTokenizer | CharTokenizer:
+    """A Hugging Face `tokenizer.json` with a BPE model (byte-level, SentencePiece-style with
+    `byte_fallback`, or characters only), plus its folder's side files."""
     data = read_json(path, TokenizerError, require_object=False)  # structure checked below
     with _structure_errors(path, "tokenizer.json"):
         return _from_tokenizer_data(data, path)
@@ -171,7 +175,9 @@ def _structure_errors(source: str | Path, kind: str) -> Iterator[None]:
         raise TokenizerError(f"{source}: not the structure of a {kind} ({e!r:.200})") from e
 
 
-def _from_tokenizer_data(data: dict[str, Any], path: Path) -> Tokenizer | SentencePieceTokenizer:
+def _from_tokenizer_data(
+    data: dict[str, Any], path: Path
+) -> Tokenizer | SentencePieceTokenizer | CharTokenizer:
     model = data["model"]
     if model.get("type") != "BPE":
         raise TokenizerError(
@@ -184,6 +190,8 @@ def _from_tokenizer_data(data: dict[str, Any], path: Path) -> Tokenizer | Senten
         return _from_sentencepiece_data(data, path)
     if model.get("byte_fallback"):
         raise TokenizerError(f"{path}: BPE option byte_fallback={model['byte_fallback']!r:.40}")
+    if (data.get("decoder") or {}).get("type") == "Fuse":
+        return _from_char_data(data, path)
     if data.get("normalizer") is not None:
         raise TokenizerError(f"{path}: a normalizer is not supported (byte-level BPE has none)")
     if (data.get("decoder") or {}).get("type") != "ByteLevel":
@@ -203,6 +211,32 @@ def _from_tokenizer_data(data: dict[str, Any], path: Path) -> Tokenizer | Senten
         unk_token_id=_token_id(vocab, model.get("unk_token"), f"{path}: model.unk_token"),
         source=str(path),
     )
+
+
+def _from_char_data(data: dict[str, Any], path: Path) -> CharTokenizer:
+    """A BPE tokenizer.json that maps each character to its id and nothing else: no merges,
+    normalizer, pre- or post-processor, added or unknown token; its decoder `Fuse` joins the
+    characters. HF `tokenizers` encodes it as `CharTokenizer` does (unknown characters dropped)."""
+    model = data["model"]
+    parts = {
+        "merges": model.get("merges"),
+        "unk_token": model.get("unk_token"),
+        "normalizer": data.get("normalizer"),
+        "pre_tokenizer": data.get("pre_tokenizer"),
+        "post_processor": data.get("post_processor"),
+        "added_tokens": data.get("added_tokens"),
+    }
+    if present := [name for name, value in parts.items() if value]:
+        raise TokenizerError(
+            f"{path}: decoder Fuse is read as a character tokenizer, which has no "
+            f"{', '.join(present)}"
+        )
+    chars = [""] * len(model["vocab"])
+    for char, i in model["vocab"].items():
+        if not (_is_id(i) and i < len(chars)) or chars[i]:
+            raise TokenizerError(f"{path}: token {char!r:.40} has id {i!r:.40} (ids are dense)")
+        chars[i] = char
+    return CharTokenizer(chars, source=str(path))
 
 
 def _vocab_and_added(data: dict[str, Any], path: Path) -> tuple[dict[str, int], list, list]:
@@ -245,7 +279,7 @@ def _from_sentencepiece_data(data: dict[str, Any], path: Path) -> SentencePieceT
         add_bos = (
             ids["bos"] is not None and first.get("SpecialToken", {}).get("id") == tokens[ids["bos"]]
         )
-    return SentencePieceTokenizer(
+    tokenizer = SentencePieceTokenizer(
         tokens,
         merges=merges,
         special_tokens=special,
@@ -259,6 +293,8 @@ def _from_sentencepiece_data(data: dict[str, Any], path: Path) -> SentencePieceT
         chat_template=_chat_template(folder, config),
         source=str(path),
     )
+    _add_generation_eos(tokenizer, _generation_config(folder), folder)
+    return tokenizer
 
 
 def _space_prefix(normalizer: dict | None, pre_tokenizer: dict | None, path: Path) -> bool:
@@ -345,11 +381,7 @@ def _with_side_files(
     """bos/eos/pad and the chat template from tokenizer_config.json, special_tokens_map.json and
     generation_config.json: a token named in the first two wins over an id in the last."""
     config = _side_config(folder)
-    generation = (
-        read_json(folder / "generation_config.json", TokenizerError)
-        if (folder / "generation_config.json").exists()
-        else {}
-    )
+    generation = _generation_config(folder)
     ids: dict[str, int | None] = {}
     for role in ("bos", "eos", "pad"):
         named = _token_id(
@@ -377,6 +409,20 @@ def _with_side_files(
         source=source,
         merges_source=merges_source,
     )
+    _add_generation_eos(tokenizer, generation, folder)
+    return tokenizer
+
+
+def _generation_config(folder: Path) -> dict[str, Any]:
+    path = folder / "generation_config.json"
+    return read_json(path, TokenizerError) if path.exists() else {}
+
+
+def _add_generation_eos(
+    tokenizer: Tokenizer | SentencePieceTokenizer, generation: dict[str, Any], folder: Path
+) -> None:
+    """Append generation_config.json's eos ids (one or a list, e.g. Llama 3's three) to the
+    tokenizer's stop ids: the one place HF files keep more than one."""
     extra = generation.get("eos_token_id")
     for i in extra if isinstance(extra, list) else [extra]:
         if i is not None and not (_is_id(i) and i < tokenizer.vocab_size):
@@ -385,7 +431,6 @@ def _with_side_files(
             )
         if i is not None and i not in tokenizer.eos_token_ids:
             tokenizer.eos_token_ids.append(i)
-    return tokenizer
 
 
 def _side_config(folder: Path) -> dict[str, Any]:
