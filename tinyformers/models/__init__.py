@@ -100,6 +100,8 @@ def _valid(name: str, kind: str, value) -> bool:
             return all(_valid(name, "int", v) for v in value)
         return isinstance(value, int) and low <= value <= MAX_SIZE
     if kind.startswith("float"):
+        if _is_probability(name):
+            return isinstance(value, int | float) and 0 <= value < 1
         return isinstance(value, int | float) and math.isfinite(value) and value > 0
     return {"str": str, "dict": dict}.get(kind.split()[0], object) in type(value).__mro__
 
@@ -111,10 +113,15 @@ def _expected(name: str, kind) -> str:
         many = " (or a list of them)" if "list[int]" in kind else ""
         return f"an integer from {low} to {MAX_SIZE}{many}"
     if kind.startswith("float"):
-        return "a finite number > 0"
+        return "a probability from 0 to below 1" if _is_probability(name) else "a finite number > 0"
     return {"bool": "true or false", "str": "a string", "dict": "a JSON object"}.get(
         kind.split()[0], kind
     )
+
+
+def _is_probability(name: str) -> bool:
+    """Dropout settings (GPT-2's `*_pdrop`, Llama's `attention_dropout`) may be 0."""
+    return name.endswith("pdrop") or name.endswith("dropout")
 
 
 def set_fast_path(net, on: bool = True) -> None:

@@ -50,6 +50,11 @@ class GPT2Config:
     tie_word_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # Dropout while training (none at inference): of the embeddings' sum, of the attention
+    # pattern, and of each branch's output before it joins the residual stream.
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
 
     @classmethod
     def from_dict(cls, d: dict) -> GPT2Config:
@@ -106,6 +111,7 @@ class CausalSelfAttention(nn.Module):
         if config.scale_attn_by_inverse_layer_idx:  # a stability trick of some GPT-2 variants
             self.scale /= layer_idx + 1
         self.upcast = config.reorder_and_upcast_attn  # scores and softmax in float32
+        self.dropout_p = config.attn_pdrop  # of the pattern, in training only
         self.hook = HookPoint(hooks, f"blocks.{layer_idx}.attn.")
         self.fast = False  # set at load: SDPA's fused kernel in place of the written-out math
 
@@ -120,6 +126,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(input_pos, k, v)  # (B, nh, S, hs)
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()
+        dropout = self.dropout_p if self.training else 0.0
         if not self.fast or self.hook.listening:
             # softmax(q k^T * scale, masked) v (Vaswani et al., 2017)
             scores = q @ k.transpose(-2, -1) * self.scale  # (B, nh, T, hs) @ (B, nh, hs, S)
@@ -127,9 +134,13 @@ class CausalSelfAttention(nn.Module):
             scores = self.hook("hook_attn_scores", scores)  # (B, nh, T, S)
             pattern = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # each row sums to 1
             pattern = self.hook("hook_pattern", pattern)  # (B, nh, T, S)
+            if dropout:
+                pattern = F.dropout(pattern, dropout)
             z = pattern @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
         else:  # the same equation in SDPA's fused kernel
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            z = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale
+            )
         z = self.hook("hook_z", z.to(x.dtype).transpose(1, 2))  # (B, T, nh, hs)
         return self.c_proj(z.reshape(B, T, nh * hs))  # heads side by side again, then mixed
 
@@ -159,14 +170,18 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, i, hooks)
         self.ln_2 = LayerNorm(config.n_embd, eps, hooks, f"blocks.{i}.ln2.")
         self.mlp = MLP(config, i, hooks)
+        self.dropout_p = config.resid_pdrop  # of each branch's output, in training only
         self.hook = HookPoint(hooks, f"blocks.{i}.")
 
     def forward(self, x: Tensor, mask: Tensor, cache: KVCache | None, input_pos: Tensor) -> Tensor:
         x = self.hook("hook_resid_pre", x)  # (B, T, C): the residual stream
         attn_out = self.hook("hook_attn_out", self.attn(self.ln_1(x), mask, cache, input_pos))
-        x = self.hook("hook_resid_mid", x + attn_out)
+        x = self.hook("hook_resid_mid", x + self.drop(attn_out))
         mlp_out = self.hook("hook_mlp_out", self.mlp(self.ln_2(x)))
-        return self.hook("hook_resid_post", x + mlp_out)
+        return self.hook("hook_resid_post", x + self.drop(mlp_out))
+
+    def drop(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.dropout_p) if self.training and self.dropout_p else x
 
 
 class GPT2(nn.Module):
@@ -181,7 +196,25 @@ class GPT2(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight  # one matrix reads tokens in and out
+        self.dropout_p = config.embd_pdrop  # of the embeddings' sum, in training only
         self.hook = HookPoint(self.hooks, "")
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2's initialisation, for training from scratch: every matrix and embedding from
+        N(0, 0.02), biases 0, norms 1; the matrices that write into the residual stream
+        (c_proj) from N(0, 0.02 / sqrt(2 n_layer)), so the stream's variance stays about the
+        same however many blocks add to it (Radford et al., 2019, section 2.3)."""
+        for name, module in self.named_modules():
+            if isinstance(module, LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            elif isinstance(module, nn.Linear | nn.Embedding):
+                residual = name.endswith("c_proj")
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
 
     def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
         c = self.config
@@ -210,6 +243,8 @@ class GPT2(nn.Module):
         positions, mask = positions_and_mask(attention_mask, input_pos, n_keys, B)
         x = self.hook("hook_embed", self.wte(input_ids))  # (B, T, C)
         x = x + self.hook("hook_pos_embed", self.wpe(positions))  # (B, T, C)
+        if self.training and self.dropout_p:
+            x = F.dropout(x, self.dropout_p)
         for i, block in enumerate(self.h):
             x = block(x, mask, cache[i] if cache is not None else None, input_pos)
         if last_only:

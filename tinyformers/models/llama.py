@@ -41,6 +41,7 @@ class LlamaConfig:
     hidden_act: str = "silu"
     attention_bias: bool = False
     mlp_bias: bool = False
+    attention_dropout: float = 0.0  # of the attention pattern, in training only
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -182,6 +183,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=bias)
         self.scale = self.head_dim**-0.5  # 1 / sqrt(hs): keeps q.k near unit variance
+        self.dropout_p = config.attention_dropout  # of the pattern, in training only
         self.hook = HookPoint(hooks, f"blocks.{i}.attn.")
         self.fast = False  # set at load: SDPA's fused kernel in place of the written-out math
         self.qkv_proj: nn.Module | None = None  # set when packing: q, k, v rows in one matrix
@@ -216,6 +218,7 @@ class Attention(nn.Module):
         k = self.hook("hook_rot_k", rotate(k, cos, sin).transpose(1, 2)).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(input_pos, k, v)  # (B, nkv, S, hs)
+        dropout = self.dropout_p if self.training else 0.0
         if not self.fast or self.hook.listening:
             # Each group of nh/nkv query heads shares one key/value head (GQA, Ainslie et al.
             # 2023): repeat each kv head for its group, then attention as in the paper.
@@ -226,10 +229,12 @@ class Attention(nn.Module):
             scores = self.hook("hook_attn_scores", scores)  # (B, nh, T, S)
             pattern = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # each row sums to 1
             pattern = self.hook("hook_pattern", pattern)  # (B, nh, T, S)
+            if dropout:
+                pattern = F.dropout(pattern, dropout)
             z = pattern @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
         else:  # the same equation in SDPA's fused kernel, kv heads shared without copies
             z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True
+                q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale, enable_gqa=True
             )
         z = self.hook("hook_z", z.transpose(1, 2))  # (B, T, nh, hs)
         return self.o_proj(z.reshape(B, T, nh * hs))  # (B, T, nh*hs) -> (B, T, C)
@@ -319,6 +324,16 @@ class Llama(nn.Module):
         # set at load: float16 beside bfloat16 or quantized matrices, as llama.cpp keeps its
         # cache (half the bytes a long-context decode step reads); else the weights' dtype
         self.cache_dtype: torch.dtype | None = None
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """For training from scratch: every matrix and embedding from N(0, 0.02) (Hugging
+        Face's `initializer_range`), the norms' gains 1."""
+        for p in self.parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
 
     def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
         c, like = self.config, self.norm.weight
