@@ -27,3 +27,7 @@ class ContextLengthError(TinyformersError):
 
 class ParameterError(TinyformersError, ValueError):
     """A generation setting out of its range (a ValueError too, as Python callers expect)."""
+
+
+class DataError(TinyformersError):
+    """Training data that cannot be read, is too short, or holds a record of the wrong shape."""

