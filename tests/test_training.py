@@ -198,3 +198,27 @@ def test_chat_is_scored_on_the_assistant_tokens_only():
         spans.append(tok.decode(current))
     # what the assistant said, and the end of its turn: the rest is given, never learned
     assert spans == ["Paris.<|im_end|>\n", "Rome.<|im_end|>\n"]
+
+
+@pytest.mark.parametrize("onednn", [False, True], ids=["torch", "onednn"])
+def test_chunked_loss_and_its_gradients_equal_the_written_out_ones(monkeypatch, onednn):
+    from tinyformers.training import chunked_loss
+
+    monkeypatch.setattr(chunked_loss, "CHUNK_BYTES", 4 * 50 * 7)  # 7 rows a chunk: 4 chunks
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, 50, bias=False)
+    hidden = torch.randn(2, 13, 24, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 13))
+    targets[1, :5] = IGNORE
+    reference = cross_entropy(head(hidden), targets)  # loss.py, with autograd's gradients
+    ref_grads = torch.autograd.grad(reference, (hidden, head.weight))
+    model = torch.nn.Module()
+    model.lm_head = head
+    deferred = chunked_loss.defer_head(model)
+    deferred.onednn = onednn
+    assert torch.equal(model.lm_head(hidden), hidden)  # the forward hands the states on
+    ours = chunked_loss.linear_cross_entropy(hidden, deferred, targets)
+    grads = torch.autograd.grad(ours * 3.0, (hidden, head.weight))  # a scaled loss too
+    assert abs(ours.item() - reference.item()) < 1e-5  # float32, summed in another order
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert (g - 3.0 * r).abs().max() < 1e-5

@@ -35,6 +35,14 @@ def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+def weight_grad(dy: Tensor, x: Tensor) -> Tensor:
+    """dW = dyᵀ x through oneDNN: dy (M, N), x (M, K) -> (N, K)."""
+    # oneDNN copies its first operand into a contiguous one: give it the narrower of the two
+    if x.shape[1] < dy.shape[1]:
+        return _onednn(x.t(), dy.t(), None).t()  # (xᵀ dy)ᵀ = dyᵀ x
+    return _onednn(dy.t(), x.t(), None)  # (N, M) @ (M, K)
+
+
 class _Linear(torch.autograd.Function):
     """y = x Wᵀ + b and its gradients, every GEMM through oneDNN."""
 
@@ -53,12 +61,7 @@ class _Linear(torch.autograd.Function):
             dx = _onednn(dy, weight.t(), None)  # dy W: (..., N) @ (N, K) -> (..., K)
         dy2 = dy.reshape(-1, dy.shape[-1])  # (M, N): every row of the batch
         if ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-            # oneDNN copies its first operand into a contiguous one: give it the narrower
-            if x2.shape[1] < dy2.shape[1]:
-                dw = _onednn(x2.t(), dy2.t(), None).t()  # (xᵀ dy)ᵀ = dyᵀ x: (N, K)
-            else:
-                dw = _onednn(dy2.t(), x2.t(), None)  # dyᵀ x: (N, M) @ (M, K) -> (N, K)
+            dw = weight_grad(dy2, x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)  # (N,): the bias is added to every row
         return dx, dw, db

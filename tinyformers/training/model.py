@@ -5,9 +5,7 @@ Face) loads."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import import_module
 from pathlib import Path
-from types import ModuleType
 
 import torch
 from torch import Tensor, nn
@@ -21,15 +19,16 @@ from tinyformers.models.llama import LlamaConfig
 from tinyformers.tokenizers import load_tokenizer
 from tinyformers.tokenizers.chars import CharTokenizer
 from tinyformers.tokenizers.save import save_tokenizer
+from tinyformers.training.chunked_loss import DeferredHead, defer_head
 from tinyformers.training.lora import DEFAULT_TARGETS, add_lora, lora_modules, save_adapter
 from tinyformers.training.settings import TrainSettings
 
 
 @dataclass
 class TrainedModel:
-    net: nn.Module
+    net: nn.Module  # its forward gives the final hidden states: `head` makes the logits
+    head: DeferredHead  # lm_head, applied by the loss (chunked_loss.py)
     tokenizer: object
-    arch: ModuleType  # models/<architecture>.py: to_hf, hf_config, sanitize
     settings: TrainSettings
     matmuls: dict[str, str]  # the matmul kernel per weight shape ("in x out")
 
@@ -54,8 +53,8 @@ def build_model(
     if device.type == "cpu" and matmuls != {}:
         rows = settings.batch_size * settings.block_size
         matmuls = use_fast_matmuls(net, rows, matmuls)
-    arch = import_module(type(net).__module__)
-    return TrainedModel(net, tokenizer, arch, settings, matmuls or {})
+    head = defer_head(net)
+    return TrainedModel(net, head, tokenizer, settings, matmuls or {})
 
 
 def scratch_tokenizer(name: str, text: str):

@@ -9,6 +9,9 @@ Every step is one turn of the same four lines (loss.py, optim.py):
     loss.backward()                       # d loss / d w for every weight w (autograd)
     optimizer.step()                      # w <- w - lr * AdamW's direction
 
+The first two run as one, `linear_cross_entropy(net(x), head, y)`: the same numbers without
+the (B, T, V) tensor of logits (chunked_loss.py).
+
 Under torchrun each process runs this loop on its share of each step's micro-batches, and
 DistributedDataParallel averages the gradients across them before the step.
 """
@@ -31,8 +34,8 @@ from torch import Tensor, nn
 
 from tinyformers.errors import TinyformersError
 from tinyformers.training import checkpoint as ckpt
+from tinyformers.training.chunked_loss import linear_cross_entropy
 from tinyformers.training.data import Dataset, load_dataset, read_text_file
-from tinyformers.training.loss import cross_entropy
 from tinyformers.training.model import TrainedModel, build_model, write_model
 from tinyformers.training.optim import AdamW, clip_grad_norm, learning_rate, parameter_groups
 from tinyformers.training.settings import TrainSettings
@@ -120,7 +123,7 @@ def _train(settings: TrainSettings, resume: bool, log) -> Path:
             if rank == 0:
                 live.clear()
                 rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                record = _evaluate(net, data, settings, device, autocast)
+                record = _evaluate(model, data, settings, device, autocast)
                 record.update(
                     iter=it,
                     lr=learning_rate(
@@ -153,7 +156,7 @@ def _train(settings: TrainSettings, resume: bool, log) -> Path:
             last = micro == accumulation - 1
             sync = trained.no_sync() if world > 1 and not last else nullcontext()
             with sync, autocast:
-                loss = cross_entropy(trained(x), y) / accumulation
+                loss = linear_cross_entropy(trained(x), model.head, y) / accumulation
             with sync:
                 loss.backward()
             loss_sum += loss.detach()
@@ -228,9 +231,10 @@ def _micro_batches(data: Dataset, settings: TrainSettings, rank: int, world: int
 
 
 @torch.no_grad()
-def _evaluate(net: nn.Module, data: Dataset, settings, device, autocast) -> dict:
+def _evaluate(model: TrainedModel, data: Dataset, settings, device, autocast) -> dict:
     """Mean loss over eval_iters batches of each split, the same batches at every evaluation
     (their own generator), so two evaluations differ only by what the model learnt."""
+    net = model.net
     net.eval()
     losses = {}
     for name, split in (("train", data.train), ("val", data.val)):
@@ -239,7 +243,7 @@ def _evaluate(net: nn.Module, data: Dataset, settings, device, autocast) -> dict
         for _ in range(settings.eval_iters):
             x, y = split.batch(settings.batch_size, settings.block_size, generator)
             with autocast:
-                total += cross_entropy(net(x.to(device)), y.to(device)).item()
+                total += linear_cross_entropy(net(x.to(device)), model.head, y.to(device)).item()
         losses[f"{name}_loss"] = round(total / settings.eval_iters, 6)
     net.train()
     return losses
