@@ -53,8 +53,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.dropout(x, self.dropout, self.training) if self.dropout else x
-        update = F.linear(F.linear(h, self.lora_A), self.lora_B)  # (.., in) -> (.., r) -> (.., out)
-        return self.base(x) + update * self.scaling
+        # (alpha / r) multiplies the small B, not the (.., out) update: the same product
+        update = F.linear(
+            F.linear(h, self.lora_A), self.lora_B * self.scaling
+        )  # (.., r), (.., out)
+        return self.base(x) + update
 
     def delta(self) -> Tensor:
         """ΔW = (alpha / r) B A, [out, in]: what merging adds to the base weight."""
