@@ -51,7 +51,7 @@ def test_adamw_equals_torch_adamw_with_decay_groups_and_clipping():
         x = torch.randn(5, 8)
         for model in (net, reference):
             model(x).pow(2).sum().backward()
-        clip_grad_norm(ours.params, 1.0)
+        clip_grad_norm(ours, 1.0)
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
         lr = learning_rate(step, 1e-2, 1e-3, 3, 12)
         ours.lr = lr
@@ -82,12 +82,26 @@ def test_schedule_is_nanogpts(it):
 
 
 def test_clipping_bounds_the_joint_length_and_reports_it():
-    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
-    a.grad, b.grad = torch.full((3,), 3.0), torch.full((4,), 4.0)
-    total, each = clip_grad_norm([a, b], max_norm=1.0)
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4, 1))
+    optimizer = AdamW([{"params": [a, b], "weight_decay": 0.0}], lr=1.0)
+    a.grad.fill_(3.0)  # a view of the optimizer's block: backward adds into it the same way
+    b.grad.fill_(4.0)
+    total = clip_grad_norm(optimizer, max_norm=1.0)
     assert abs(total.item() - math.sqrt(27 + 64)) < 1e-5  # before clipping
-    assert [round(n.item(), 4) for n in each] == [round(math.sqrt(27), 4), 8.0]
-    assert abs(torch.cat([a.grad, b.grad]).norm().item() - 1.0) < 1e-5  # after
+    assert abs(torch.cat([a.grad, b.grad.flatten()]).norm().item() - 1.0) < 1e-5  # after
+
+
+def test_parameters_live_in_one_block_and_backward_fills_its_gradient():
+    net = torch.nn.Linear(3, 2)
+    optimizer = AdamW(parameter_groups(net, 0.0), lr=0.1)
+    matrices, biases = optimizer.groups  # decayed, and not
+    net(torch.full((1, 3), 2.0)).sum().backward()
+    assert net.weight.data_ptr() == matrices.flat.data_ptr()  # the weight is the block
+    assert torch.equal(matrices.grad, torch.full((6,), 2.0))  # d sum(W x + b) / d W = x
+    assert torch.equal(biases.grad, torch.ones(2))  # ... / d b = 1
+    optimizer.zero_grad()
+    assert net.weight.grad.abs().sum() == 0
+    assert net.weight.grad.data_ptr() == matrices.grad.data_ptr()  # still a view
 
 
 def test_onednn_linear_equals_f_linear_forward_and_backward():

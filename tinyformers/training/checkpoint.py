@@ -72,8 +72,10 @@ def load_checkpoint(out: Path) -> tuple[dict[str, Tensor], dict[str, Tensor], di
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    """subtle: the weights are views of the optimizer's blocks (optim.Group), and safetensors
+    refuses tensors that share memory: each is copied out first."""
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
+        save_file({k: v.detach().clone() for k, v in tensors.items()}, str(tmp))
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -7,9 +7,9 @@ weight, of g (the direction, smoothed) and of g² (how large the gradients have 
 steps by their ratio, so every weight moves about lr per step whatever the scale of its
 gradient. Weight decay pulls each decayed weight a little toward 0 at every step.
 
-Each update below is one line of the algorithm applied to every tensor at once (torch's
-`_foreach_` ops loop over the list in C++); tests/test_training.py checks it against
-`torch.optim.AdamW`.
+Each update below is one line of the algorithm applied to every weight at once: the
+weights live in one block of memory, as llm.c keeps them; tests/test_training.py checks it
+against `torch.optim.AdamW`.
 """
 
 from __future__ import annotations
@@ -36,26 +36,50 @@ def learning_rate(it: int, lr: float, min_lr: float, warmup_iters: int, decay_it
     return min_lr + coeff * (lr - min_lr)
 
 
-def clip_grad_norm(params: list[Tensor], max_norm: float) -> tuple[Tensor, list[Tensor]]:
-    """Scale every gradient down so that their joint length is at most `max_norm` (0: never).
+def clip_grad_norm(optimizer: AdamW, max_norm: float) -> Tensor:
+    """Scale every gradient down so that their joint length is at most `max_norm` (0: never);
+    returns the length before clipping, sqrt(sum of every g²).
 
-    Returns the length before clipping, sqrt(sum of every g²), and each tensor's own length
-    (metrics.jsonl reports them per layer). A rare huge gradient then moves the weights by
-    a bounded step instead of throwing them far away.
+    A rare huge gradient then moves the weights by a bounded step instead of throwing them
+    far away.
     """
-    grads = [p.grad for p in params]
-    norms = torch._foreach_norm(grads)  # ||g|| of each tensor
-    total = torch.linalg.vector_norm(torch.stack(norms))  # sqrt(sum ||g||²)
+    total = torch.linalg.vector_norm(torch.stack([g.grad.norm() for g in optimizer.groups]))
     if max_norm > 0:
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # 1 when already short enough
-        torch._foreach_mul_(grads, scale)
-    return total, norms
+        for group in optimizer.groups:
+            group.grad.mul_(scale)
+    return total
+
+
+class Group:
+    """The parameters of one weight-decay group in one block of memory, as llm.c keeps them:
+    each parameter (and its .grad) is a view of `flat` (and `flat.grad`), so one AdamW line
+    updates them all at once. m and v, AdamW's state, are blocks of the same shape."""
+
+    def __init__(self, params: list[nn.Parameter], weight_decay: float) -> None:
+        self.params, self.weight_decay = params, weight_decay
+        with torch.no_grad():
+            self.flat = torch.cat([p.reshape(-1) for p in params])  # (n,): every weight
+        self.flat.grad = torch.zeros_like(self.flat)
+        start = 0
+        for p in params:  # from now on p is a window onto the block, its gradient too
+            n = p.numel()
+            p.data = self.flat[start : start + n].view_as(p)
+            # subtle: backward adds into an existing .grad in place, so it stays a view
+            p.grad = self.flat.grad[start : start + n].view_as(p)
+            start += n
+        self.m = torch.zeros_like(self.flat)  # running mean of g
+        self.v = torch.zeros_like(self.flat)  # running mean of g²
+
+    @property
+    def grad(self) -> Tensor:
+        return self.flat.grad
 
 
 class AdamW:
     """AdamW over `groups` of parameters, each group {"params": [...], "weight_decay": wd}.
 
-    Its state is `m` and `v` per parameter and the step count, all tensors or numbers, so a
+    Its state is `m` and `v` per group and the step count, all tensors or numbers, so a
     checkpoint holds them exactly (`state_dict` / `load_state_dict`).
     """
 
@@ -66,11 +90,9 @@ class AdamW:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
     ) -> None:
-        self.groups = groups
+        self.groups = [Group(g["params"], g["weight_decay"]) for g in groups]
         self.lr, self.betas, self.eps = lr, betas, eps
-        self.params = [p for g in groups for p in g["params"]]
-        self.m = [torch.zeros_like(p) for p in self.params]  # running mean of g
-        self.v = [torch.zeros_like(p) for p in self.params]  # running mean of g²
+        self.params = [p for g in self.groups for p in g.params]
         self.step_count = 0
 
     @torch.no_grad()
@@ -78,51 +100,43 @@ class AdamW:
         """Move every parameter by its AdamW step at the current `self.lr`."""
         self.step_count += 1
         beta1, beta2 = self.betas
-        start = 0
+        # m and v start at 0, so early on they are too small by (1 - beta^t): undo that
+        bias1 = 1 - beta1**self.step_count
+        bias2 = 1 - beta2**self.step_count
         for group in self.groups:
-            params = group["params"]
-            grads = [p.grad for p in params]
-            m = self.m[start : start + len(params)]
-            v = self.v[start : start + len(params)]
-            start += len(params)
+            w, g, m, v = group.flat, group.grad, group.m, group.v
             # decoupled weight decay: w <- w - lr * wd * w, apart from the gradient
-            if group["weight_decay"]:
-                torch._foreach_mul_(params, 1 - self.lr * group["weight_decay"])
+            if group.weight_decay:
+                w.mul_(1 - self.lr * group.weight_decay)
             # m <- beta1 m + (1 - beta1) g: the gradient, smoothed over ~1/(1-beta1) steps
-            torch._foreach_lerp_(m, grads, 1 - beta1)
+            m.lerp_(g, 1 - beta1)
             # v <- beta2 v + (1 - beta2) g²: the size of the gradient, smoothed likewise
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
-            # m and v start at 0, so early on they are too small by (1 - beta^t): undo that
-            bias1 = 1 - beta1**self.step_count
-            bias2 = 1 - beta2**self.step_count
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             # w <- w - lr * m̂ / (sqrt(v̂) + eps), with m̂ = m / bias1 and v̂ = v / bias2
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, math.sqrt(bias2))
-            torch._foreach_add_(denom, self.eps)
-            torch._foreach_addcdiv_(params, m, denom, -self.lr / bias1)
+            denom = (v.sqrt() / math.sqrt(bias2)).add_(self.eps)
+            w.addcdiv_(m, denom, value=-self.lr / bias1)
 
     def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
+        for group in self.groups:
+            group.grad.zero_()
 
     def state_dict(self) -> dict[str, Tensor]:
-        """m and v by parameter index, and the step count (a checkpoint's optimizer file)."""
-        state = {f"m.{i}": m for i, m in enumerate(self.m)}
-        state.update({f"v.{i}": v for i, v in enumerate(self.v)})
+        """m and v of each group, and the step count (a checkpoint's optimizer file)."""
+        state = {f"m.{i}": g.m for i, g in enumerate(self.groups)}
+        state.update({f"v.{i}": g.v for i, g in enumerate(self.groups)})
         state["step"] = torch.tensor(self.step_count)
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        for i, p in enumerate(self.params):
-            for name, mine in (("m", self.m), ("v", self.v)):
-                saved = state[f"{name}.{i}"]
-                if saved.shape != p.shape:
+        for i, group in enumerate(self.groups):
+            for name in ("m", "v"):
+                saved, mine = state[f"{name}.{i}"], getattr(group, name)
+                if saved.shape != mine.shape:
                     raise ValueError(
                         f"optimizer state {name}.{i} has shape {tuple(saved.shape)}, "
-                        f"the parameter {tuple(p.shape)}"
+                        f"the parameters {tuple(mine.shape)}"
                     )
-                mine[i].copy_(saved)
+                mine.copy_(saved)
         self.step_count = int(state["step"])
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
-from torch import Tensor, nn
+from torch import nn
 
 from tinyformers.errors import TinyformersError
 from tinyformers.training import checkpoint as ckpt
@@ -114,8 +114,7 @@ def _train(settings: TrainSettings, resume: bool, log) -> Path:
     start = time.perf_counter() - progress.elapsed_s
     window_start, window_tokens = time.perf_counter(), 0
     first = progress.iter
-    layers = _layer_names(net, optimizer.params)
-    last_norms: tuple[Tensor, list[Tensor]] | None = None  # the last step's gradient lengths
+    norms: dict = {}  # the gradient's length, over all and per layer, before an evaluation
     while True:
         it = progress.iter
         at_end = it >= settings.max_iters
@@ -135,7 +134,7 @@ def _train(settings: TrainSettings, resume: bool, log) -> Path:
                     ),  # fmt: skip
                     elapsed_s=round(time.perf_counter() - start, 3),
                     tokens_per_s=round(rate, 1) if window_tokens else None,
-                    **_grad_norms(layers, last_norms),
+                    **norms,
                 )
                 log(
                     f"iter {it}: train loss {record['train_loss']:.4f}, "
@@ -163,7 +162,9 @@ def _train(settings: TrainSettings, resume: bool, log) -> Path:
         if world > 1:  # every rank logs (and checks) the mean over all of them
             dist.all_reduce(loss_sum)
             loss_sum /= world
-        norm, norms = last_norms = clip_grad_norm(optimizer.params, settings.grad_clip)
+        if (it + 1) % settings.eval_interval == 0 or it + 1 == settings.max_iters:
+            norms = _grad_norms(net)  # for the evaluation after this step
+        norm = clip_grad_norm(optimizer, settings.grad_clip)
         if not (math.isfinite(loss_sum.item()) and math.isfinite(norm.item())):
             kept = (
                 f"the last good checkpoint (iter {progress.last_good}) is kept in {out}"
@@ -249,27 +250,17 @@ def _evaluate(model: TrainedModel, data: Dataset, settings, device, autocast) ->
     return losses
 
 
-def _layer_names(net: nn.Module, params: list[Tensor]) -> list[str]:
-    """The layer of each parameter, for the gradient norms of metrics.jsonl: the block it is
-    in (`h.3`, `layers.3`), else its first name part (`wte`, `ln_f`)."""
-    names = {id(p): name for name, p in net.named_parameters()}
-    layers = []
-    for p in params:
-        parts = names[id(p)].split(".")
-        layers.append(".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0])
-    return layers
-
-
-def _grad_norms(layers: list[str], norms: tuple[Tensor, list[Tensor]] | None) -> dict:
-    """The last step's gradient length over every weight and per layer (before clipping)."""
-    if norms is None:
-        return {}
-    total, each = norms
+def _grad_norms(net: nn.Module) -> dict:
+    """The gradient's length over every weight and per layer, before clipping (a layer: the
+    tensors of one block, `h.3` or `layers.3`, or else of one first name part, `wte`)."""
     squares: dict[str, float] = {}
-    for layer, norm in zip(layers, torch.stack(each).tolist(), strict=True):
-        squares[layer] = squares.get(layer, 0.0) + norm**2
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            parts = name.split(".")
+            layer = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+            squares[layer] = squares.get(layer, 0.0) + p.grad.float().pow(2).sum().item()
     return {
-        "grad_norm": round(total.item(), 6),
+        "grad_norm": round(math.sqrt(sum(squares.values())), 6),
         "grad_norm_by_layer": {k: round(math.sqrt(v), 6) for k, v in squares.items()},
     }
 
