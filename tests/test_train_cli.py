@@ -199,7 +199,7 @@ def test_lora_adapter_loads_in_peft_with_our_logits(tmp_path, make_base):
 
 
 @pytest.mark.slow
-def test_smollm2_chat_lora_and_full_fine_tune_run(tmp_path):
+def test_smollm2_chat_lora_runs_and_its_adapter_loads_everywhere(tmp_path, capsys):
     chats = tmp_path / "chats.jsonl"
     record = {
         "messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi!"}]
@@ -213,7 +213,27 @@ def test_smollm2_chat_lora_and_full_fine_tune_run(tmp_path):
     records = metrics(tmp_path / "lora")
     assert records[-1]["train_loss"] < records[0]["train_loss"]  # "Hi!" is learnt
     model = tinyformers.load("smollm2", adapter=tmp_path / "lora")
-    assert model.generate("Hello", max_new_tokens=2, temperature=0)
+    expected = model.generate("Hello", max_new_tokens=3, temperature=0)
+    ids = torch.tensor([model.tokenizer.encode("Say hi")])
+    assert (model(ids) - tinyformers.load("smollm2")(ids)).abs().max() > 1e-3  # merged in
+    capsys.readouterr()
+    argv = ["--model", "smollm2", "--adapter", str(tmp_path / "lora"), "--temp", "0", "-n", "3"]
+    assert main(["generate", *argv, "Hello"]) == 0
+    assert capsys.readouterr().out == expected  # --adapter: the same model as load(adapter=)
+
+
+def test_a_terminal_shows_one_live_line(tmp_path):
+    import pexpect
+
+    argv = ["-m", "tinyformers", "train", "--data", str(TEXT), "--out", str(tmp_path / "out"),
+            *TINY, "--max-iters", "200", "--eval-interval", "200"]  # fmt: skip
+    child = pexpect.spawn(sys.executable, argv, cwd=str(ROOT), encoding="utf-8", timeout=120)
+    # rewritten in place (carriage return, then erase to the end of the line)
+    child.expect(r"\riter \d+/200  loss \d+\.\d{4}  [\d,]+ tok/s  ETA \dm\d\ds\x1b\[K")
+    child.expect("iter 200: train loss")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
 
 
 def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
