@@ -180,3 +180,24 @@ def test_a_packed_model_is_refused_with_one_line(tmp_path):
         save_pretrained(net, tmp_path)
     assert "\n" not in str(error.value)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_our_safetensors_writer_reads_back_in_the_reference_reader(tmp_path):
+    from safetensors import safe_open
+
+    from tinyformers.loading.safetensors import save_safetensors
+
+    block = torch.arange(12, dtype=torch.float32)
+    tensors = {
+        "a": block[:6].view(2, 3),  # two views of one block: the package itself refuses these
+        "b": block[6:],
+        "half": torch.randn(3, 5).to(torch.bfloat16),
+        "t": torch.randn(4, 2).t(),  # not contiguous
+        "flags": torch.tensor([True, False]),
+        "empty": torch.zeros(0, 4),
+    }
+    save_safetensors(tmp_path / "x.safetensors", tensors, metadata={"format": "pt"})
+    with safe_open(tmp_path / "x.safetensors", framework="pt") as f:  # the reference reader
+        assert f.metadata() == {"format": "pt"}
+        for name, expected in tensors.items():
+            assert torch.equal(f.get_tensor(name), expected), name

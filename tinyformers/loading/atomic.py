@@ -18,8 +18,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` to write to; renamed over `path` when the block ends.
 
     Example:
-        with atomic_path(folder / "model.safetensors") as tmp:
-            save_file(tensors, tmp)
+        with atomic_path(folder / "metrics.jsonl") as tmp:
+            tmp.write_text(lines)
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

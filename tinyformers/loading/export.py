@@ -14,13 +14,12 @@ from importlib import import_module
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from tinyformers.errors import TinyformersError
-from tinyformers.loading.atomic import atomic_path, write_atomic
+from tinyformers.loading.atomic import write_atomic
 from tinyformers.loading.loader import build_meta
+from tinyformers.loading.safetensors import save_safetensors
 
 
 def save_pretrained(
@@ -42,17 +41,20 @@ def save_pretrained(
     arch = import_module(type(net).__module__)  # models/<architecture>.py
     state = net.state_dict() if state is None else state
     _check_unpacked(net, state, folder)
-    tensors = {name: _own_memory(w, dtype) for name, w in arch.to_hf(state, net.config).items()}
+    hf = arch.to_hf(state, net.config)
+    tensors = {
+        name: w.detach().to(dtype or w.dtype) for name, w in hf.items()
+    }  # no copy unless asked
     config = arch.hf_config(net.config)
     config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     ids = {k: config[k] for k in ("bos_token_id", "eos_token_id") if config.get(k) is not None}
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / "model.safetensors") as tmp:
-            save_file(tensors, tmp, metadata={"format": "pt"})  # transformers 4.x needs it
+        # format "pt": transformers 4.x refuses a file without it
+        save_safetensors(folder / "model.safetensors", tensors, metadata={"format": "pt"})
         write_atomic(folder / "config.json", json.dumps(config, indent=2) + "\n")
         write_atomic(folder / "generation_config.json", json.dumps(ids, indent=2) + "\n")
-    except (OSError, SafetensorError) as e:  # a full disk, no permission: the old files stay
+    except OSError as e:  # a full disk, no permission: the old files stay
         raise TinyformersError(f"{folder}: could not save the model: {e}") from e
 
 
@@ -66,13 +68,3 @@ def _check_unpacked(net: nn.Module, state: dict[str, Tensor], folder: Path) -> N
             f"{folder}: this model's matrices are packed for the CPU kernels: "
             "load it with fast=False to save it"
         )
-
-
-def _own_memory(w: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """`w` on the CPU in `dtype`, contiguous, in memory of its own: safetensors refuses
-    tensors that share memory, and a GGUF's float32 tensors (SmolLM2's norms) are views of
-    the one mapped file."""
-    w = w.detach().to("cpu", dtype or w.dtype).contiguous()
-    if w.untyped_storage().nbytes() != w.numel() * w.element_size():
-        w = w.clone()
-    return w

@@ -1,4 +1,4 @@
-"""A strict safetensors reader that never holds two copies of the weights.
+"""A strict safetensors reader that never holds two copies of the weights, and its writer.
 
 Format: 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape,
 data_offsets: [begin, end]}, "__metadata__": {...}}, then the tensor bytes.
@@ -10,6 +10,7 @@ file, copy each tensor out and tell the kernel we are done with the pages at onc
 
 from __future__ import annotations
 
+import json
 import math
 import mmap
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from tinyformers.errors import CheckpointError
+from tinyformers.loading.atomic import atomic_path
 from tinyformers.loading.json_file import parse_json
 
 DTYPES = {
@@ -144,3 +146,36 @@ def map_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], m
             raw = raw.clone()
         tensors[name] = raw.view(dtype).reshape(info["shape"])
     return tensors, mm
+
+
+def save_safetensors(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write `tensors` as a .safetensors file (Hugging Face's format, read by its `safetensors`
+    and `transformers`), through a temporary name: a failed write leaves the old file whole.
+
+    subtle: written one tensor at a time, straight from its memory: the `safetensors` package
+    refuses tensors that share memory, and training keeps every weight as a view of one block
+    (training/optim.py), so it would need a copy of the whole model first.
+    """
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": names[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the reference writes
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for t in tensors.values():
+            data = t.detach().to("cpu").contiguous().view(-1)
+            if data.numel():
+                f.write(data.view(torch.uint8).numpy().data)

@@ -20,13 +20,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from tinyformers.errors import CheckpointError
 from tinyformers.loading.atomic import atomic_path, write_atomic
 from tinyformers.loading.json_file import read_json
-from tinyformers.loading.safetensors import load_safetensors
+from tinyformers.loading.safetensors import load_safetensors, save_safetensors
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
@@ -72,10 +71,7 @@ def load_checkpoint(out: Path) -> tuple[dict[str, Tensor], dict[str, Tensor], di
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    """subtle: the weights are views of the optimizer's blocks (optim.Group), and safetensors
-    refuses tensors that share memory: each is copied out first."""
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().clone() for k, v in tensors.items()}, str(tmp))
+    save_safetensors(path, tensors)  # the weights are views of one block: written as they are
 
 
 def _fsync_dir(folder: Path) -> None:

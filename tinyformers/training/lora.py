@@ -17,13 +17,12 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from tinyformers.errors import CheckpointError
-from tinyformers.loading.atomic import atomic_path, write_atomic
+from tinyformers.loading.atomic import write_atomic
 from tinyformers.loading.json_file import read_json
-from tinyformers.loading.safetensors import load_safetensors
+from tinyformers.loading.safetensors import load_safetensors, save_safetensors
 
 # The projections of attention and MLP, by architecture: LoRA's usual targets (PEFT names
 # the same modules for these models).
@@ -121,8 +120,8 @@ def save_adapter(net: nn.Module, folder: Path, base_model: str, dropout: float =
     tensors = {}
     for name, module in modules.items():
         key = f"base_model.model.{_hf_module(arch, net.config, name)}"
-        tensors[f"{key}.lora_A.weight"] = module.lora_A.detach().contiguous()
-        tensors[f"{key}.lora_B.weight"] = module.lora_B.detach().contiguous()
+        tensors[f"{key}.lora_A.weight"] = module.lora_A
+        tensors[f"{key}.lora_B.weight"] = module.lora_B
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -140,8 +139,7 @@ def save_adapter(net: nn.Module, folder: Path, base_model: str, dropout: float =
         "modules_to_save": None,
     }
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_safetensors(folder / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
     write_atomic(folder / ADAPTER_CONFIG, json_text(config))
 
 

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
 from torch import nn
 
 from tinyformers.errors import TinyformersError
@@ -270,7 +269,7 @@ def _save(out: Path, model: TrainedModel, optimizer: AdamW, batches, progress, r
     a failed write (a full disk) stops the run, every earlier file still whole."""
     try:
         _write_all(out, model, optimizer, batches, progress, record)
-    except (OSError, SafetensorError, TinyformersError) as e:
+    except (OSError, TinyformersError) as e:
         kept = (
             f"the checkpoint of iter {progress.last_good} is kept"
             if progress.last_good is not None
