@@ -20,7 +20,9 @@
 - full: the same with every weight training (AdamW at 5e-5).
 
 Each side runs in a fresh process with the same thread count; peak RSS is that process's
-VmHWM. The CPU is named from lscpu. Prints a table per part with ours / theirs.
+VmHWM. The sides run in turn, --repeats times each (theirs, ours, theirs, ours), and each
+side's fastest run is reported, every run's tokens/s beside it: a shared machine's speed
+drifts by 10-20% from one minute to the next. The CPU is named from lscpu.
 """
 
 from __future__ import annotations
@@ -79,9 +81,8 @@ def measured(
     return done, wall, peak
 
 
-def scratch(text: Path, nanogpt: Path, env: dict, work: Path) -> list[dict]:
-    """Ours and nanoGPT's, each from scratch on the same text with the CPU recipe."""
-    rows = []
+def nanogpt_checkout(nanogpt: Path, text: Path, env: dict, work: Path) -> Path:
+    """A copy of the nanoGPT checkout with the text prepared as its shakespeare_char data."""
     repo = work / "nanoGPT"
     shutil.copytree(nanogpt, repo, ignore=shutil.ignore_patterns(".git", "out*"))
     shutil.copy(text, repo / "data" / "shakespeare_char" / "input.txt")
@@ -89,29 +90,37 @@ def scratch(text: Path, nanogpt: Path, env: dict, work: Path) -> list[dict]:
         [sys.executable, "data/shakespeare_char/prepare.py"], cwd=repo, env=env, check=True,
         capture_output=True,
     )  # fmt: skip
+    return repo
+
+
+def nanogpt_scratch(repo: Path, env: dict) -> dict:
     done, wall, peak = measured([sys.executable, "train.py", *NANOGPT_RECIPE], env, repo)
-    log = done.stdout
-    steps = {
-        int(i): float(ms) for i, ms in re.findall(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", log)
-    }
-    trained = [ms for i, ms in steps.items() if i % EVAL_INTERVAL]  # evaluation steps apart
-    val = float(re.findall(r"step 2000: train loss [\d.]+, val loss ([\d.]+)", log)[-1])
+    logged = re.findall(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", done.stdout)
+    trained = [float(ms) for i, ms in logged if int(i) % EVAL_INTERVAL]  # evaluations apart
+    val = float(re.findall(r"step 2000: train loss [\d.]+, val loss ([\d.]+)", done.stdout)[-1])
     rate = TOKENS_PER_ITER * len(trained) / (sum(trained) / 1e3)
-    rows.append(
-        {"who": "nanoGPT train.py", "tokens_per_s": rate, "wall_s": wall, "val_loss": val,
-         "peak_rss": peak}
-    )  # fmt: skip
-    out = work / "ours-scratch"
+    return {"who": "nanoGPT train.py", "tokens_per_s": rate, "wall_s": wall, "val_loss": val,
+            "peak_rss": peak}  # fmt: skip
+
+
+def ours_scratch(text: Path, env: dict, out: Path) -> dict:
     argv = [sys.executable, "-m", "tinyformers", "train", "--data", str(text), "--out", str(out)]
     done, wall, peak = measured([*argv, "--sample-tokens", "0"], env, ROOT)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in records if r.get("tokens_per_s")]
     seconds = sum(EVAL_INTERVAL * TOKENS_PER_ITER / r["tokens_per_s"] for r in windows)
-    rows.append({
-        "who": "tinyformers train", "tokens_per_s": TOKENS_PER_ITER * 2000 / seconds,
-        "wall_s": wall, "val_loss": records[-1]["val_loss"], "peak_rss": peak,
-    })  # fmt: skip
-    return rows
+    return {"who": "tinyformers train", "tokens_per_s": TOKENS_PER_ITER * 2000 / seconds,
+            "wall_s": wall, "val_loss": records[-1]["val_loss"], "peak_rss": peak}  # fmt: skip
+
+
+def interleaved(theirs, ours, repeats: int) -> list[list[dict]]:
+    """[their runs, our runs], run in turn (theirs, ours, theirs, ours ...), so that a slow
+    minute of a shared machine slows one run of each side rather than one side."""
+    runs: list[list[dict]] = [[], []]
+    for i in range(repeats):
+        runs[0].append(theirs(i))
+        runs[1].append(ours(i))
+    return runs
 
 
 def smollm2_folder(work: Path) -> Path:
@@ -162,49 +171,57 @@ print(json.dumps({"tokens_per_s": B * T * steps / seconds, "loss": loss.item()})
 """
 
 
-def fine_tune(mode: str, text: Path, steps: int, threads: int, env: dict, work: Path) -> list[dict]:
+def fine_tune(mode: str, text: Path, steps: int, threads: int, env: dict, work: Path, repeats):
     """HF transformers (+ PEFT for LoRA) and ours, fine-tuning SmolLM2 on the same text."""
     folder = smollm2_folder(work)
     lr = LORA["lr"] if mode == "lora" else 5e-5
     settings = {**LORA, "lr": lr, "targets": TARGETS}
     snippet = work / f"hf_{mode}.txt"
     snippet.write_text(text.read_text()[:400000])
-    argv = [sys.executable, "-c", HF_LOOP, str(folder), str(snippet), mode, str(steps),
-            str(threads), json.dumps(settings)]  # fmt: skip
-    done, wall, peak = measured(argv, env, ROOT)
-    theirs = json.loads(done.stdout.strip().splitlines()[-1])
     who = "HF transformers + PEFT" if mode == "lora" else "HF transformers"
-    rows = [{"who": who, "tokens_per_s": theirs["tokens_per_s"], "wall_s": wall, "peak_rss": peak}]
-    out = work / f"ours-{mode}"
-    argv = [
-        sys.executable, "-m", "tinyformers", "train", "--data", str(snippet), "--out", str(out),
-        "--model", str(folder), "--block-size", str(LORA["block"]), "--batch-size",
-        str(LORA["batch"]), "--max-iters", str(steps), "--eval-interval", str(steps),
-        "--eval-iters", "1", "--sample-tokens", "0", "--warmup-iters", "0",
-        "--learning-rate", str(lr), "--threads", str(threads),
-    ]  # fmt: skip
-    if mode == "lora":
-        argv += ["--lora", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"])]
-    done, wall, peak = measured(argv, env, ROOT)
-    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    rows.append({"who": "tinyformers train", "tokens_per_s": last["tokens_per_s"], "wall_s": wall,
-                 "peak_rss": peak})  # fmt: skip
-    return rows
+
+    def theirs(i: int) -> dict:
+        argv = [sys.executable, "-c", HF_LOOP, str(folder), str(snippet), mode, str(steps),
+                str(threads), json.dumps(settings)]  # fmt: skip
+        done, wall, peak = measured(argv, env, ROOT)
+        rate = json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"]
+        return {"who": who, "tokens_per_s": rate, "wall_s": wall, "peak_rss": peak}
+
+    def ours(i: int) -> dict:
+        out = work / f"ours-{mode}-{i}"
+        argv = [
+            sys.executable, "-m", "tinyformers", "train", "--data", str(snippet), "--out",
+            str(out), "--model", str(folder), "--block-size", str(LORA["block"]),
+            "--batch-size", str(LORA["batch"]), "--max-iters", str(steps), "--eval-interval",
+            str(steps), "--eval-iters", "1", "--sample-tokens", "0", "--warmup-iters", "0",
+            "--learning-rate", str(lr), "--threads", str(threads),
+        ]  # fmt: skip
+        if mode == "lora":
+            argv += ["--lora", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"])]
+        done, wall, peak = measured(argv, env, ROOT)
+        last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        return {"who": "tinyformers train", "tokens_per_s": last["tokens_per_s"],
+                "wall_s": wall, "peak_rss": peak}  # fmt: skip
+
+    return interleaved(theirs, ours, repeats)
 
 
-def table(title: str, rows: list[dict]) -> str:
-    theirs, ours = rows[0], rows[-1]
+def table(title: str, runs: list[list[dict]]) -> str:
+    """Each side's fastest run (its tokens/s over every run in brackets), and the ratios."""
+    best = [max(side, key=lambda r: r["tokens_per_s"]) for side in runs]
     lines = [
         f"\n{title}",
         "| | tokens/s | wall s | val loss | peak RSS MB |",
         "|---|---|---|---|---|",
     ]
-    for r in rows:
+    for side, r in zip(runs, best, strict=True):
+        every = ", ".join(f"{x['tokens_per_s']:,.0f}" for x in side)
         val = f"{r['val_loss']:.4f}" if "val_loss" in r else "-"
         lines.append(
-            f"| {r['who']} | {r['tokens_per_s']:,.0f} | {r['wall_s']:.1f} | {val} | "
+            f"| {r['who']} | {r['tokens_per_s']:,.0f} ({every}) | {r['wall_s']:.1f} | {val} | "
             f"{r['peak_rss'] / 2**20:,.0f} |"
         )
+    theirs, ours = best
     ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
     memory = ours["peak_rss"] / theirs["peak_rss"]
     lines.append(f"ours / {theirs['who']}: {ratio:.2f}x tokens/s, {memory:.2f}x peak RSS")
@@ -218,6 +235,7 @@ def main() -> None:
     parser.add_argument("--only", default="scratch,lora,full")
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps per side")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each side, in turn")
     parser.add_argument("--json", type=Path, help="also write every row here")
     args = parser.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -229,12 +247,19 @@ def main() -> None:
         if "scratch" in parts:
             if args.nanogpt is None:
                 sys.exit("scratch needs --nanogpt PATH (a checkout of karpathy/nanoGPT)")
-            results["scratch"] = scratch(args.text, args.nanogpt, env, work)
+            repo = nanogpt_checkout(args.nanogpt, args.text, env, work)
+            results["scratch"] = interleaved(
+                lambda i: nanogpt_scratch(repo, env),
+                lambda i: ours_scratch(args.text, env, work / f"ours-scratch-{i}"),
+                args.repeats,
+            )
             title = "From scratch, nanoGPT's shakespeare_char CPU recipe, 2000 iterations"
             print(table(title, results["scratch"]))
         for mode in ("lora", "full"):
             if mode in parts:
-                results[mode] = fine_tune(mode, args.text, args.steps, args.threads, env, work)
+                results[mode] = fine_tune(
+                    mode, args.text, args.steps, args.threads, env, work, args.repeats
+                )
                 what = "LoRA r=8 on" if mode == "lora" else "Full fine-tune of"
                 title = f"{what} SmolLM2-135M, batch 4 x 256 tokens, {args.steps} steps"
                 print(table(title, results[mode]))
