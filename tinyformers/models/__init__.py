@@ -119,6 +119,19 @@ def _expected(name: str, kind) -> str:
     )
 
 
+def prefixed(weights: dict, prefix: str, tied: bool) -> dict:
+    """Our tensor names -> a Hugging Face checkpoint's, where they differ by a prefix on
+    every tensor but lm_head (`model.` for Llama and Gemma), and lm_head is left out when it
+    is the embedding (HF's own files leave it out): each architecture's `to_hf`."""
+    out = {}
+    for name, w in weights.items():
+        if name != "lm_head.weight":
+            out[prefix + name] = w
+        elif not tied:
+            out[name] = w
+    return out
+
+
 def _is_probability(name: str) -> bool:
     """Dropout settings (GPT-2's `*_pdrop`, Llama's `attention_dropout`) may be 0."""
     return name.endswith("pdrop") or name.endswith("dropout")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tinyformers.models import check_value, config_fields
+from tinyformers.models import check_value, config_fields, prefixed
 from tinyformers.models.hooks import HookPoint, Hooks
 from tinyformers.models.kv_cache import KVCache, per_layer
 from tinyformers.models.masks import positions_and_mask, sliding_window
@@ -352,13 +352,7 @@ def to_hf(weights: dict[str, Tensor], config: Gemma3Config) -> dict[str, Tensor]
     """Our tensors -> HF Gemma3ForCausalLM's (the text model alone, whatever the source held):
     the `model.` prefix on all but lm_head, and no lm_head when it is embed_tokens. The norm
     weights are HF's already (the gain minus 1), so nothing else changes."""
-    out = {}
-    for name, w in weights.items():
-        if name != "lm_head.weight":
-            out[f"model.{name}"] = w
-        elif not config.tie_word_embeddings:
-            out[name] = w
-    return out
+    return prefixed(weights, "model.", config.tie_word_embeddings)
 
 
 def hf_config(config: Gemma3Config) -> dict:

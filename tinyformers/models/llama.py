@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyformers.kernels import fused
-from tinyformers.models import check_value, config_fields
+from tinyformers.models import check_value, config_fields, prefixed
 from tinyformers.models.hooks import HookPoint, Hooks
 from tinyformers.models.kv_cache import KVCache, per_layer
 from tinyformers.models.masks import positions_and_mask, sliding_window
@@ -428,13 +428,7 @@ def sanitize(weights: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tenso
 def to_hf(weights: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tensor]:
     """Our tensors -> HF's (Llama, Mistral, Qwen2 alike): the `model.` prefix on all but
     lm_head, and no lm_head when it is embed_tokens (HF's own files leave it out)."""
-    out = {}
-    for name, w in weights.items():
-        if name != "lm_head.weight":
-            out[f"model.{name}"] = w
-        elif not config.tie_word_embeddings:
-            out[name] = w
-    return out
+    return prefixed(weights, "model.", config.tie_word_embeddings)
 
 
 HF_CLASSES = {  # model_type -> the HF class that runs it

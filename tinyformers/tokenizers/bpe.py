@@ -295,13 +295,7 @@ class Tokenizer:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The raw bytes of `ids`; one token may hold part of a UTF-8 character."""
-        ids = list(ids)
-        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise TokenizerError(
-                f"{self.source}: token id {bad} is outside 0..{self.vocab_size - 1}"
-            )
-        return b"".join([self._id_to_bytes[i] for i in ids])
+        return join_token_bytes(self._id_to_bytes, ids, self.source)
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; bytes that are not valid UTF-8 become U+FFFD."""
@@ -334,6 +328,16 @@ class StreamDecoder:
     def flush(self) -> str:
         """The held-back tail: U+FFFD for a character that never finished."""
         return self._utf8.decode(b"", final=True)
+
+
+def join_token_bytes(id_to_bytes: list[bytes], ids: Iterable[int], source: str) -> bytes:
+    """The bytes of the tokens `ids`, one after another; TokenizerError for an id outside the
+    vocabulary (every tokenizer decodes this way: what differs is what a token's bytes are)."""
+    ids = list(ids)
+    if ids and (min(ids) < 0 or max(ids) >= len(id_to_bytes)):
+        bad = next(i for i in ids if not 0 <= i < len(id_to_bytes))
+        raise TokenizerError(f"{source}: token id {bad} is outside 0..{len(id_to_bytes) - 1}")
+    return b"".join([id_to_bytes[i] for i in ids])
 
 
 def encode_around(

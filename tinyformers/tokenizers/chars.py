@@ -12,7 +12,7 @@ from collections.abc import Iterable, Set
 from typing import Literal
 
 from tinyformers.errors import TokenizerError
-from tinyformers.tokenizers.bpe import StreamDecoder, _without_lone_surrogates
+from tinyformers.tokenizers.bpe import StreamDecoder, _without_lone_surrogates, join_token_bytes
 
 
 class CharTokenizer:
@@ -85,13 +85,7 @@ class CharTokenizer:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The UTF-8 bytes of `ids` (every token is a whole character)."""
-        ids = list(ids)
-        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise TokenizerError(
-                f"{self.source}: token id {bad} is outside 0..{self.vocab_size - 1}"
-            )
-        return b"".join([self._id_to_bytes[i] for i in ids])
+        return join_token_bytes(self._id_to_bytes, ids, self.source)
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`: their characters, concatenated."""

@@ -24,6 +24,7 @@ from tinyformers.tokenizers.bpe import (
     StreamDecoder,
     _without_lone_surrogates,
     encode_around,
+    join_token_bytes,
 )
 
 SPACE = "\u2581"  # ▁, SentencePiece's visible space
@@ -231,13 +232,7 @@ class SentencePieceTokenizer:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The raw bytes of `ids` (▁ as a space); a byte token may hold part of a character."""
-        ids = list(ids)
-        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise TokenizerError(
-                f"{self.source}: token id {bad} is outside 0..{self.vocab_size - 1}"
-            )
-        return b"".join([self._id_to_bytes[i] for i in ids])
+        return join_token_bytes(self._id_to_bytes, ids, self.source)
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; bytes that are not valid UTF-8 become U+FFFD.
