@@ -106,6 +106,11 @@ def _train(settings: TrainSettings, resume: bool, log) -> Path:
         settings.batch_size * settings.block_size * settings.gradient_accumulation_steps
     )
     decay_iters = settings.lr_decay_iters or settings.max_iters
+
+    def lr_at(it: int) -> float:
+        s = settings
+        return learning_rate(it, s.learning_rate, s.min_lr, s.warmup_iters, decay_iters)
+
     interrupted = _catch_interrupt()
     live = _LiveLine(settings.max_iters, tokens_per_iter, enabled=rank == 0 and sys.stderr.isatty())
     if rank == 0:
@@ -124,13 +129,7 @@ def _train(settings: TrainSettings, resume: bool, log) -> Path:
                 record = _evaluate(model, data, settings, device, autocast)
                 record.update(
                     iter=it,
-                    lr=learning_rate(
-                        it,
-                        settings.learning_rate,
-                        settings.min_lr,
-                        settings.warmup_iters,
-                        decay_iters,
-                    ),  # fmt: skip
+                    lr=lr_at(it),
                     elapsed_s=round(time.perf_counter() - start, 3),
                     tokens_per_s=round(rate, 1) if window_tokens else None,
                     **norms,
@@ -145,9 +144,7 @@ def _train(settings: TrainSettings, resume: bool, log) -> Path:
             window_start, window_tokens = time.perf_counter(), 0
         if at_end:
             break
-        lr = learning_rate(it, settings.learning_rate, settings.min_lr, settings.warmup_iters,
-                           decay_iters)  # fmt: skip
-        optimizer.lr = lr
+        optimizer.lr = lr_at(it)
         loss_sum = torch.zeros((), device=device)
         for micro, (x, y) in enumerate(_micro_batches(data, settings, rank, world, batches)):
             x, y = x.to(device), y.to(device)
