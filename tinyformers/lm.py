@@ -249,30 +249,34 @@ class LanguageModel:
 
     def run_with_cache(
         self,
-        text_or_ids: str | list[int] | Tensor,
-        names: list[str] | None = None,
+        text_or_ids: str | list[str] | list[int] | Tensor,
+        names: lens.NameOrFilter | list[lens.NameOrFilter] | None = None,
         attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, lens.ActivationCache]:
-        """(logits [B, T, V], activations by TransformerLens name), all of them or `names`.
+        """(logits [B, T, V], activations by TransformerLens name): all of them, or those
+        `names` selects (a name, a list, or a filter: `lambda name: name.endswith("pattern")`).
 
+        A list of prompts runs as one left-padded batch with its attention mask, so each row
+        holds what its prompt alone gives (the padding slots hold junk nothing reads).
         Example: `logits, cache = model.run_with_cache("The capital of France is")`, then
         `cache["pattern", 0]` ([B, heads, T, T]) or `cache["blocks.0.hook_resid_post"]`.
         """
         ids, mask = self._ids(text_or_ids, attention_mask)
-        return lens.run_with_cache(self.net, ids, mask, names)
+        return lens.run_with_cache(self, ids, mask, names)
 
     def run_with_hooks(
         self,
-        text_or_ids: str | list[int] | Tensor,
-        hooks: list[tuple[str, Callable]],
+        text_or_ids: str | list[str] | list[int] | Tensor,
+        fwd_hooks: list[tuple[lens.NameOrFilter, Callable]],
         attention_mask: Tensor | None = None,
     ) -> Tensor:
-        """Logits with `fn(value, name)` run at each named point of `hooks` ([(name, fn)]); a
-        tensor it returns replaces the value. Example, zeroing head 3 of block 0:
-        `model.run_with_hooks(text, [("blocks.0.attn.hook_z", lambda z, _: z.index_fill(2,
-        torch.tensor([3]), 0))])`."""
+        """Logits with `fn(value, hook)` run at each point of `fwd_hooks` ([(name or filter,
+        fn)]); a tensor it returns replaces the value. `hook` is the point's name (a str, so
+        `fn(value, name)` works) with TransformerLens's `hook.name` and `hook.layer()`.
+        Example, zeroing head 3 of block 0: `model.run_with_hooks(text, fwd_hooks=[(
+        "blocks.0.attn.hook_z", lambda z, hook: z.index_fill(2, torch.tensor([3]), 0))])`."""
         ids, mask = self._ids(text_or_ids, attention_mask)
-        return lens.run_with_hooks(self.net, ids, mask, hooks)
+        return lens.run_with_hooks(self.net, ids, mask, fwd_hooks)
 
     def logit_lens(self, text_or_ids: str | list[int] | Tensor) -> Tensor:
         """Logits [n_layer + 1, T, V]: the final norm and lm_head applied to the residual
@@ -282,27 +286,104 @@ class LanguageModel:
             raise ValueError(f"logit_lens takes one sequence, not a batch of {ids.shape[0]}")
         return lens.logit_lens(self.net, ids)
 
+    def to_tokens(self, text: str | list[str]) -> Tensor:
+        """Token ids [B, T] as the model reads the text (BOS first where its prompts start
+        with one), as TransformerLens's `to_tokens`. A list of texts is left-padded, as our
+        models pad, with the pad token (EOS where there is none); give run_with_cache the
+        list itself, which adds the attention mask that the padding needs."""
+        return self._ids([text] if isinstance(text, str) else text, None)[0]
+
+    def to_str_tokens(self, text_or_ids: str | list[str] | list[int] | Tensor) -> list:
+        """Each token of a text, or of ids [T] or [1, T], as its own text (TransformerLens's
+        `to_str_tokens`); a list of texts gives a list of lists. A token holding part of a
+        UTF-8 character shows as U+FFFD. Example: "The capital" -> ["The", " capital"]."""
+        tokenizer = self._tokenizer()
+        if isinstance(text_or_ids, list) and text_or_ids and isinstance(text_or_ids[0], str):
+            return [self.to_str_tokens(text) for text in text_or_ids]
+        ids = torch.as_tensor(self._prompt(text_or_ids))
+        if ids.dim() > 2 or (ids.dim() == 2 and len(ids) != 1):
+            raise ValueError(
+                f"to_str_tokens takes one sequence, not ids of shape {list(ids.shape)}"
+            )
+        return [tokenizer.id_to_text(i) for i in ids.reshape(-1).tolist()]
+
+    def to_single_token(self, text: str) -> int:
+        """The id of a text that is one token (no BOS), as TransformerLens's
+        `to_single_token`. Example: to_single_token(" Paris")."""
+        ids = self._tokenizer().encode(text)
+        if len(ids) != 1:
+            raise ValueError(f"{text!r} is {len(ids)} tokens, not one: {ids}")
+        return ids[0]
+
+    # TransformerLens's weight names, in its shapes (lens.py reads each from the modules):
+    # per block ones stacked [n_layers, ...], packed or quantized matrices dequantized.
+    W_E = lens.weight_alias("W_E")
+    W_pos = lens.weight_alias("W_pos")
+    W_Q = lens.weight_alias("W_Q")
+    W_K = lens.weight_alias("W_K")
+    W_V = lens.weight_alias("W_V")
+    W_O = lens.weight_alias("W_O")
+    W_in = lens.weight_alias("W_in")
+    W_gate = lens.weight_alias("W_gate")
+    W_out = lens.weight_alias("W_out")
+    W_U = lens.weight_alias("W_U")
+    b_Q = lens.weight_alias("b_Q")
+    b_K = lens.weight_alias("b_K")
+    b_V = lens.weight_alias("b_V")
+    b_O = lens.weight_alias("b_O")
+    b_in = lens.weight_alias("b_in")
+    b_out = lens.weight_alias("b_out")
+    b_U = lens.weight_alias("b_U")
+
     def _activation_dtype(self) -> torch.dtype:
         """The dtype of the residual stream and the KV cache: that of the norms' weights."""
         return next(p.dtype for p in self.net.parameters() if p.dim() == 1)
 
-    def _ids(self, text_or_ids, attention_mask) -> tuple[Tensor, Tensor | None]:
-        """[B, T] ids on the model's device from text, a list of ids or a tensor."""
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            raise TinyformersError(f"{self.source}: no tokenizer files: pass token ids")
+        return self.tokenizer
+
+    def _prompt(self, text_or_ids: str | list[int] | Tensor) -> list[int] | Tensor:
+        """The ids of a text as the model reads it (BOS first where its prompts start with
+        one, as `generate` encodes them), or ids as given."""
         if isinstance(text_or_ids, str):
-            if self.tokenizer is None:
-                raise TinyformersError(f"{self.source}: no tokenizer files: pass token ids")
-            text_or_ids = self._encode(text_or_ids)
-        ids = torch.as_tensor(text_or_ids, device=self.device)
+            return prompt_ids(self._tokenizer(), text_or_ids)
+        return text_or_ids
+
+    def _ids(self, text_or_ids, attention_mask) -> tuple[Tensor, Tensor | None]:
+        """[B, T] ids on the model's device from text, a list of ids or a tensor; a list of
+        texts (or of id lists) left-padded, with the mask [B, T] that hides the padding."""
+        if isinstance(text_or_ids, list) and text_or_ids and isinstance(text_or_ids[0], str | list):
+            if attention_mask is not None:
+                raise ValueError("a list of prompts makes its own attention_mask: pass none")
+            return self._left_padded([list(self._prompt(p)) for p in text_or_ids])
+        ids = torch.as_tensor(self._prompt(text_or_ids), device=self.device)
         ids = ids[None] if ids.dim() == 1 else ids
         if attention_mask is not None:
             attention_mask = torch.as_tensor(attention_mask, device=self.device)
         return ids, attention_mask
 
+    def _left_padded(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """Rows of ids right-aligned in one [B, T] tensor, padding on the left as generation
+        pads, and the mask (1 real, 0 padding). The pad id is the tokenizer's pad token, else
+        EOS (as TransformerLens pads GPT-2), else 0: the mask hides it either way."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        pad = pad if pad is not None else min(self.eos_ids, default=0)
+        T = max(map(len, rows))
+        ids = torch.full((len(rows), T), pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for row, prompt in enumerate(rows):
+            ids[row, T - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, T - len(prompt) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
     def __repr__(self) -> str:
+        """What was loaded, in one line, then the layer tree of `model.net` as PyTorch prints it."""
         formats = weight_formats(self.net)
         return (
             f"LanguageModel({type(self.net).__name__}, {self.num_parameters() / 1e6:.0f}M params, "
-            f"matrices {formats['matrices']}, {self.source})"
+            f"matrices {formats['matrices']}, {self.source})\n{self.net!r}"
         )
 
 
