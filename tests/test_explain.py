@@ -21,7 +21,7 @@ from conftest import smollm2_gguf
 
 import tinyformers
 from tinyformers.cli import main
-from tinyformers.explain import piece_label
+from tinyformers.explain import explain, head_scores, most_interesting_head, piece_label
 
 GPT2_PROMPT = "Hello, my dog is a"
 LAYER, HEAD = 1, 3  # the head whose pattern the GPT-2 run prints
@@ -64,10 +64,16 @@ def lens_rows(stdout: str) -> list[list[tuple[str, int]]]:
     return out
 
 
-def test_stdout_holds_only_the_tables(gpt2_run):
-    run, _, _ = gpt2_run
+def test_stdout_holds_only_the_tables_and_stderr_says_what_was_written(gpt2_run):
+    run, out, _ = gpt2_run
     assert run.returncode == 0, run.stderr
-    assert run.stderr == ""  # status lines only for a terminal or --verbose
+    # status lines only for a terminal or --verbose; what --out wrote, always
+    assert re.fullmatch(
+        rf"wrote 2 PNGs \({re.escape(str(out / 'layer_00.png'))} to layer_01.png\) and "
+        rf"{re.escape(str(out / 'attention.html'))} in \d+\.\d\d s; "
+        r"the page opens on layer \d head \d+\n",
+        run.stderr,
+    ), run.stderr
     titles = [block.splitlines()[0] for block in run.stdout.split("\n\n")]
     assert [t.split()[0] for t in titles] == ["tokens:", "next", "logit", "attention"]
 
@@ -159,6 +165,52 @@ def test_html_page_is_self_contained_and_holds_every_pattern(gpt2_run):
         for h, rows in enumerate(heads):
             for q, row in enumerate(rows):  # the causal half: keys 0..q
                 assert row == pytest.approx(pattern[h, q, : q + 1].tolist(), abs=1e-4)
+
+
+def test_head_scores_count_attention_off_the_first_token_and_the_token_itself():
+    T = 5
+    sink = torch.zeros(T, T)
+    sink[:, 0] = 1  # every token looks at the first one
+    itself = torch.eye(T)  # every token looks at itself
+    previous = torch.zeros(T, T)
+    previous[0, 0] = 1
+    previous[torch.arange(1, T), torch.arange(T - 1)] = 1  # each looks at the one before it
+    uniform = torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1)[:, None]
+    scores = head_scores(torch.stack([sink, itself, previous, uniform]))
+    # queries 2, 3, 4 have 3, 4, 5 keys; uniform puts 1/3, 2/4, 3/5 off the first and itself
+    assert scores.tolist() == pytest.approx([0, 0, 1, (1 / 3 + 2 / 4 + 3 / 5) / 3])
+    assert head_scores(torch.ones(2, 2, 2)).tolist() == [0, 0]  # too short to tell heads apart
+    tie = {0: torch.stack([sink, itself]), 1: torch.stack([sink])}
+    assert most_interesting_head(tie) == (0, 0)  # the first of equal scores
+    layers = {0: torch.stack([sink]), 3: torch.stack([sink, uniform, previous])}
+    assert most_interesting_head(layers) == (3, 2)
+
+
+def test_html_page_opens_on_the_head_with_most_attention_off_first_and_self(gpt2_run):
+    _, out, model = gpt2_run
+    data = html_data(out / "attention.html")
+    _, cache = model.run_with_cache(GPT2_PROMPT)
+    best, start = -1.0, None
+    for layer in range(model.config.n_layer):
+        for head, pattern in enumerate(cache["pattern", layer][0]):  # (T, T) each
+            # the mass each query from position 2 on puts off key 0 and off its own position
+            off = [1 - pattern[q, 0].item() - pattern[q, q].item() for q in range(2, len(pattern))]
+            if sum(off) / len(off) > best:
+                best, start = sum(off) / len(off), [layer, head]
+    assert data["start"] == start
+    assert start != [0, 0]  # this checkpoint's 0/0 is not its liveliest head
+    page = (out / "attention.html").read_text()
+    assert "layerSel.value = D.layers.indexOf(D.start[0]); headSel.value = D.start[1];" in page
+
+
+def test_png_colour_bar_names_the_square_root_scale(gpt2_small_dir):
+    from tinyformers.explain.png import layer_figure
+
+    model = tinyformers.load(gpt2_small_dir, fast=False)
+    fig, _, _ = layer_figure(explain(model, GPT2_PROMPT))
+    bar = fig.axes[-1]  # the colour bar's axes, added last
+    assert bar.get_ylabel() == "attention weight (colour: square-root scale)"
+    assert [t.get_text() for t in bar.get_yticklabels()][:3] == ["0.00", "0.01", "0.05"]
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,8 @@
 Prints the prompt's tokens, the most likely next tokens, and the logit lens (the top next
 token read from the residual stream after each layer). --layer L prints the attention
 weights of each head of layer L (--head H: of head H only); --out DIR writes one PNG of
-attention heat maps per layer and attention.html, a page to explore them offline.
-Only the tables go to stdout.
+attention heat maps per layer and attention.html, a page to explore them offline, and says
+on stderr what it wrote. Only the tables go to stdout.
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
 def write_files(ex, out: Path, args: argparse.Namespace) -> None:
     from tinyformers.errors import TinyformersError
+    from tinyformers.explain import most_interesting_head
     from tinyformers.explain.html import write_html
     from tinyformers.explain.png import write_pngs
 
@@ -104,7 +105,12 @@ def write_files(ex, out: Path, args: argparse.Namespace) -> None:
     except OSError as e:
         raise TinyformersError(f"--out {out}: {e.strerror or e}") from e
     seconds = time.perf_counter() - start
-    status(f"wrote {len(pngs)} PNGs and attention.html to {out} in {seconds:.2f} s", args)
+    layer, head = most_interesting_head(ex.patterns)
+    print(  # always, not only on a terminal: the files are what --out was asked for
+        f"wrote {len(pngs)} PNGs ({pngs[0]} to {pngs[-1].name}) and {out / 'attention.html'} "
+        f"in {seconds:.2f} s; the page opens on layer {layer} head {head}",
+        file=sys.stderr,
+    )
 
 
 def load_model(args: argparse.Namespace):

@@ -84,6 +84,37 @@ def explain(model, text: str, top_k: int = 10, layers: list[int] | None = None) 
     )
 
 
+def head_scores(pattern: Tensor) -> Tensor:
+    """How much of each head's attention lands somewhere other than the first token or the
+    token itself: (H,) for one layer's pattern (H, T, T), averaged over the queries that have
+    a third token to look at (positions 2 and later); 0 for a prompt of one or two tokens.
+
+    Most heads park their attention on the first token (an "attention sink") or keep it on
+    the token itself; what is left is attention that moves information between the other
+    tokens, so the heads that score high are the ones worth looking at first.
+    """
+    H, T, _ = pattern.shape  # (H, T, T) query x key
+    if T < 3:
+        return pattern.new_zeros(H)
+    first = pattern[:, 2:, 0]  # (H, T - 2)
+    own = pattern.diagonal(dim1=1, dim2=2)[:, 2:]  # (H, T - 2)
+    return (1 - first - own).mean(dim=1)  # (H,)
+
+
+def most_interesting_head(patterns: dict[int, Tensor]) -> tuple[int, int]:
+    """(layer, head) of the highest `head_scores` among `patterns` ({layer: (H, T, T)}), the
+    first one on a tie, so a prompt too short to tell heads apart opens on the first head.
+
+    Example: most_interesting_head(explain(model, "The capital of France is").patterns)
+    """
+    scores = {
+        (layer, head): score
+        for layer, pattern in patterns.items()
+        for head, score in enumerate(head_scores(pattern).tolist())
+    }
+    return max(scores, key=scores.__getitem__)  # max keeps the first of equal scores
+
+
 def piece_label(tokenizer, token_id: int) -> str:
     """The token's text with spaces, newlines and tabs drawn (␣ ↵ ⇥), other control
     characters escaped; bytes that are part of a UTF-8 character shown as \\xNN."""

@@ -11,7 +11,7 @@ import html
 import json
 from pathlib import Path
 
-from tinyformers.explain.data import Explanation
+from tinyformers.explain.data import Explanation, most_interesting_head
 
 
 def write_html(ex: Explanation, path: Path) -> None:
@@ -32,6 +32,8 @@ def page(ex: Explanation) -> str:
             "probs": [[round(p, 4) for p in r] for r in ex.lens_probs],
         },
         "layers": list(ex.patterns),
+        # the head the page opens on: [layer, head] (data.most_interesting_head says how)
+        "start": list(most_interesting_head(ex.patterns)),
         # [layer][head][query][key <= query]: the causal half only, 4 decimals
         "patterns": [
             [
@@ -76,7 +78,8 @@ td, th { padding: 1px 6px; text-align: left; white-space: pre; }
 <h2>Attention</h2>
 <div class="controls">layer <select id="layer"></select> head <select id="head"></select>
 <span class="note">(or click a head below; row: the token attending, column: the token attended to;
-grey: later tokens, masked; colour: square root of the weight)</span></div>
+grey: later tokens, masked; colour: square root of the weight). The page opens on the head
+with the most attention off the first token and off each token itself.</span></div>
 <div id="heads"></div>
 <div id="info">hover a cell for its weight</div>
 <canvas id="big"></canvas> <canvas id="legend" width="70" height="260"></canvas>
@@ -174,6 +177,7 @@ big.onmousemove = e => {
     w => g.fillText(String(w), 20, top + h * (1 - Math.sqrt(w))));
 })();
 layerSel.onchange = show; headSel.onchange = show;
+layerSel.value = D.layers.indexOf(D.start[0]); headSel.value = D.start[1];
 show();
 </script>
 </body></html>

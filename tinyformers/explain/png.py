@@ -97,7 +97,7 @@ def layer_figure(ex: Explanation):
     fig.supxlabel(f"key: the token attended to ({MASKED_NOTE})", fontsize=9, y=0.1 / height)
     fig.supylabel("query: the token attending", fontsize=9, x=0.1 / width)
     bar_box = [1 - (right - 0.25) / width, 0.2, 0.2 / width, 0.6]  # x, y, width, height
-    bar = fig.colorbar(images[0], cax=fig.add_axes(bar_box), label="attention weight")
+    bar = fig.colorbar(images[0], cax=fig.add_axes(bar_box), label=COLOUR_SCALE)
     bar.set_ticks([0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1])
     title_y = 1 - 0.15 / height  # its top 0.15 inch below the edge
     title = fig.suptitle(layer_title(ex, ex.n_layer - 1), fontsize=11, y=title_y, animated=True)
@@ -105,6 +105,8 @@ def layer_figure(ex: Explanation):
 
 
 MASKED_NOTE = "grey: a later token, masked"
+# The colour bar's label: the ticks alone would not say why 0.25 sits half-way up.
+COLOUR_SCALE = "attention weight (colour: square-root scale)"
 
 
 def layer_title(ex: Explanation, layer: int) -> str:
