@@ -1,6 +1,7 @@
 """Named activations and TransformerLens's tools against TransformerLens 3.9.0's
 HookedTransformer (the reference for the names, the values, the shapes and the labels), on
-GPT-2-shaped random weights with GPT-2's tokenizer and a small Llama-shaped (GQA) model.
+GPT-2-shaped random weights with GPT-2's tokenizer, a small Llama-shaped (GQA) model and a tiny
+Gemma 3 (a sliding-window layer and a global one).
 
 TransformerLens changes the weights by default (folds layer norms, centres the writing
 weights and the unembedding, folds value biases): every processing step is turned off, so
@@ -18,11 +19,13 @@ import pytest
 import torch
 from conftest import hf_gpt2, save_checkpoint
 from test_llama import hf_llama
+from test_models import CASES, hf_model
 
 import tinyformers
 
 tl = pytest.importorskip("transformer_lens", reason="needs transformer-lens==3.9.0")
 from transformer_lens.pretrained.weight_conversions import (  # noqa: E402
+    convert_gemma_weights,
     convert_gpt2_weights,
     convert_llama_weights,
 )
@@ -35,7 +38,12 @@ BOUND = 1e-5  # fp32, summed in other orders (our kernels, their einsums)
 
 
 def hooked(hf_model, convert, processing=NO_PROCESSING, tokenizer=None) -> tl.HookedTransformer:
-    cfg = (gpt2_config if convert is convert_gpt2_weights else llama_config)(hf_model.config)
+    config_of = {
+        convert_gpt2_weights: gpt2_config,
+        convert_llama_weights: llama_config,
+        convert_gemma_weights: gemma3_config,
+    }
+    cfg = config_of[convert](hf_model.config)
     config = tl.HookedTransformerConfig(device="cpu", dtype=torch.float32, **cfg)
     model = tl.HookedTransformer(config, tokenizer=tokenizer)
     model.load_and_process_state_dict(convert(hf_model, config), **processing)
@@ -81,6 +89,37 @@ def llama_config(c) -> dict:
     )
 
 
+def gemma3_config(c) -> dict:
+    kinds = {"sliding_attention": "local", "full_attention": "global"}
+    rope = c.rope_parameters  # by layer kind
+    return dict(
+        d_model=c.hidden_size,
+        d_head=c.head_dim,
+        n_heads=c.num_attention_heads,
+        n_key_value_heads=c.num_key_value_heads,
+        d_mlp=c.intermediate_size,
+        n_layers=c.num_hidden_layers,
+        n_ctx=c.max_position_embeddings,
+        d_vocab=c.vocab_size,
+        act_fn="gelu_pytorch_tanh",
+        normalization_type="RMS",
+        eps=c.rms_norm_eps,
+        positional_embedding_type="rotary",
+        rotary_dim=c.head_dim,
+        rotary_base=int(rope["full_attention"]["rope_theta"]),
+        rotary_base_local=int(rope["sliding_attention"]["rope_theta"]),
+        use_attn_scale=True,  # 1 / sqrt(d_head): query_pre_attn_scalar is d_head here
+        use_qk_norm=True,
+        use_normalization_before_and_after=True,
+        use_local_attn=True,
+        window_size=c.sliding_window,
+        attn_types=[kinds[kind] for kind in c.layer_types],
+        final_rms=True,
+        gated_mlp=True,
+        original_architecture="Gemma3ForCausalLM",
+    )
+
+
 def compare(ours: tinyformers.LanguageModel, theirs: tl.HookedTransformer, ids: torch.Tensor):
     logits, cache = ours.run_with_cache(ids)
     with torch.no_grad():
@@ -89,13 +128,20 @@ def compare(ours: tinyformers.LanguageModel, theirs: tl.HookedTransformer, ids: 
     assert len(shared) >= 0.9 * len(cache), sorted(set(cache) - set(their_cache.cache_dict))
     worst = {}
     for name in shared:
-        a, b = cache[name], their_cache[name]
+        a, b = cache[name], their_values(name, their_cache, cache[name].shape)
         assert a.shape == b.shape, name
         finite = torch.isfinite(b)  # masked scores are -inf on both sides
         assert torch.equal(torch.isfinite(a), finite), name
         worst[name] = (a[finite] - b[finite]).abs().max().item()
     worst["logits"] = (logits - their_logits).abs().max().item()
     return worst
+
+
+def their_values(name: str, their_cache, shape) -> torch.Tensor:
+    """TransformerLens's value of `name`, its Gemma q/k norms in our [B, T, heads, d_head]."""
+    if name.endswith(("q_norm.hook_normalized", "k_norm.hook_normalized")):
+        return their_cache[name].view(shape)  # flattened there to [B * T * heads, d_head]
+    return their_cache[name]
 
 
 def largest(differences: dict[str, float]) -> float:
@@ -147,7 +193,15 @@ def llama(tmp_path_factory) -> Pair:
     return Pair(hf, tinyformers.load(folder), convert_llama_weights)
 
 
-@pytest.fixture(params=["gpt2", "llama"])
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory) -> Pair:
+    hf = hf_model(CASES["gemma3_text"])  # a sliding layer (window 3), then a global one; GQA
+    folder = tmp_path_factory.mktemp("gemma3")
+    hf.save_pretrained(folder)
+    return Pair(hf, tinyformers.load(folder), convert_gemma_weights)
+
+
+@pytest.fixture(params=["gpt2", "llama", "gemma3"])
 def pair(request) -> Pair:
     return request.getfixturevalue(request.param)
 
@@ -190,7 +244,7 @@ def test_weight_aliases_match_transformer_lens(pair, fast, tmp_path):
     if pair.convert is convert_gpt2_weights:
         assert ours.W_gate is pair.theirs.W_gate is None
     else:
-        with pytest.raises(AttributeError, match="W_pos: Llama has no learned positions"):
+        with pytest.raises(AttributeError, match="W_pos: (Llama|Gemma3) has no learned positions"):
             _ = ours.W_pos
 
 
@@ -312,7 +366,7 @@ def test_run_with_cache_on_a_list_of_prompts_gives_each_prompt_alone(pair):
                 value = value[row, :, T - n :, T - n :]
             else:  # [B, T, ...]
                 value = value[row, T - n :]
-            expected = their_cache[name][0]
+            expected = their_values(name, their_cache, (1, *value.shape))[0]
             finite = torch.isfinite(expected)
             assert torch.equal(torch.isfinite(value), finite), name
             differences[f"{row} {name}"] = (value[finite] - expected[finite]).abs().max().item()
