@@ -167,7 +167,7 @@ def test_html_page_is_self_contained_and_holds_every_pattern(gpt2_run):
                 assert row == pytest.approx(pattern[h, q, : q + 1].tolist(), abs=1e-4)
 
 
-def test_head_scores_count_attention_off_the_first_token_and_the_token_itself():
+def test_head_scores_say_how_sharply_a_head_looks_at_one_other_token():
     T = 5
     sink = torch.zeros(T, T)
     sink[:, 0] = 1  # every token looks at the first one
@@ -177,26 +177,26 @@ def test_head_scores_count_attention_off_the_first_token_and_the_token_itself():
     previous[torch.arange(1, T), torch.arange(T - 1)] = 1  # each looks at the one before it
     uniform = torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1)[:, None]
     scores = head_scores(torch.stack([sink, itself, previous, uniform]))
-    # queries 2, 3, 4 have 3, 4, 5 keys; uniform puts 1/3, 2/4, 3/5 off the first and itself
-    assert scores.tolist() == pytest.approx([0, 0, 1, (1 / 3 + 2 / 4 + 3 / 5) / 3])
+    # queries 2, 3, 4 have 3, 4, 5 keys: uniform gives each other key 1/3, 1/4, 1/5
+    assert scores.tolist() == pytest.approx([0, 0, 1, (1 / 3 + 1 / 4 + 1 / 5) / 3])
     assert head_scores(torch.ones(2, 2, 2)).tolist() == [0, 0]  # too short to tell heads apart
     tie = {0: torch.stack([sink, itself]), 1: torch.stack([sink])}
     assert most_interesting_head(tie) == (0, 0)  # the first of equal scores
-    layers = {0: torch.stack([sink]), 3: torch.stack([sink, uniform, previous])}
+    layers = {0: torch.stack([uniform]), 3: torch.stack([sink, uniform, previous])}
     assert most_interesting_head(layers) == (3, 2)
 
 
-def test_html_page_opens_on_the_head_with_most_attention_off_first_and_self(gpt2_run):
+def test_html_page_opens_on_the_head_that_looks_hardest_at_one_other_token(gpt2_run):
     _, out, model = gpt2_run
     data = html_data(out / "attention.html")
     _, cache = model.run_with_cache(GPT2_PROMPT)
     best, start = -1.0, None
     for layer in range(model.config.n_layer):
         for head, pattern in enumerate(cache["pattern", layer][0]):  # (T, T) each
-            # the mass each query from position 2 on puts off key 0 and off its own position
-            off = [1 - pattern[q, 0].item() - pattern[q, q].item() for q in range(2, len(pattern))]
-            if sum(off) / len(off) > best:
-                best, start = sum(off) / len(off), [layer, head]
+            # from position 2 on, each query's largest weight on a key other than 0 and itself
+            sharp = [max(pattern[q, 1:q].tolist()) for q in range(2, len(pattern))]
+            if sum(sharp) / len(sharp) > best:
+                best, start = sum(sharp) / len(sharp), [layer, head]
     assert data["start"] == start
     assert start != [0, 0]  # this checkpoint's 0/0 is not its liveliest head
     page = (out / "attention.html").read_text()

@@ -85,20 +85,23 @@ def explain(model, text: str, top_k: int = 10, layers: list[int] | None = None) 
 
 
 def head_scores(pattern: Tensor) -> Tensor:
-    """How much of each head's attention lands somewhere other than the first token or the
-    token itself: (H,) for one layer's pattern (H, T, T), averaged over the queries that have
-    a third token to look at (positions 2 and later); 0 for a prompt of one or two tokens.
+    """How sharply each head looks at one particular other token: (H,) for one layer's
+    pattern (H, T, T), the largest weight a query gives a key that is neither the first
+    token nor itself, averaged over the queries that have such a key (positions 2 and
+    later); 0 for a prompt of one or two tokens.
 
-    Most heads park their attention on the first token (an "attention sink") or keep it on
-    the token itself; what is left is attention that moves information between the other
-    tokens, so the heads that score high are the ones worth looking at first.
+    Most heads park their attention on the first token (an "attention sink"), keep it on the
+    token itself, or spread it thin; a head that scores high moves information from one
+    chosen token to another (a previous-token head scores 1), so it is worth looking at first.
     """
     H, T, _ = pattern.shape  # (H, T, T) query x key
     if T < 3:
         return pattern.new_zeros(H)
-    first = pattern[:, 2:, 0]  # (H, T - 2)
-    own = pattern.diagonal(dim1=1, dim2=2)[:, 2:]  # (H, T - 2)
-    return (1 - first - own).mean(dim=1)  # (H,)
+    elsewhere = torch.ones(T, T, dtype=torch.bool, device=pattern.device)
+    elsewhere[:, 0] = False  # not the first token
+    elsewhere.fill_diagonal_(False)  # not the token itself
+    others = pattern.masked_fill(~elsewhere, 0)[:, 2:]  # (H, T - 2, T)
+    return others.amax(dim=-1).mean(dim=-1)  # (H,)
 
 
 def most_interesting_head(patterns: dict[int, Tensor]) -> tuple[int, int]:

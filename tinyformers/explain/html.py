@@ -79,7 +79,7 @@ td, th { padding: 1px 6px; text-align: left; white-space: pre; }
 <div class="controls">layer <select id="layer"></select> head <select id="head"></select>
 <span class="note">(or click a head below; row: the token attending, column: the token attended to;
 grey: later tokens, masked; colour: square root of the weight). The page opens on the head
-with the most attention off the first token and off each token itself.</span></div>
+that looks hardest at one other token: not the first token, not the token itself.</span></div>
 <div id="heads"></div>
 <div id="info">hover a cell for its weight</div>
 <canvas id="big"></canvas> <canvas id="legend" width="70" height="260"></canvas>
