@@ -4,12 +4,14 @@ a hook that edits one moves the logits as a recomputation by hand says, and ever
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import smollm2_gguf
 from test_models import VOCAB, random_model
+from test_readme import with_checks
 
 import tinyformers
 from tinyformers import lens
@@ -398,3 +400,25 @@ def test_weight_aliases_of_quantized_packed_matrices_are_the_dequantized_weights
         assert got.shape == expected.shape, name
         step = expected.abs().max() / 127  # the largest int8 step of any group
         assert (got - expected).abs().max() <= step, name
+
+
+@pytest.mark.slow
+def test_docs_lens_md_examples_run_as_one_session_with_the_numbers_they_state():
+    """docs/lens.md's blocks in order, as a reader types them, on SmolLM2; a comment that is a
+    list of ints is checked (README's rule), and so are the numbers its prose builds on."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "lens.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    session: dict = {}
+    exec(compile("\n".join(with_checks(code) for code in blocks), "docs/lens.md", "exec"), session)
+    assert session["model"].to_str_tokens(session["prompt"])[3] == " France"
+    assert [session["head_labels"][i] for i in session["attrs"][:, 0].topk(3).indices] == [
+        "L23H4",
+        "L29H1",
+        "L23H0",
+    ]
+    logits, parts = session["model"].run_with_cache(session["prompt"])[0], session["parts"]
+    difference = logits[0, -1, session["paris"]] - logits[0, -1, session["london"]]
+    by_parts = session["cache"].logit_attrs(parts, " Paris", " London", pos_slice=-1).sum()
+    torch.testing.assert_close(by_parts, difference, rtol=0, atol=1e-4)
+    final = session["lens"][-1, session["paris"]]  # the logit lens's last row: the logits
+    torch.testing.assert_close(final, logits[0, -1, session["paris"]], rtol=0, atol=1e-4)
