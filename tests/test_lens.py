@@ -53,7 +53,8 @@ def test_cache_holds_every_named_value_with_transformer_lens_shapes(arch_name):
     assert cache["q", 0].shape == (2, 6, attn.n_head, 16)  # [batch, pos, head, d_head]
     assert cache["k", 0].shape == (2, 6, n_kv, 16)  # GQA: the 2 key/value heads themselves
     assert cache["pattern", 1].shape == (2, attn.n_head, 6, 6)  # [batch, head, query, key]
-    assert cache["pattern", 1] is cache["blocks.1.attn.hook_pattern"]
+    assert cache["pattern", 1] is cache["blocks.1.attn.hook_pattern"] is cache["pattern", -1]
+    assert cache["embed"] is cache["hook_embed"]  # TransformerLens's short names
     # The values are the equations': scaled scores masked to -inf above the diagonal, softmax
     # rows, z = pattern @ v with each key/value head repeated for its group of query heads.
     scores, pattern = cache["attn_scores", 0], cache["pattern", 0]

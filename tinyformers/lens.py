@@ -185,8 +185,8 @@ class ActivationCache(dict):
     (its weights and final norm are what the tools below read).
 
     `cache["pattern", L]` is short for `cache["blocks.L.attn.hook_pattern"]`; L may count from
-    the end (-1: the last block). Shapes follow TransformerLens: a stack is [components, batch,
-    pos, d_model].
+    the end (-1: the last block); `cache["embed"]` for `cache["hook_embed"]`. Shapes follow
+    TransformerLens: a stack is [components, batch, pos, d_model].
     """
 
     def __init__(self, model: LanguageModel, activations: dict[str, Tensor]) -> None:
@@ -197,6 +197,8 @@ class ActivationCache(dict):
         if isinstance(key, tuple):
             short, layer = key
             key = act_name(short, layer + self._n_layers if layer < 0 else layer)
+        elif key not in self and f"hook_{key}" in self:  # "embed", "pos_embed"
+            key = f"hook_{key}"
         return super().__getitem__(key)
 
     def __repr__(self) -> str:
