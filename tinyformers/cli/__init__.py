@@ -15,7 +15,7 @@ from tinyformers.cli.options import Parser, launched_by_torchrun, load_from_args
 from tinyformers.errors import TinyformersError
 
 # Subcommands, in the order `--help` lists them; each is tinyformers/cli/<name>.py.
-COMMANDS = ("generate", "chat", "tokenize", "explain", "perplexity", "serve", "train")
+COMMANDS = ("generate", "chat", "tokenize", "explain", "learn", "perplexity", "serve", "train")
 # The ones that run under torchrun, the model split across its processes (tensor parallel).
 TENSOR_PARALLEL = ("generate", "chat", "perplexity", "serve")
 
