@@ -149,6 +149,10 @@ def test_download_says_what_it_fetches(monkeypatch, tmp_path, capsys):
           "model.safetensors.index.json", "tokenizer.json"],
          ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
           "model.safetensors.index.json", "tokenizer.json"]),
+        # transformers >= 4.47 keeps the chat template in its own file: without it a chat
+        # model "has no chat template"
+        (["config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "README.md"],
+         ["config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"]),
     ],
 )  # fmt: skip
 def test_files_to_fetch_takes_one_weights_format(files, chosen):

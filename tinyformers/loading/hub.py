@@ -33,6 +33,7 @@ _METADATA_FILES = [
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
+    "chat_template.jinja",  # where transformers >= 4.47 saves the template (the reader prefers it)
     "special_tokens_map.json",
     "vocab.json",
     "merges.txt",
