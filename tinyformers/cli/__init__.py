@@ -15,20 +15,32 @@ from tinyformers.cli.options import Parser, launched_by_torchrun, load_from_args
 from tinyformers.errors import TinyformersError
 
 # Subcommands, in the order `--help` lists them; each is tinyformers/cli/<name>.py.
-COMMANDS = ("generate", "chat", "tokenize", "explain", "learn", "perplexity", "serve", "train")
+COMMANDS = (
+    "generate",
+    "chat",
+    "tokenize",
+    "explain",
+    "lab",
+    "learn",
+    "perplexity",
+    "serve",
+    "train",
+)
 # The ones that run under torchrun, the model split across its processes (tensor parallel).
 TENSOR_PARALLEL = ("generate", "chat", "perplexity", "serve")
 
 DESCRIPTION = """\
 Run GPT-2 and Llama-family language models on the CPU: generate text, chat, look at the
-tokens and inside the model, measure perplexity, serve an OpenAI-compatible API, train one
-from scratch or fine-tune one. Without --model, the offline default SmolLM2-135M-Instruct."""
+tokens and inside the model (in the terminal, or live in the lab's page), measure perplexity,
+serve an OpenAI-compatible API, train one from scratch or fine-tune one. Without --model,
+the offline default SmolLM2-135M-Instruct."""
 
 EXAMPLES = """\
 examples:
   echo "What is the capital of France?" | tinyformers chat --temp 0
   tinyformers generate "Once upon a time" -n 50
   tinyformers tokenize "Hello world"
+  tinyformers lab                 a page that shows inside the model as you type
   tinyformers train --data shakespeare.txt --out shakespeare-char
   tinyformers COMMAND --help      the flags of one command, with their defaults
 """

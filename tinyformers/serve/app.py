@@ -27,6 +27,7 @@ from tinyformers.chat import encode_chat
 from tinyformers.errors import ContextLengthError, TinyformersError
 from tinyformers.generation.generate import fit_context
 from tinyformers.generation.params import SamplingParams
+from tinyformers.lab import add_lab
 from tinyformers.serve.engine import Delta, Engine, Failed, Finished, QueueFull
 from tinyformers.serve.engine import Request as Job
 from tinyformers.serve.protocol import APIError, ChatRequest, CompletionRequest, parse
@@ -176,6 +177,8 @@ def create_app(settings: Settings, load: Callable, on_error: Callable = lambda e
         app.add_api_route(prefix + "/models/{model_id:path}", model, methods=["GET"])
         app.add_api_route(prefix + "/chat/completions", chat, methods=["POST"])
         app.add_api_route(prefix + "/completions", completions, methods=["POST"])
+    # The page of `tinyformers lab`, on a copy of the model: the engine generates meanwhile.
+    add_lab(app, lambda: server.model, authorized, private=True)
     return app
 
 
