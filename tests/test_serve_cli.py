@@ -4,6 +4,7 @@ cannot load or a bad flag is one line on stderr and an exit code."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -61,6 +62,41 @@ def test_a_model_that_cannot_load_is_one_error_line_and_exit_1(tmp_path):
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1].startswith("tinyformers: error: ")
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("how", ["file", "environment"])
+def test_the_api_key_comes_from_a_file_or_the_environment(gpt2_small_dir, tmp_path, how):
+    """A key on the command line shows in `ps`: llama-server reads LLAMA_API_KEY, vLLM
+    VLLM_API_KEY; ours reads --api-key-file's first line or TINYFORMERS_API_KEY."""
+    port = free_port()
+    argv = [*SERVE, "--model", str(gpt2_small_dir), "--port", str(port)]
+    env = {k: v for k, v in os.environ.items() if k != "TINYFORMERS_API_KEY"}
+    if how == "file":
+        (tmp_path / "key").write_text("sesame\n")
+        argv += ["--api-key-file", str(tmp_path / "key")]
+    else:
+        env["TINYFORMERS_API_KEY"] = "sesame"
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for_health(process, port)
+        url = f"http://127.0.0.1:{port}/v1/models"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer sesame"}).status_code == 200
+        assert "sesame" not in " ".join(process.args)  # nothing for `ps` to show
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=30)
+
+
+def test_an_api_key_file_without_a_key_is_one_line(tmp_path):
+    (tmp_path / "empty").write_text("\n")
+    for flags in (["--api-key-file", str(tmp_path / "empty")],
+                  ["--api-key-file", str(tmp_path / "missing")],
+                  ["--api-key", "a", "--api-key-file", str(tmp_path / "empty")]):  # fmt: skip
+        run = subprocess.run([*SERVE, *flags], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+        assert run.stderr.strip().splitlines()[-1].startswith("tinyformers: error: ")
 
 
 def test_bad_flags_exit_2_before_loading():

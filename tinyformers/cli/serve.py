@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
+from pathlib import Path
 
 from tinyformers.cli.options import (
     add_model_arguments,
@@ -24,7 +26,7 @@ from tinyformers.errors import TinyformersError
 EXAMPLES = """\
 examples:
   tinyformers serve
-  tinyformers serve --model ./my-gpt2-folder --port 8080 --api-key secret
+  tinyformers serve --model ./my-gpt2-folder --port 8080 --api-key-file ~/.tinyformers-key
   curl 127.0.0.1:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
 """
 
@@ -45,7 +47,14 @@ def add_parser(subparsers) -> None:
     count = typed(int, lambda v: 1 <= v <= 1024, "an integer from 1 to 1024")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=port, default=8000, help="port to listen on")
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (not on /health)")
+    p.add_argument(
+        "--api-key",
+        help="require `Authorization: Bearer KEY` (not on /health); `ps` shows a key given "
+        "here: prefer --api-key-file or TINYFORMERS_API_KEY",
+    )
+    p.add_argument(
+        "--api-key-file", type=Path, metavar="FILE", help="the API key, the first line of FILE"
+    )
     p.add_argument("--max-batch", type=count, default=8, help="requests decoded together")
     p.add_argument("--max-queue", type=count, default=64, help="requests waiting; more get 503")
     p.add_argument(
@@ -57,6 +66,28 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
+def api_key(args: argparse.Namespace) -> str | None:
+    """The key requests must bear: --api-key, else the first line of --api-key-file, else
+    TINYFORMERS_API_KEY (as llama-server reads LLAMA_API_KEY), else none."""
+    from tinyformers.loading.json_file import read_bytes
+
+    if args.api_key is not None and args.api_key_file is not None:
+        raise TinyformersError("--api-key and --api-key-file: give the key one way")
+    if args.api_key_file is not None:
+        data = read_bytes(args.api_key_file, TinyformersError, limit=4096)
+        try:
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise TinyformersError(f"{args.api_key_file}: not UTF-8 text") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise TinyformersError(f"{args.api_key_file}: the first line holds no key")
+        return key
+    if args.api_key is not None:
+        return args.api_key
+    return os.environ.get("TINYFORMERS_API_KEY") or None
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -65,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = Settings(
         name=args.model or "smollm2",
-        api_key=args.api_key,
+        api_key=api_key(args),
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         context=args.context,
