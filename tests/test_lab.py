@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -348,3 +349,19 @@ def test_serve_has_the_lab_on_a_copy_of_its_model(peaked_dir, model):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-m", "tinyformers", "lab", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert run.returncode == 1 and run.stdout == ""
+    assert (
+        run.stderr
+        == f"tinyformers: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import socket
 
 from tinyformers.cli.options import add_model_arguments, load_from_args, typed
@@ -53,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
     from tinyformers.lab import create_app
 
+    sock = listen(args.host, args.port)  # before loading: a port in use fails at once
     model = load_from_args(args)
-    sock = listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
     print(f"the lab is at http://{url_host}:{port}/lab (Ctrl-C stops it)", flush=True)
@@ -69,6 +70,9 @@ def listen(host: str, port: int) -> socket.socket:
     and a port in use is one line, not a traceback."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise TinyformersError(f"--host {host}: {e.strerror}") from None
+    try:
         return socket.create_server((host, port), family=family)
-    except OSError as e:
-        raise TinyformersError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    except OSError as e:  # os.strerror: Python's own text adds "(while attempting to bind ...)"
+        raise TinyformersError(f"cannot listen on {host}:{port}: {os.strerror(e.errno)}") from None
