@@ -63,6 +63,13 @@ def add_parser(subparsers) -> None:
         help="tokens per request, prompt and answer (default: the model's, at most 2048); "
         "the KV cache holds --max-batch of them",
     )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="let browser pages from ORIGIN (http://localhost:3000; * for any) call the API; "
+        "repeatable (default: none)",
+    )
     p.set_defaults(run=run)
 
 
@@ -93,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tinyformers.generation.params import SamplingParams
     from tinyformers.serve import Settings, create_app
+    from tinyformers.serve.extras import add_extras
 
     settings = Settings(
         name=args.model or "smollm2",
@@ -113,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         return model
 
     app = create_app(settings, load, on_error)
+    add_extras(app, cors_origins=args.cors_origin)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port))
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it shut down on
         server.run()
