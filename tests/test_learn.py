@@ -215,12 +215,16 @@ def test_chapter_runs_and_every_number_in_it_holds(path, tmp_path, monkeypatch):
 # Numbers in the prose ---------------------------------------------------------------------------
 
 
-def prose(markdown: str) -> str:
-    """The chapter without its code blocks, inline code, link targets and headings."""
-    text = FENCE.sub("", markdown)
-    text = re.sub(r"`[^`\n]*`", "", text)
-    text = re.sub(r"\]\([^)]*\)", "]", text)
-    return re.sub(r"^#.*$", "", text, flags=re.MULTILINE)
+def blanked(markdown: str) -> str:
+    """The chapter's prose at its own offsets: code, link targets and headings blanked out."""
+
+    def blank(m: re.Match) -> str:
+        return re.sub(r"[^\n]", " ", m[0])
+
+    text = FENCE.sub(blank, markdown)
+    text = re.sub(r"`[^`\n]*`", blank, text)
+    text = re.sub(r"\]\([^)]*\)", blank, text)
+    return re.sub(r"^#.*$", blank, text, flags=re.MULTILINE)
 
 
 def numbers_in(text: str) -> set[float]:
@@ -233,7 +237,7 @@ def test_a_number_in_the_prose_is_one_the_code_shows(path):
     one that a code block of that chapter shows (a check's value or its printed output)."""
     markdown = path.read_text()
     shown = numbers_in("\n".join(code for _, code in blocks(markdown)))
-    cited = re.findall(r"(?<![\w\-.−])(?:\d[\d,]*\d(?:\.\d+)?|\d\.\d+)(?!\w)", prose(markdown))
+    cited = re.findall(r"(?<![\w\-.−])(?:\d[\d,]*\d(?:\.\d+)?|\d\.\d+)(?!\w)", blanked(markdown))
     missing = sorted({n for n in cited if float(n.replace(",", "")) not in shown})
     assert not missing, f"{path.name} cites numbers no code block shows: {missing}"
 
@@ -270,18 +274,6 @@ def pattern(form: str) -> re.Pattern:
     plural = "(?:e?s)?" if len(form) > 2 else ""
     flags = re.IGNORECASE if len(form) > 2 else 0
     return re.compile(rf"(?<!\w){re.escape(form)}{plural}(?!\w)", flags)
-
-
-def blanked(markdown: str) -> str:
-    """The chapter's prose at its own offsets: code, link targets and headings blanked out."""
-
-    def blank(m: re.Match) -> str:
-        return re.sub(r"[^\n]", " ", m[0])
-
-    text = FENCE.sub(blank, markdown)
-    text = re.sub(r"`[^`\n]*`", blank, text)
-    text = re.sub(r"\]\([^)]*\)", blank, text)
-    return re.sub(r"^#.*$", blank, text, flags=re.MULTILINE)
 
 
 def without_link_targets(markdown: str) -> str:
@@ -359,6 +351,12 @@ def test_a_template_has_each_solution_signature_and_docstring_and_no_body(chapte
     assert list(template) == [e.name for e in EXERCISES[chapter]] == list(solution)
     for name, (args, doc, body) in template.items():
         assert (args, doc) == solution[name][:2] and body == 2  # the docstring and a raise
+
+
+def test_learn_alone_lists_the_chapters_and_their_exercises(capsys):
+    code, out, _ = learn_cli(capsys=capsys)
+    assert code == 0 and len(out) == 9
+    assert out[0] == "1  docs/learn/01-numbers-vectors-matrices.md  (dot, matvec, matmul)"
 
 
 def test_start_then_check_fails_with_one_line_per_exercise(tmp_path, monkeypatch, capsys):
