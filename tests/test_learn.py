@@ -451,3 +451,10 @@ def test_the_command_prints_no_traceback(tmp_path):
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr == "tinyformers: error: broken.py, line 1: '(' was never closed\n"
+
+
+@pytest.mark.parametrize("path", [*CHAPTERS, GLOSSARY], ids=lambda p: p.stem[:2])
+def test_every_link_of_the_course_leads_somewhere(path):
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text())
+    missing = [t for t in targets if "://" not in t and not (path.parent / t).exists()]
+    assert not missing, missing
