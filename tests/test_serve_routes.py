@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import time
-from pathlib import Path
 
 import numpy as np
 import openai
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 from test_models import CASES, hf_model, ours
-from test_serve import CHATML
+from test_serve import CHATML, chat_dir  # noqa: F401  (chat_dir: a fixture)
 
 import tinyformers
 from tinyformers.chat import encode_chat
@@ -39,17 +38,7 @@ TEXTS = ["Hello world", " leading space", "naïve café 🙂 — ok", "<|endofte
 
 
 @pytest.fixture(scope="module")
-def chat_dir(gpt2_small_dir, tmp_path_factory) -> Path:
-    """The 2-layer GPT-2 folder with a ChatML template (its files linked, not copied)."""
-    folder = tmp_path_factory.mktemp("gpt2-chat")
-    for f in gpt2_small_dir.iterdir():
-        (folder / f.name).symlink_to(f)
-    (folder / "chat_template.jinja").write_text(CHATML)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def model(chat_dir):
+def model(chat_dir):  # noqa: F811
     return tinyformers.load(chat_dir)
 
 
@@ -153,7 +142,10 @@ def hf_embeddings(hf, rows: list[list[int]]) -> torch.Tensor:
 
 
 def test_embeddings_equal_hf_mean_pooled_normalised_last_hidden_state(
-    http, client, model, chat_dir
+    http,
+    client,
+    model,
+    chat_dir,  # noqa: F811
 ):
     from transformers import GPT2LMHeadModel
 
