@@ -263,7 +263,7 @@ def test_the_api_key_guards_every_new_route_but_metrics_and_the_page(http):
             for auth in ("", "Bearer wrong"):
                 response = http.request(method, path, json={}, headers={"Authorization": auth})
                 assert error(response, 401)["code"] == "invalid_api_key"
-    for open_path in ("/metrics", "/", "/chat/chat.js"):
+    for open_path in ("/metrics", "/", "/static/chat.js"):
         assert http.get(open_path, headers={"Authorization": ""}).status_code == 200
 
 
@@ -300,8 +300,9 @@ def test_the_chat_page_and_its_files_are_served_and_fetch_nothing_outside(http):
     page = http.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     for name in ("chat.js", "chat.css"):
-        assert f'"chat/{name}"' in page.text
-        assert http.get(f"/chat/{name}").status_code == 200
+        assert f'"static/{name}"' in page.text
+        assert http.get(f"/static/{name}").status_code == 200
+    assert http.get("/chat/completions").status_code == 405  # the page's files are elsewhere
     for f in extras.STATIC.iterdir():
         assert "https://" not in f.read_text() and "http://" not in f.read_text(), f.name
 

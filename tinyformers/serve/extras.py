@@ -183,7 +183,8 @@ def add_extras(app: FastAPI, cors_origins: list[str] | None = None) -> None:
         app.add_api_route(prefix + "/tokenizer_info", tokenizer_info, methods=["GET"])
         app.add_api_route(prefix + "/embeddings", embeddings, methods=["POST"])
 
-    app.mount("/chat", StaticFiles(directory=STATIC), name="chat")
+    # the page's script and style; not under /chat, where /chat/completions is
+    app.mount("/static", StaticFiles(directory=STATIC), name="chat-page")
 
     @app.get("/", include_in_schema=False)
     async def chat_page():
