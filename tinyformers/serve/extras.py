@@ -1,5 +1,5 @@
 """The routes beside OpenAI's chat and completions: the tokenizer's, embeddings, metrics, CORS
-and the chat page. Each also without /v1, like app.py's:
+and the chat page. The first four answer with and without /v1, as app.py's routes do:
 
     POST /tokenize           {"prompt"} or {"messages"} -> {"tokens", "count", "max_model_len"}
     POST /detokenize         {"tokens"} -> {"prompt"}
