@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -122,3 +123,39 @@ def gemma3_gguf() -> Path:
         GEMMA3_CACHE.mkdir(parents=True, exist_ok=True)
         assemble(path)
     return path
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Headless, and nothing but the page: no Google services, sync, updates or QUIC probes.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@contextlib.contextmanager
+def chromium_page(profile: Path, **options):
+    """A page of Debian's chromium, driven by Playwright, in a fresh profile; yields it and
+    the JavaScript errors it raised. Without chromium the test fails and says how to install
+    it (.ci/run does): browser tests never skip."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no chromium at {CHROMIUM}: `apt-get install -y chromium` (as .ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, args=CHROMIUM_ARGS, **options
+        )
+        page = context.new_page()
+        errors: list = []
+        page.on("pageerror", lambda error: errors.append(error))
+        try:
+            yield page, errors
+        finally:
+            context.close()

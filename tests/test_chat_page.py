@@ -14,12 +14,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from test_lab import CHROMIUM, CHROMIUM_ARGS
+from conftest import chromium_page
 from test_serve import chat_dir, free_port  # noqa: F401  (chat_dir: a fixture)
 from test_serve_cli import wait_for_health
 
@@ -57,19 +56,7 @@ def client(server) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def page(server, chat_dir, tmp_path_factory):  # noqa: F811
     """The page in chromium, past its API key form: it asks, as the server wants one."""
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"no chromium at {CHROMIUM}: `apt-get install -y chromium` (as .ci/run does)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            tmp_path_factory.mktemp("chromium-profile"),  # a fresh profile
-            executable_path=CHROMIUM,
-            args=CHROMIUM_ARGS,
-        )
-        page = context.new_page()
-        errors = []
-        page.on("pageerror", lambda error: errors.append(error))
+    with chromium_page(tmp_path_factory.mktemp("chromium-profile")) as (page, errors):
         page.goto(server + "/")
         page.wait_for_function("document.body.dataset.state === 'key'", timeout=30_000)
         assert page.locator("#key-form").is_visible()
@@ -79,7 +66,6 @@ def page(server, chat_dir, tmp_path_factory):  # noqa: F811
         assert page.locator("#key-form").is_hidden()
         assert page.locator("#model").text_content() == str(chat_dir)  # the served name
         yield page
-        context.close()
     assert not errors  # no JavaScript error on the way
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,25 +23,13 @@ import httpx
 import pytest
 import torch
 import uvicorn
-from conftest import hf_gpt2, save_checkpoint
+from conftest import chromium_page, hf_gpt2, save_checkpoint
 
 import tinyformers
 from tinyformers.explain import piece_label
 from tinyformers.lab.links import CODE
 from tinyformers.lens import act_name
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# Headless, and nothing but the page: no Google services, sync, updates or QUIC probes.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PROMPT = "Hello, my dog is a cute little"
 TEMPERATURE = 0.7
 CLICKED = (0, 5)  # the head the tests click: (layer, head)
@@ -96,20 +83,8 @@ def lab(peaked_dir, model) -> str:
 @pytest.fixture(scope="module")
 def page(lab, tmp_path_factory):
     """The lab in chromium, PROMPT typed and its views drawn."""
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"no chromium at {CHROMIUM}: `apt-get install -y chromium` (as .ci/run does)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            tmp_path_factory.mktemp("chromium-profile"),  # a fresh profile
-            executable_path=CHROMIUM,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1200, "height": 900},
-        )
-        page = context.new_page()
-        errors = []
-        page.on("pageerror", lambda error: errors.append(error))
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with chromium_page(profile, viewport={"width": 1200, "height": 900}) as (page, errors):
         page.goto(lab)
         page.locator("#prompt").fill("")
         page.locator("#prompt").press_sequentially(PROMPT, delay=20)  # as a person types
@@ -119,7 +94,6 @@ def page(lab, tmp_path_factory):
             timeout=30_000,
         )
         yield page
-        context.close()
     assert not errors  # no JavaScript error on the way
 
 
