@@ -46,9 +46,13 @@ def render_chat(
     add_generation_prompt: bool = True,
     bos_token: str | None = None,
     eos_token: str | None = None,
+    tools: list[dict] | None = None,
     source: str = "chat template",
 ) -> str:
     """The prompt text `template` makes of `messages`, as `apply_chat_template(tokenize=False)`.
+
+    `tools` are the function schemas as transformers passes them (OpenAI's
+    `{"type": "function", "function": {...}}` entries); None when there are none.
 
     A template that calls `raise_exception` (say, a role it does not support) or breaks Jinja
     raises TinyformersError naming `source`.
@@ -73,7 +77,7 @@ def render_chat(
         with _deadline(time.monotonic() + MAX_SECONDS):
             chunks = compiled.generate(
                 messages=messages,
-                tools=None,  # passed even when unused: templates test `tools is not none`
+                tools=tools,  # passed even when None: templates test `tools is not none`
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **tokens,
@@ -94,9 +98,14 @@ def render_chat(
 
 
 def encode_chat(
-    tokenizer, messages: list[Message], *, add_generation_prompt: bool = True
+    tokenizer,
+    messages: list[Message],
+    *,
+    add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
 ) -> list[int]:
-    """The token ids of `messages` rendered with the tokenizer's chat template.
+    """The token ids of `messages` (and `tools`, see `render_chat`) rendered with the
+    tokenizer's chat template.
 
     No BOS is added: the template writes every control token the model expects, and
     llama-cpp-python #1501 shows what a second BOS does. Control-token text typed inside a
@@ -110,13 +119,13 @@ def encode_chat(
             "`tinyformers generate`"
         )
     control = _control_pattern(frozenset(tokenizer.special_tokens))
-    marked = [{k: _mark(v, control) for k, v in m.items()} for m in messages]
     text = render_chat(
         tokenizer.chat_template,
-        marked,
+        _mark(messages, control),
         add_generation_prompt=add_generation_prompt,
         bos_token=tokenizer.bos_token,
         eos_token=tokenizer.eos_token,
+        tools=None if tools is None else _mark(tools, control),
         source=tokenizer.source,
     )
     # re.split with one group gives [text, marked token, text, ...]; a marker the template cut
@@ -130,7 +139,12 @@ def encode_chat(
 
 
 def _mark(value, control: regex.Pattern):
-    """Wrap each control token in a message string with the markers (dropping forged ones)."""
+    """Wrap each control token in the strings of `value` with the markers (dropping forged
+    ones), inside lists and dicts too: a tool's schema or a call's arguments are the user's."""
+    if isinstance(value, list):
+        return [_mark(v, control) for v in value]
+    if isinstance(value, dict):
+        return {_mark(k, control): _mark(v, control) for k, v in value.items()}
     if not isinstance(value, str):
         return value
     value = value.replace(_START, "").replace(_END, "")
