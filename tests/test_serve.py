@@ -219,6 +219,17 @@ def test_stop_string_is_cut_and_never_streamed(client, reference):
     assert answer.choices[0].text == full and answer.choices[0].finish_reason == "length"
 
 
+def test_sixteen_stop_strings_the_last_one_cutting(client, reference):
+    prompt = "The history of"
+    full = reference.generate(prompt, 30, temperature=0)
+    stops = [f"never seen {i}" for i in range(15)] + [full[12:16]]  # HumanEval alone sends 5
+    answer = client.completions.create(
+        model="x", prompt=prompt, max_tokens=30, temperature=0, stop=stops
+    )
+    assert answer.choices[0].text == full[: full.index(full[12:16])]
+    assert answer.choices[0].finish_reason == "stop"
+
+
 def test_chat_logprobs_are_the_models_own(client, reference):
     messages = [{"role": "user", "content": "Count"}]
     answer = client.chat.completions.create(
@@ -281,13 +292,14 @@ CHAT = {"model": "x", "messages": [{"role": "user", "content": "Hi"}]}
         ({"max_tokens": 0}, "max_tokens"),
         ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs
-        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": [str(i) for i in range(17)]}, "stop"),  # at most 16
         ({"stop": 5}, "stop"),
         ({"stream": "yes"}, "stream"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"logit_bias": {"50": 10}}, "logit_bias"),
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"extra_body": {"echo": True}}, "echo"),  # a completions field
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
@@ -312,8 +324,9 @@ def test_bad_chat_fields_are_400_naming_the_field(client, fields, param):
         ({"prompt": []}, "prompt"),
         ({"prompt": [1, "a"]}, "prompt"),
         ({"prompt": [50257]}, "prompt"),  # outside the vocabulary
-        ({"logprobs": 6}, "logprobs"),
-        ({"echo": True}, "echo"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"max_tokens": 0}, "max_tokens"),  # scores a prompt only with echo
+        ({"max_tokens": -1, "echo": True}, "max_tokens"),
         ({"best_of": 3}, "best_of"),
         ({"suffix": "end"}, "suffix"),
         ({"prompt": ["a"] * 40, "n": 2}, "prompt"),  # 80 answers, over --max-queue (64)
@@ -323,6 +336,7 @@ def test_bad_completion_fields_are_400_naming_the_field(client, fields, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(**{"model": "x", "prompt": "Hi", **fields})
     assert e.value.param == param
+    assert e.value.body["message"].count("\n") == 0 and param in e.value.message
 
 
 def test_prompt_over_the_context_is_400_context_length_exceeded(client):

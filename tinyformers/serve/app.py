@@ -24,8 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from tinyformers.chat import encode_chat
-from tinyformers.errors import ContextLengthError, TinyformersError
-from tinyformers.generation.generate import fit_context
+from tinyformers.errors import TinyformersError
 from tinyformers.generation.params import SamplingParams
 from tinyformers.lab import add_lab
 from tinyformers.serve.engine import Delta, Engine, Failed, Finished, QueueFull
@@ -50,6 +49,7 @@ class Settings:
     max_batch: int = 8
     max_queue: int = 64
     context: int | None = None  # tokens per request (None: the model's, at most 2048)
+    cache_tokens: int | None = None  # the prompt cache's bound (None: max_batch * context)
     max_tokens: int | None = None  # default when a request gives none
     sampling: SamplingParams = SamplingParams()
 
@@ -73,7 +73,8 @@ class Server:
             s = self.settings
             context = min(model.config.context_length, s.context or 2048)
             self.model, self.root, self.created = model, str(model.source), int(time.time())
-            self.engine = Engine(model, s.max_batch, s.max_queue, context)  # ready from here on
+            # ready from here on
+            self.engine = Engine(model, s.max_batch, s.max_queue, context, s.cache_tokens)
         except Exception as e:  # a missing or broken model: the command reports it and exits
             self.error = e
             self.on_error(e)
@@ -167,7 +168,9 @@ def create_app(settings: Settings, load: Callable, on_error: Callable = lambda e
         prompts = [
             await run_in_threadpool(_prompt_ids, model, p, engine.context) for p in body.prompt
         ]
-        limit = body.max_tokens or settings.max_tokens or COMPLETION_MAX_TOKENS
+        limit = body.max_tokens
+        if limit is None:
+            limit = settings.max_tokens or COMPLETION_MAX_TOKENS
         jobs = _jobs(body, prompts, limit, engine.context, settings, "prompt")
         shapes = Shapes(False, settings.name, model.tokenizer)
         return await _answer(request, engine, jobs, sum(map(len, prompts)), body, shapes)
@@ -269,18 +272,21 @@ def _check_length(chars: int, tokenizer, context: int, param: str) -> None:
 def _jobs(body, prompts, limit, context, settings, param) -> list[Job]:
     """One engine job per prompt and choice (choice index = prompt * n + j), context checked."""
     jobs = []
+    echo = isinstance(body, CompletionRequest) and body.echo
     for ids in prompts:
-        max_new = limit or max(context - len(ids), 1)  # no limit: until the context is full
-        try:
-            fit_context(ids, max_new, context, truncate=False)
-        except ContextLengthError as e:
+        # no limit: until the context is full; a limit of 0 scores an echoed prompt
+        max_new = max(context - len(ids), 1) if limit is None else limit
+        if len(ids) + max_new > context:
             raise APIError(
-                400, str(e).split(";")[0], param=param, code="context_length_exceeded"
-            ) from None
+                400,
+                f"prompt of {len(ids)} tokens + {max_new} new tokens exceeds the model's context "
+                f"of {context} tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
         for j in range(body.n):
             params = _sampling(body, settings.sampling, j)
-            logprobs = _logprobs(body)
-            jobs.append(Job(ids, max_new, params, body.stop, logprobs))
+            jobs.append(Job(ids, max_new, params, body.stop, _logprobs(body), echo))
     return jobs
 
 
@@ -328,7 +334,7 @@ async def _answer(request: Request, engine: Engine, jobs, prompt_tokens, body, s
     results = _results(events, len(jobs))
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _sse(results, shapes, len(jobs), prompt_tokens, usage)
+        stream = _sse(results, shapes, len(jobs), body.n, prompt_tokens, usage)
         return StreamingResponse(
             _cancelling(stream, engine, seqs),
             media_type="text/event-stream",
@@ -347,7 +353,8 @@ async def _answer(request: Request, engine: Engine, jobs, prompt_tokens, body, s
         watcher.cancel()
         engine.cancel(seqs)  # a no-op for finished jobs
     logprobs = any(job.logprobs is not None for job in jobs)
-    return shapes.answer(choices, prompt_tokens, logprobs)
+    cached = sum(c.cached_tokens for c in choices[:: body.n])  # each prompt's first choice
+    return shapes.answer(choices, prompt_tokens, cached, logprobs)
 
 
 async def _results(events: asyncio.Queue, n: int) -> AsyncIterator:
@@ -367,27 +374,29 @@ def _record(choice: Choice, ev) -> None:
         choice.logprobs += ev.logprobs
     elif isinstance(ev, Finished):
         choice.finish_reason, choice.completion_tokens = ev.reason, ev.completion_tokens
+        choice.cached_tokens = ev.cached_tokens
 
 
-async def _sse(results, shapes: Shapes, n: int, prompt_tokens: int, usage: bool):
+async def _sse(results, shapes: Shapes, jobs: int, n: int, prompt_tokens: int, usage: bool):
     """The events of a stream: the role first (chat), deltas, one finish_reason per choice,
-    the usage if asked, then [DONE]."""
+    the usage if asked, then [DONE]; `n` choices a prompt."""
     if shapes.chat:
-        for index in range(n):
+        for index in range(jobs):
             yield shapes.chunk(index, role=True, usage=usage)
-    completion_tokens = 0
+    completion_tokens = cached_tokens = 0
     async for index, ev in results:
         if isinstance(ev, Delta):
             yield shapes.chunk(index, ev.text, logprobs=ev.logprobs, usage=usage)
         elif isinstance(ev, Finished):
             completion_tokens += ev.completion_tokens
+            cached_tokens += ev.cached_tokens if index % n == 0 else 0  # a prompt's first choice
             yield shapes.chunk(index, finish_reason=ev.reason, usage=usage)
         else:
             yield event(APIError(500, ev.message, "server_error").body())
             yield DONE
             return
     if usage:
-        yield shapes.usage_chunk(prompt_tokens, completion_tokens)
+        yield shapes.usage_chunk(prompt_tokens, completion_tokens, cached_tokens)
     yield DONE
 
 

@@ -1,9 +1,11 @@
 """Continuous batching: one thread owns the model and decodes every running request together.
 
 Each step: drop cancelled requests, admit waiting ones into free rows of one KV cache (each
-prompt prefilled alone into its row), then one decode step for all rows, each row at its own
-position ([B, 1] input_pos), then sample each row with its own parameters and generator.
-A request joins at the next step and leaves as soon as it ends, freeing its row.
+prompt prefilled alone into its row, from slot 0), then one decode step for all rows, each row
+at its own position ([B, 1] input_pos), then sample each row with its own parameters and
+generator. A request joins at the next step and leaves as soon as it ends, freeing its row.
+A prompt whose first tokens were computed before starts from their keys and values, copied in
+from the prompt cache (prompt_cache.py), and prefills only the rest.
 
 Text goes back to the caller through an `emit` callback, as complete UTF-8 with stop strings
 held back (`StopText`), so a streamed text never shows part of a character or of a stop string.
@@ -24,6 +26,7 @@ from tinyformers.errors import TinyformersError
 from tinyformers.generation.generate import StopText
 from tinyformers.generation.params import SamplingParams
 from tinyformers.generation.sampling import next_tokens
+from tinyformers.serve.prompt_cache import PromptCache
 
 log = logging.getLogger("tinyformers.serve")
 
@@ -37,6 +40,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # alternatives per token (0: the chosen token's only); None: off
+    echo: bool = False  # the prompt's text first (and its tokens' logprobs when `logprobs` is set)
 
 
 @dataclass
@@ -44,9 +48,9 @@ class TokenLogprob:
     """A generated token, its log-probability under the model, and the most likely ones."""
 
     token: int
-    logprob: float
+    logprob: float | None  # None for a prompt's first token: nothing comes before it
     top: list[tuple[int, float]]  # (id, logprob), most likely first
-    text_offset: int  # where the token's text starts in the generated text
+    text_offset: int  # where the token's text starts in the text sent back
 
 
 @dataclass
@@ -59,6 +63,7 @@ class Delta:
 class Finished:
     reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens)
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prompt cache
 
 
 @dataclass
@@ -92,6 +97,8 @@ class Sequence:
         self.history[0, : len(request.prompt)] = torch.tensor(request.prompt)
         self.length = len(request.prompt)  # ids in history
         self.generated = 0
+        self.cached = 0  # prompt tokens taken from the prompt cache
+        self.echoed = 0  # characters of prompt text sent before the generated text
         self.pending: list[TokenLogprob] = []  # logprobs of tokens whose text is held back
         self.next_token = 0  # the last sampled token, fed at the next decode step
 
@@ -104,10 +111,22 @@ class Engine:
         >>> engine.submit([Request(ids, 32)], lambda i, event: print(i, event))
     """
 
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, context: int = 2048):
+    def __init__(
+        self,
+        model,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        context: int = 2048,
+        cache_tokens: int | None = None,
+    ):
+        """`cache_tokens`: the prompt cache's bound (None: max_batch * context, as many as the
+        rows hold; 0: no prompt cache)."""
         self.model = model
         self.max_batch, self.max_queue, self.context = max_batch, max_queue, context
         self.cache = model.net.make_cache(max_batch, context)  # every row's keys and values
+        if cache_tokens is None:
+            cache_tokens = max_batch * context
+        self.prompts = PromptCache(self.cache, cache_tokens) if cache_tokens else None
         self.rows: list[Sequence | None] = [None] * max_batch
         self.waiting: deque[Sequence] = deque()
         self.work = threading.Condition()
@@ -169,7 +188,7 @@ class Engine:
                     admitted = self._admit()
                 try:
                     for row, seq in admitted:
-                        self._sample(row, seq, self._prefill(row, seq))
+                        self._start(row, seq)
                     self._decode()
                 except Exception:  # a bug or out of memory: fail what runs, keep serving
                     log.exception("generation step failed")
@@ -199,16 +218,54 @@ class Engine:
                     admitted.append((row, seq))
         return admitted
 
+    def _start(self, row: int, seq: Sequence) -> None:
+        """Prefill a newly admitted sequence, send its echo, then its first token."""
+        logits = self._prefill(row, seq)  # (1, T - cached, V) or (1, 1, V)
+        request = seq.request
+        if request.echo:
+            self._echo(seq, logits)
+        if request.max_new_tokens == 0:  # the prompt scored, nothing generated
+            return self._finish(row, seq, "length")
+        self._sample(row, seq, logits[:, -1])
+
     def _prefill(self, row: int, seq: Sequence) -> Tensor:
-        """Run the prompt alone into its row of the cache: the logits of its first token."""
-        prompt = seq.request.prompt
+        """Run the prompt alone into its row of the cache, after whatever prefix of it the
+        prompt cache holds: the logits of every prompt position when its logprobs are asked,
+        else of the last one."""
+        request = seq.request
+        prompt = request.prompt
         T = len(prompt)
-        ids = torch.tensor([prompt], device=self.model.device)  # (1, T)
-        cache = self._view(slice(row, row + 1), T)
+        every = request.echo and request.logprobs is not None
+        if self.prompts is not None and not every:  # scoring needs every position's logits
+            seq.cached = self.prompts.load(prompt, row, limit=T - 1)
+        start = seq.cached
+        ids = torch.tensor([prompt[start:]], device=self.model.device)  # (1, T - start)
         logits = self.model.net(
-            ids, cache=cache, input_pos=torch.arange(T, device=ids.device), last_only=True
+            ids,
+            cache=self._view(slice(row, row + 1), T),
+            input_pos=torch.arange(start, T, device=ids.device),
+            last_only=not every,
         )
-        return logits[:, -1]  # (1, V)
+        if self.prompts is not None:
+            self.prompts.store(prompt, row)
+        return logits
+
+    def _echo(self, seq: Sequence, logits: Tensor) -> None:
+        """Send the prompt's text, with its tokens' logprobs when asked (`logits` then holds
+        every position's); the generated tokens' offsets follow on from it."""
+        request = seq.request
+        prompt = request.prompt
+        decoder = self.model.tokenizer.decoder()
+        text, offsets = "", []
+        for token in prompt:
+            offsets.append(len(text))
+            text += decoder.feed(token)
+        text += decoder.flush()
+        entries = []
+        if request.logprobs is not None:
+            entries = _prompt_logprobs(logits[0], prompt, request.logprobs, offsets)
+        seq.echoed = len(text)
+        self._send(seq, Delta(text, entries))
 
     def _decode(self) -> None:
         """One token for every running row, each at its own position."""
@@ -256,10 +313,11 @@ class Engine:
         seq.length += 1
         seq.generated += 1
         seq.next_token = token
+        if request.logprobs is not None:  # an EOS keeps its entry: evaluations count on it
+            offset = seq.echoed + len(seq.text.text)
+            seq.pending.append(_logprob(logits, token, request.logprobs, offset))
         if token in self.model.eos_ids:
             return self._finish(row, seq, "stop")
-        if request.logprobs is not None:
-            seq.pending.append(_logprob(logits, token, request.logprobs, len(seq.text.text)))
         text = seq.text.add(token)
         if seq.text.stopped:
             return self._finish(row, seq, "stop", text)
@@ -271,10 +329,14 @@ class Engine:
 
     def _finish(self, row: int, seq: Sequence, reason: str, text: str = "") -> None:
         self.rows[row] = None
+        if self.prompts is not None:  # the answer too: the next turn of a chat starts with it
+            # subtle: the last token sampled was never fed, so its keys and values are not in
+            fed = seq.length - (seq.generated > 0)
+            self.prompts.store(seq.history[0, :fed].tolist(), row)
         text += seq.text.finish()
         if text or seq.pending:
             self._send(seq, Delta(text, seq.pending))
-        self._send(seq, Finished(reason, seq.generated))
+        self._send(seq, Finished(reason, seq.generated, seq.cached))
 
     def _send(self, seq: Sequence, event: Event) -> None:
         try:
@@ -292,3 +354,23 @@ def _logprob(logits: Tensor, token: int, top: int, offset: int) -> TokenLogprob:
         best = logp.topk(top)
         pairs = list(zip(best.indices.tolist(), best.values.tolist(), strict=True))
     return TokenLogprob(token, float(logp[token]), pairs, offset)
+
+
+def _prompt_logprobs(
+    logits: Tensor, prompt: list[int], top: int, offsets: list[int]
+) -> list[TokenLogprob]:
+    """The prompt's entries from the logits of every prompt position (T, V): position i - 1
+    predicts token i, and nothing predicts token 0 (its entry has no logprob)."""
+    logits = logits[:-1]  # (T - 1, V): the last position predicts the first new token
+    targets = torch.tensor(prompt[1:], device=logits.device)[:, None]  # (T - 1, 1)
+    entries = [TokenLogprob(prompt[0], None, [], 0)]
+    for first in range(0, len(prompt) - 1, 256):  # 256 rows at a time: (T, V) is large
+        logp = logits[first : first + 256].float().log_softmax(-1)  # (n, V)
+        chosen = logp.gather(1, targets[first : first + 256])[:, 0].tolist()  # (n,)
+        best = logp.topk(top)  # (n, top)
+        ids, values = best.indices.tolist(), best.values.tolist()
+        for j, logprob in enumerate(chosen):
+            i = first + j + 1
+            pairs = list(zip(ids[j], values[j], strict=True))
+            entries.append(TokenLogprob(prompt[i], logprob, pairs, offsets[i]))
+    return entries

@@ -1,8 +1,8 @@
 """The OpenAI request bodies we accept, checked field by field, and the errors they raise.
 
 Unknown fields are ignored, as OpenAI's clients send new ones over time; fields OpenAI defines
-that we do not implement (tools, JSON mode, logit_bias, penalties) are refused by name rather
-than silently dropped. Every problem is an `APIError` that becomes
+that we do not implement (tools, JSON mode, logit_bias, penalties, echo on chat) are refused by
+name rather than silently dropped. Every problem is an `APIError` that becomes
 `{"error": {"message", "type", "param", "code"}}`.
 """
 
@@ -13,6 +13,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_SEED = 2**64 - 1
+MAX_STOP = 16  # stop strings a request may give (OpenAI's 4 is too few: HumanEval sends 5)
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default and OpenAI's chat allow
 
 
 class APIError(Exception):
@@ -72,9 +74,9 @@ class _Body(BaseModel):
         if value is None:
             return []
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise ValueError("expected a string or a list of up to 4 strings")
-        if len(stops) > 4:
-            raise ValueError(f"at most 4 stop strings, got {len(stops)}")
+            raise ValueError(f"expected a string or a list of up to {MAX_STOP} strings")
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
         return [s for s in stops if s]
 
 
@@ -82,7 +84,7 @@ class ChatRequest(_Body):
     messages: list[Any] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("messages")
     @classmethod
@@ -92,7 +94,9 @@ class ChatRequest(_Body):
 
 class CompletionRequest(_Body):
     prompt: Any
-    logprobs: int | None = Field(None, ge=0, le=5)
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt alone
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False  # the prompt first, and its tokens' logprobs with `logprobs`
 
     @field_validator("prompt")
     @classmethod
@@ -162,7 +166,7 @@ UNSUPPORTED = {
     "modalities": lambda v: v not in (None, ["text"]),
     "prediction": lambda v: v is not None,
     "web_search_options": lambda v: v is not None,
-    "echo": lambda v: v not in (None, False),
+    "echo": lambda v: v not in (None, False),  # a completions field: chat refuses it
     "suffix": lambda v: v not in (None, ""),
     "best_of": lambda v: v not in (None, 1),
 }
@@ -173,8 +177,9 @@ def parse(model: type[_Body], body: Any) -> _Body:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     for name, refused in UNSUPPORTED.items():
-        if name in body and refused(body[name]):
-            raise APIError(400, f"{name} is not supported by this server", param=name)
+        if name in body and name not in model.model_fields and refused(body[name]):
+            where = "chat completions" if name in CompletionRequest.model_fields else "this server"
+            raise APIError(400, f"{name} is not supported by {where}", param=name)
     try:
         request = model.model_validate(body)
     except ValidationError as e:
@@ -186,6 +191,10 @@ def parse(model: type[_Body], body: Any) -> _Body:
         raise APIError(400, f"{param}: {message}", param=param) from None
     if isinstance(request, ChatRequest) and request.top_logprobs and not request.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
+    if isinstance(request, CompletionRequest) and request.max_tokens == 0 and not request.echo:
+        raise APIError(
+            400, "max_tokens: 0 needs echo set to true (to score the prompt)", param="max_tokens"
+        )
     return request
 
 

@@ -19,6 +19,7 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
 
 class Shapes:
@@ -34,7 +35,9 @@ class Shapes:
         kind += ".chunk" if chunk and self.chat else ""
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def answer(self, choices: list[Choice], prompt_tokens: int, logprobs: bool) -> dict:
+    def answer(
+        self, choices: list[Choice], prompt_tokens: int, cached_tokens: int, logprobs: bool
+    ) -> dict:
         """The whole answer, for a request without `stream`."""
         out = []
         for index, c in enumerate(choices):
@@ -44,7 +47,8 @@ class Shapes:
                 body = {"text": c.text}
             body["logprobs"] = self.logprobs(c.logprobs) if logprobs else None
             out.append({"index": index, **body, "finish_reason": c.finish_reason})
-        usage = self.usage(prompt_tokens, sum(c.completion_tokens for c in choices))
+        completion_tokens = sum(c.completion_tokens for c in choices)
+        usage = self.usage(prompt_tokens, completion_tokens, cached_tokens)
         return {**self._head(chunk=False), "choices": out, "usage": usage}
 
     def chunk(
@@ -69,28 +73,35 @@ class Shapes:
         extra = {"usage": None} if usage else {}  # every chunk says "no usage yet" when asked
         return event({**self._head(chunk=True), "choices": [choice], **extra})
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> str:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> str:
         """The last event before [DONE] when `stream_options.include_usage` asked for it."""
-        usage = self.usage(prompt_tokens, completion_tokens)
+        usage = self.usage(prompt_tokens, completion_tokens, cached_tokens)
         return event({**self._head(chunk=True), "choices": [], "usage": usage})
 
     @staticmethod
-    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+        """Token counts; `cached_tokens`: prompt tokens whose keys and values the prompt cache
+        held (each prompt's first choice counted, as prompt_tokens counts each prompt once)."""
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens},
         }
 
     def logprobs(self, entries: list[TokenLogprob]) -> dict:
         """Chat: {content: [{token, logprob, bytes, top_logprobs}]}; completions: parallel
-        lists of tokens, their logprobs, the top alternatives and each text offset."""
+        lists of tokens, their logprobs, the top alternatives and each text offset (an echoed
+        prompt's first token has null for both, as in OpenAI's legacy API and vLLM)."""
         if self.chat:
             return {"content": [self._chat_entry(e) for e in entries], "refusal": None}
         return {
             "tokens": [self._text(e.token) for e in entries],
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{self._text(t): lp for t, lp in e.top} for e in entries],
+            "top_logprobs": [
+                None if e.logprob is None else {self._text(t): lp for t, lp in e.top}
+                for e in entries
+            ],
             "text_offset": [e.text_offset for e in entries],
         }
 
