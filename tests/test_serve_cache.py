@@ -6,13 +6,18 @@ pool keeps within its bound, evicting the least recently used blocks, never a ch
 
 from __future__ import annotations
 
+import contextlib
 import random
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 import torch
-from test_serve import CHATML, running_server, wait_ready
+from test_serve import CHATML, free_port, running_server, wait_ready
 
 import tinyformers
 from tinyformers.models.kv_cache import KVCache
@@ -170,3 +175,31 @@ def test_cached_tokens_count_whole_blocks_of_the_prefix_streamed_or_not(clients)
     # n choices of one new prompt: the first computes it, the others reuse it; counted once
     answer = client.completions.create(model="x", prompt=list(range(2000, 2040)), n=3)
     assert answer.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_cache_tokens_flag_bounds_the_cache(gpt2_small_dir):
+    """`tinyformers serve --cache-tokens 32`: two blocks, so a 48-token prompt sent again reuses
+    32 of them."""
+    port = free_port()
+    command = [sys.executable, "-m", "tinyformers", "serve", "--model", str(gpt2_small_dir)]
+    command += ["--port", str(port), "--cache-tokens", "32"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    process = subprocess.Popen(command, **quiet)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            time.sleep(0.1)
+        body = {"prompt": list(range(500, 548)), "max_tokens": 1}
+        cached = [
+            httpx.post(f"{url}/v1/completions", json=body).json()["usage"]["prompt_tokens_details"]
+            for _ in range(2)
+        ]
+        assert cached == [{"cached_tokens": 0}, {"cached_tokens": 32}]
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -64,6 +64,14 @@ def add_parser(subparsers) -> None:
         "the KV cache holds --max-batch of them",
     )
     p.add_argument(
+        "--cache-tokens",
+        type=typed(int, lambda v: v >= 0, "an integer >= 0"),
+        metavar="N",
+        help="the prompt cache: keys and values of up to N prompt and answer tokens kept for "
+        "later requests that start with the same tokens (default: --max-batch x --context, "
+        "as many as the rows hold; 0: off)",
+    )
+    p.add_argument(
         "--cors-origin",
         action="append",
         metavar="ORIGIN",
@@ -108,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         context=args.context,
+        cache_tokens=args.cache_tokens,
         max_tokens=args.max_new_tokens,
         sampling=SamplingParams(**sampling_options(args)),
     )
