@@ -261,11 +261,11 @@ def test_completion_logprobs_line_up_with_the_text(client):
         assert top[token] == pytest.approx(logprob)
 
 
-def test_models_routes_and_routes_without_v1(client, served):
+def test_models_routes_and_routes_without_v1(client, served, chat_dir):
     url = served[0]
     models = client.models.list().data
     assert [m.id for m in models] == [NAME]
-    assert models[0].model_extra["root"].endswith("gpt2-chat0")
+    assert models[0].model_extra["root"] == str(chat_dir)
     assert client.models.retrieve(NAME).id == NAME
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("gpt-4")
@@ -295,13 +295,14 @@ CHAT = {"model": "x", "messages": [{"role": "user", "content": "Hi"}]}
         ({"stop": [str(i) for i in range(17)]}, "stop"),  # at most 16
         ({"stop": 5}, "stop"),
         ({"stream": "yes"}, "stream"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"logit_bias": {"50": 10}}, "logit_bias"),
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"extra_body": {"echo": True}}, "echo"),  # a completions field
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},

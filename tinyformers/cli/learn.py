@@ -9,8 +9,9 @@ docs/learn/ (01-numbers-vectors-matrices.md first).
 from __future__ import annotations
 
 import argparse
+import os
 
-from tinyformers.cli.options import typed
+from tinyformers.cli.options import add_threads_argument, typed
 from tinyformers.errors import TinyformersError
 
 EXAMPLES = """\
@@ -35,12 +36,19 @@ def add_parser(subparsers) -> None:
     check = actions.add_parser("check", help="check the exercises, one line each")
     check.add_argument("chapter", type=CHAPTER, help="1 to 8")
     check.add_argument("file", nargs="?", help="the file to check (default: learn/chNN.py)")
+    add_threads_argument(p, note="; the checks that load a model use them")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from tinyformers import learn
 
+    if args.threads:
+        # Through the environment: `load` inside a check reads OMP_NUM_THREADS.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     if args.action == "start":
         path = learn.default_path(args.chapter)
         if path.exists():
