@@ -1,6 +1,8 @@
-"""Serving speed: `tinyformers serve` under 1, 4 and 8 concurrent streaming clients.
+"""Serving speed: `tinyformers serve` under 1, 4 and 8 concurrent streaming clients, and a
+chat that resends its history, with and without the prompt cache.
 
     python -m benchmarks.serve [--model smollm2] [--clients 1,4,8] [--rounds 2] [--tokens 64]
+    python -m benchmarks.serve --turns 10 [--turn-chars 1200] [--tokens 32]
 
 The server runs in its own process on 127.0.0.1 (a free port), so the clients here do not
 share its interpreter. Each client sends `--rounds` streaming completions one after another
@@ -9,6 +11,11 @@ level of concurrency: time to first token (request sent -> first text event), th
 text events of one stream, both as p50/p99, and total tok/s: completion tokens of every
 request (from the usage event) over the wall time of the whole level. The first request of
 the run is a warm-up and is not counted.
+
+With `--turns`, one client holds a chat of that many turns, each a new user message of about
+300 tokens (`--turn-chars` characters of All's Well, tests/data) answered in `--tokens` tokens
+at temperature 0, the whole history sent each turn: time to first token per turn, on a server
+with the prompt cache (its default) and then on one started with `--cache-tokens 0`.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -35,9 +43,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, max_batch: int, threads: int | None) -> subprocess.Popen:
+TEXT = Path(__file__).resolve().parents[1] / "tests/data/shakespeare/alls_well_that_ends_well.txt"
+
+
+def start_server(
+    model: str, port: int, max_batch: int, threads: int | None, *flags: str
+) -> subprocess.Popen:
     command = [sys.executable, "-m", "tinyformers", "serve", "--model", model, "--port", str(port)]
     command += ["--max-batch", str(max_batch)] + (["--threads", str(threads)] if threads else [])
+    command += flags
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -103,6 +117,75 @@ async def level(url: str, clients: int, rounds: int, tokens: int) -> dict:
     }
 
 
+async def chat_turns(url: str, turns: int, chars: int, tokens: int) -> list[dict]:
+    """(prompt tokens, cached tokens, time to first token) of each turn of one chat."""
+    text = TEXT.read_text()[5000:]
+    messages, rows = [], []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for turn in range(turns):
+            passage = text[turn * chars : (turn + 1) * chars]
+            messages.append({"role": "user", "content": f"Summarize this passage:\n{passage}"})
+            body = {
+                "messages": messages,
+                "max_tokens": tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            start, first, answer = time.perf_counter(), None, ""
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        first = first or time.perf_counter()
+                        answer += chunk["choices"][0]["delta"]["content"]
+            messages.append({"role": "assistant", "content": answer})
+            rows.append(
+                {
+                    "prompt": usage["prompt_tokens"],
+                    "cached": usage["prompt_tokens_details"]["cached_tokens"],
+                    "ttft": (first or time.perf_counter()) - start,
+                }
+            )
+    return rows
+
+
+def multi_turn(args: argparse.Namespace) -> None:
+    """The chat on a server with the prompt cache, then on one without; a table per turn."""
+    runs = {}
+    for name, flags in (("cache", []), ("none", ["--cache-tokens", "0"])):
+        port = free_port()
+        # room for every turn: ~300 tokens asked + the answer + the template's, each turn
+        context = str(args.turns * (args.turn_chars // 3 + args.tokens + 32))
+        server = start_server(args.model, port, 1, args.threads, "--context", context, *flags)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            asyncio.run(level(url, 1, 1, 8))  # warm-up: first-call costs out of the figures
+            runs[name] = asyncio.run(chat_turns(url, args.turns, args.turn_chars, args.tokens))
+        finally:
+            server.terminate()
+            server.wait(30)
+    print(f"{args.model}, {cpu_name()}, {os.cpu_count()} CPUs, {args.tokens} tokens an answer")
+    print("| turn | prompt tokens | cached | TTFT cached s | TTFT uncached s | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for turn, (ours, plain) in enumerate(zip(runs["cache"], runs["none"], strict=True), 1):
+        print(
+            f"| {turn} | {ours['prompt']} | {ours['cached']} | {ours['ttft']:.2f} | "
+            f"{plain['ttft']:.2f} | {plain['ttft'] / ours['ttft']:.1f}x |"
+        )
+
+
+def cpu_name() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if "model name" in line), cpu)
+    return cpu
+
+
 def percentile(values: list[float], p: float) -> float:
     """The nearest-rank percentile (p99 of a few hundred values is their near-maximum)."""
     if not values:
@@ -118,7 +201,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client, in turn")
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens of each request")
     parser.add_argument("--threads", type=int, default=None, help="the server's --threads")
+    parser.add_argument("--turns", type=int, default=0, help="run the multi-turn chat instead")
+    parser.add_argument("--turn-chars", type=int, default=1200, help="characters a user turn")
     args = parser.parse_args()
+    if args.turns:
+        return multi_turn(args)
     levels = [int(c) for c in args.clients.split(",")]
     port = free_port()
     server = start_server(args.model, port, max(levels), args.threads)
@@ -129,10 +216,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if "model name" in line), cpu)
-    print(f"{args.model}, {cpu}, {os.cpu_count()} CPUs, {args.tokens} tokens a request")
+    print(f"{args.model}, {cpu_name()}, {os.cpu_count()} CPUs, {args.tokens} tokens a request")
     print(
         "| clients | requests | TTFT p50 s | TTFT p99 s | gap p50 ms | gap p99 ms | tok/s | vs 1 |"
     )

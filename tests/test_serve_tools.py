@@ -7,9 +7,14 @@ streamed calls, tool_choice none, and the errors.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jsonschema
+import openai
 import pytest
+import torch
+from conftest import GPT2_DATA
+from test_serve import running_server, wait_ready
 
 import tinyformers
 from tinyformers.chat import encode_chat, render_chat
@@ -278,8 +283,6 @@ def test_llama3_text_that_is_not_a_call_streams_as_it_comes():
 def test_forced_calls_always_parse_and_their_arguments_validate(fmt):
     """Random walks (seeded random logits) under the call grammar: every one is a call of an
     offered tool whose arguments validate against its parameters."""
-    import torch
-
     tok = tinyformers.load_tokenizer("smollm2")
     grammar = call_grammar(fmt, [WEATHER, TIME])
     constrain.check(grammar, tok, tok.vocab_size, {2})
@@ -297,3 +300,233 @@ def test_forced_calls_always_parse_and_their_arguments_validate(fmt):
         content, calls = parse_calls(fmt, tok.decode(ids), NAMES)
         assert content is None and len(calls) == 1, tok.decode(ids)
         jsonschema.validate(json.loads(calls[0].arguments), schemas[calls[0].name])
+
+
+# -- the server ----------------------------------------------------------------------------------
+
+
+def qwen_folder(folder: Path) -> Path:
+    """A random 2-layer Qwen2 whose tokenizer is GPT-2's BPE plus Qwen2.5's ChatML control
+    tokens and its <tool_call> tags (added tokens, not control ones, as in Qwen2.5), with
+    Qwen2.5's chat template; the embedding has padding rows past the tokenizer, as Qwen's has."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = Tokenizer(
+        models.BPE.from_file(str(GPT2_DATA / "vocab.json"), str(GPT2_DATA / "merges.txt"))
+    )
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])
+    tok.add_tokens([AddedToken(t, normalized=False) for t in ("<tool_call>", "</tool_call>")])
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"chat_template": QWEN25, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    shapes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    shapes |= dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=50304, **shapes)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    """(client, the folder) of a server on the Qwen2-format model."""
+    folder = qwen_folder(tmp_path_factory.mktemp("qwen2"))
+    model = tinyformers.load(folder)
+    with running_server(lambda: model, name="qwen", max_batch=4, context=512) as (url, _):
+        wait_ready(url)
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0), folder
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model = tinyformers.load()
+    with running_server(lambda: model, name="smollm2", max_batch=4, context=1024) as (url, _):
+        wait_ready(url)
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0), model
+
+
+def as_sent_back(message) -> dict:
+    """The answer's message as a client puts it into the next request."""
+    return message.model_dump(exclude_none=True, include={"role", "content", "tool_calls"})
+
+
+def hf_prompt_tokens(folder: Path, messages: list[dict], tools) -> int:
+    """How many tokens the prompt transformers' apply_chat_template renders holds (arguments as
+    dicts, as HF wants them), counted by our tokenizer: what the server read, if it rendered the
+    same text. (HF's own tokenizer splits this test tokenizer's text differently.)"""
+    from transformers import AutoTokenizer
+
+    hf, _ = template_messages(HERMES, messages, tools)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = tokenizer.apply_chat_template(
+        hf, tools=tools, add_generation_prompt=True, tokenize=False
+    )
+    return len(tinyformers.load_tokenizer(folder).encode(text, allowed_special="all"))
+
+
+def test_qwen2_round_trip_renders_as_transformers_and_the_forced_call_parses(qwen):
+    client, folder = qwen
+    messages = [QUESTION]
+    first = client.chat.completions.create(
+        model="x", messages=messages, tools=[WEATHER, TIME], tool_choice="required", temperature=0
+    )
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (called,) = choice.message.tool_calls  # a random model, but the grammar holds it to a call
+    assert called.type == "function" and called.id.startswith("call_")
+    schema = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    jsonschema.validate(json.loads(called.function.arguments), schema[called.function.name])
+    assert first.usage.prompt_tokens == hf_prompt_tokens(folder, messages, [WEATHER, TIME])
+    messages += [as_sent_back(choice.message)]
+    messages += [{"role": "tool", "tool_call_id": called.id, "content": "22 C and sunny"}]
+    second = client.chat.completions.create(
+        model="x", messages=messages, tools=[WEATHER, TIME], max_tokens=8, temperature=0
+    )
+    assert second.usage.prompt_tokens == hf_prompt_tokens(folder, messages, [WEATHER, TIME])
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_qwen2_streamed_call_equals_the_whole_one(qwen):
+    client, _ = qwen
+    options = dict(model="x", messages=[QUESTION], tools=[WEATHER, TIME], temperature=0)
+    options |= dict(tool_choice={"type": "function", "function": {"name": "get_time"}})
+    whole = client.chat.completions.create(**options).choices[0].message.tool_calls[0]
+    chunks = list(client.chat.completions.create(**options, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    calls = [call for d in deltas for call in d.tool_calls or []]
+    assert [c.index for c in calls] == [0] and calls[0].function.name == "get_time"
+    assert calls[0].function.arguments == whole.function.arguments
+    assert all(not d.content for d in deltas)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+@pytest.mark.slow
+def test_smollm2_round_trip_call_result_answer(smollm2):
+    client, model = smollm2
+    messages = [QUESTION]
+    first = client.chat.completions.create(
+        model="x", messages=messages, tools=[WEATHER, TIME], tool_choice="required", temperature=0
+    )
+    (called,) = first.choices[0].message.tool_calls
+    # SmolLM2-135M picks the right tool and argument once it must call one
+    assert (called.function.name, json.loads(called.function.arguments)) == (
+        "get_weather",
+        {"city": "Paris"},
+    )
+    assert first.choices[0].finish_reason == "tool_calls"
+    messages += [as_sent_back(first.choices[0].message)]
+    messages += [{"role": "tool", "tool_call_id": called.id, "content": "22 C and sunny"}]
+    answer = client.chat.completions.create(
+        model="x", messages=messages, tools=[WEATHER, TIME], max_tokens=24, temperature=0
+    )
+    # the call and its result went back through the (polyfilled) template
+    fmt = tool_format(model.tokenizer.chat_template)
+    rendered, _ = template_messages(fmt, messages, [WEATHER, TIME])
+    assert answer.usage.prompt_tokens == len(encode_chat(model.tokenizer, rendered))
+    assert "22 C and sunny" in render_chat(model.tokenizer.chat_template, rendered)
+    assert answer.choices[0].message.content  # an answer in words, not a call
+    assert answer.choices[0].message.tool_calls is None
+
+
+@pytest.mark.slow
+def test_smollm2_named_choice_streams_that_call(smollm2):
+    client, _ = smollm2
+    chunks = client.chat.completions.create(
+        model="x",
+        messages=[{"role": "user", "content": "What time is it in Berlin?"}],
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        temperature=0,
+        stream=True,
+    )
+    calls = [call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]
+    assert [(c.index, c.type, c.function.name) for c in calls] == [(0, "function", "get_time")]
+    assert json.loads(calls[0].function.arguments)["zone"] in ("UTC", "CET")
+
+
+@pytest.mark.slow
+def test_smollm2_tool_choice_none_renders_no_tools(smollm2):
+    client, _ = smollm2
+    options = dict(model="x", messages=[QUESTION], max_tokens=4, temperature=0)
+    without = client.chat.completions.create(**options)
+    none = client.chat.completions.create(**options, tools=[WEATHER], tool_choice="none")
+    assert none.usage.prompt_tokens == without.usage.prompt_tokens  # the prompt has no tools
+    assert none.choices[0].message.content == without.choices[0].message.content
+    assert none.choices[0].message.tool_calls is None
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+BAD = [  # (the request's fields, the param named, words of the message)
+    (dict(tool_choice="required"), "tool_choice", "needs tools"),
+    (
+        dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "x"}}),
+        "tool_choice",
+        "no tool is named 'x'",
+    ),
+    (
+        dict(tools=[{"type": "function", "function": {"name": "a b"}}]),
+        "tools[0].function.name",
+        "a-z",
+    ),
+    (dict(tools=[WEATHER, WEATHER]), "tools[1].function.name", "given twice"),
+    (dict(tools=[{"type": "retrieval"}]), "tools[0].type", '"function"'),
+    (dict(tool_choice="sometimes", tools=[WEATHER]), "tool_choice", '"required"'),
+    (
+        dict(
+            tools=[
+                TIME,
+                {
+                    "type": "function",
+                    "function": {"name": "f", "parameters": {"type": "array", "uniqueItems": True}},
+                },
+            ],
+            tool_choice="required",
+        ),
+        "tools[1].function.parameters",
+        "uniqueItems cannot be enforced while decoding",
+    ),
+    (
+        dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}),
+        "tool_choice",
+        "cannot both",
+    ),
+    (
+        dict(messages=[QUESTION, {"role": "tool", "content": "22 C"}]),
+        "messages[1].tool_call_id",
+        "the call",
+    ),
+    (
+        dict(
+            messages=[
+                QUESTION,
+                {
+                    **CALLED,
+                    "tool_calls": [
+                        {
+                            "id": "c",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "{nope"},
+                        }
+                    ],
+                },
+            ]
+        ),
+        "messages[1].tool_calls[0].function.arguments",
+        "JSON object",
+    ),
+    (dict(functions=[WEATHER["function"]]), "functions", "not supported"),
+]
+
+
+@pytest.mark.parametrize(("fields", "param", "words"), BAD)
+def test_bad_tool_requests_are_400_in_openais_shape_naming_the_field(qwen, fields, param, words):
+    client, _ = qwen
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**{"model": "x", "messages": [QUESTION], **fields})
+    error = e.value.response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["param"], error["type"]) == (param, "invalid_request_error")
+    assert words in error["message"] and "\n" not in error["message"]

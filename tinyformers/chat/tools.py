@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from tinyformers.chat.template import render_chat
@@ -43,17 +43,19 @@ HERMES_TOOLS = (
 @dataclass(frozen=True)
 class ToolCall:
     """One call the model made: OpenAI's `{id, type: "function", function: {name, arguments}}`,
-    `arguments` a JSON object as text."""
+    `arguments` a JSON object as text; `index` its place among the answer's calls."""
 
     id: str
     name: str
     arguments: str
+    index: int = 0
 
-    def openai(self, index: int | None = None) -> dict:
-        """The call as OpenAI writes it (with `index` in a streamed delta)."""
-        call = {"id": self.id, "type": "function"}
+    def openai(self, streamed: bool = False) -> dict:
+        """The call as OpenAI writes it (a streamed delta's starts with its index)."""
+        call = {"index": self.index} if streamed else {}
+        call |= {"id": self.id, "type": "function"}
         call["function"] = {"name": self.name, "arguments": self.arguments}
-        return call if index is None else {"index": index, **call}
+        return call
 
 
 @dataclass(frozen=True)
@@ -219,24 +221,30 @@ class CallParser:
         self.fmt, self.names = fmt, names
         self.held = ""  # text not yet given out
         self.in_call = False  # inside <tool_call> ... (hermes)
-        self.called = False  # a call has been given out
+        self.called = 0  # calls given out
         self.holding = None  # llama3: None until the answer shows whether it is a call
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         self.held += text
         if self.fmt.name == "llama3":
             return self._feed_llama3(), []
-        return self._feed_hermes()
+        content, calls = self._feed_hermes()
+        return content, self._numbered(calls)
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         held, self.held = self.held, ""
         if self.fmt.name == "llama3":
             calls = _json_calls(held, self.names) if self.holding else None
-            return ("", calls) if calls else (held, [])
+            return ("", self._numbered(calls)) if calls else (held, [])
         if self.in_call:  # the model ended right after the JSON, without the closing tag
             call = _hermes_call(held, self.names)
-            return ("", [call]) if call else (HERMES_OPEN + held, [])
+            return ("", self._numbered([call])) if call else (HERMES_OPEN + held, [])
         return ("" if self.called and not held.strip() else held), []
+
+    def _numbered(self, calls: list[ToolCall]) -> list[ToolCall]:
+        out = [replace(c, index=self.called + k) for k, c in enumerate(calls)]
+        self.called += len(out)
+        return out
 
     def _feed_hermes(self) -> tuple[str, list[ToolCall]]:
         content, calls = "", []
@@ -250,7 +258,6 @@ class CallParser:
                 call = _hermes_call(block, self.names)
                 if call:
                     calls.append(call)
-                    self.called = True
                 else:
                     content += HERMES_OPEN + block + HERMES_CLOSE
                 continue
@@ -259,14 +266,14 @@ class CallParser:
                 # subtle: "<tool" at the end may be the start of a call: keep it back
                 cut = len(self.held) - _partial_suffix(self.held, HERMES_OPEN)
                 before, self.held = self.held[:cut], self.held[cut:]
-                if self.called and not before.strip():  # the newline between two calls
+                if (self.called or calls) and not before.strip():  # between two calls
                     self.held = before + self.held
                     return content, calls
                 return content + before, calls
             before = self.held[:start]
             self.held = self.held[start + len(HERMES_OPEN) :]
             self.in_call = True
-            if not (self.called and not before.strip()):
+            if not ((self.called or calls) and not before.strip()):
                 content += before
 
     def _feed_llama3(self) -> str:

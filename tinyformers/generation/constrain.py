@@ -187,11 +187,12 @@ class _Tokens(TokenizerWrapper):
 
 
 def _explain(error: str) -> str:
-    """llguidance's message as one line that names the keyword where it can."""
-    if m := re.match(r"Unimplemented keys: (\[.*\])", error):
+    """llguidance's message as one line that names the keyword where it can (a schema inside
+    a Lark grammar, as a forced tool call's, reports it after the rule's place)."""
+    if m := re.search(r"Unimplemented keys: (\[[^\]]*\])", error):
         keys = ", ".join(json.loads(m.group(1)))
         return f"{keys} cannot be enforced while decoding"
-    if error.startswith("oneOf constraints are not supported"):
+    if "oneOf constraints are not supported" in error:
         return "oneOf whose branches overlap cannot be enforced while decoding (use anyOf)"
     return _one_line(error)
 

@@ -27,6 +27,7 @@ from tinyformers.chat import encode_chat
 from tinyformers.errors import TinyformersError
 from tinyformers.generation.params import SamplingParams
 from tinyformers.lab import add_lab
+from tinyformers.serve import guided
 from tinyformers.serve.engine import Delta, Engine, Failed, Finished, QueueFull
 from tinyformers.serve.engine import Request as Job
 from tinyformers.serve.protocol import APIError, ChatRequest, CompletionRequest, parse
@@ -147,11 +148,15 @@ def create_app(settings: Settings, load: Callable, on_error: Callable = lambda e
         authorized(request)
         engine = server.ready()
         body = parse(ChatRequest, await _read_json(request))
-        ids = await run_in_threadpool(_chat_ids, server.model, body.messages, engine.context)
+        model = server.model
+        plan = guided.plan(body, model.tokenizer)  # the tools, the grammar, what to parse
+        ids = await run_in_threadpool(_chat_ids, model, plan, engine.context)
         limit = body.max_completion_tokens or body.max_tokens or settings.max_tokens
         jobs = _jobs(body, [ids], limit, engine.context, settings, "messages")
-        shapes = Shapes(True, settings.name, server.model.tokenizer)
-        return await _answer(request, engine, jobs, len(ids), body, shapes)
+        if plan.grammar is not None:  # in a thread: the first one reads the vocabulary
+            await run_in_threadpool(guided.constrain_jobs, body, plan.grammar, model, jobs)
+        shapes = Shapes(True, settings.name, model.tokenizer)
+        return await _answer(request, engine, jobs, len(ids), body, shapes, plan)
 
     async def completions(request: Request):
         authorized(request)
@@ -172,6 +177,8 @@ def create_app(settings: Settings, load: Callable, on_error: Callable = lambda e
         if limit is None:
             limit = settings.max_tokens or COMPLETION_MAX_TOKENS
         jobs = _jobs(body, prompts, limit, engine.context, settings, "prompt")
+        if (grammar := guided.response_grammar(body.response_format)) is not None:
+            await run_in_threadpool(guided.constrain_jobs, body, grammar, model, jobs)
         shapes = Shapes(False, settings.name, model.tokenizer)
         return await _answer(request, engine, jobs, sum(map(len, prompts)), body, shapes)
 
@@ -225,7 +232,7 @@ async def _read_json(request: Request):
         raise APIError(400, f"the request body is not valid JSON: {e}"[:300]) from None
 
 
-def _chat_ids(model, messages: list[dict], context: int) -> list[int]:
+def _chat_ids(model, plan: guided.Plan, context: int) -> list[int]:
     tokenizer = model.tokenizer
     if tokenizer.chat_template is None:
         raise APIError(
@@ -233,9 +240,10 @@ def _chat_ids(model, messages: list[dict], context: int) -> list[int]:
             f"{model.source.name} has no chat template (a base model?): use /v1/completions",
             param="messages",
         )
-    _check_length(sum(len(m["content"]) for m in messages), tokenizer, context, "messages")
+    chars = guided.prompt_chars(plan.messages, plan.tools)
+    _check_length(chars, tokenizer, context, "messages")
     try:
-        return encode_chat(tokenizer, messages)
+        return encode_chat(tokenizer, plan.messages, tools=plan.tools)
     except TinyformersError as e:  # the template refused the roles or their order
         raise APIError(400, str(e), param="messages") from None
 
@@ -313,8 +321,11 @@ def _logprobs(body) -> int | None:
     return body.logprobs
 
 
-async def _answer(request: Request, engine: Engine, jobs, prompt_tokens, body, shapes: Shapes):
-    """Submit the jobs, then stream the answer or send it whole."""
+async def _answer(
+    request: Request, engine: Engine, jobs, prompt_tokens, body, shapes: Shapes, plan=None
+):
+    """Submit the jobs, then stream the answer or send it whole (tool calls parsed out of the
+    text where the plan offers tools)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
@@ -332,6 +343,8 @@ async def _answer(request: Request, engine: Engine, jobs, prompt_tokens, body, s
             headers={"Retry-After": "1"},
         ) from None
     results = _results(events, len(jobs))
+    if plan is not None and plan.parse is not None:
+        results = guided.parsed(results, plan.parse, plan.names, len(jobs))
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _sse(results, shapes, len(jobs), body.n, prompt_tokens, usage)
@@ -372,6 +385,7 @@ def _record(choice: Choice, ev) -> None:
     if isinstance(ev, Delta):
         choice.text += ev.text
         choice.logprobs += ev.logprobs
+        choice.tool_calls += ev.tool_calls if isinstance(ev, guided.CallDelta) else []
     elif isinstance(ev, Finished):
         choice.finish_reason, choice.completion_tokens = ev.reason, ev.completion_tokens
         choice.cached_tokens = ev.cached_tokens
@@ -386,7 +400,9 @@ async def _sse(results, shapes: Shapes, jobs: int, n: int, prompt_tokens: int, u
     completion_tokens = cached_tokens = 0
     async for index, ev in results:
         if isinstance(ev, Delta):
-            yield shapes.chunk(index, ev.text, logprobs=ev.logprobs, usage=usage)
+            calls = ev.tool_calls if isinstance(ev, guided.CallDelta) else None
+            text = None if calls and not ev.text else ev.text  # a call's delta: no content
+            yield shapes.chunk(index, text, logprobs=ev.logprobs, usage=usage, tool_calls=calls)
         elif isinstance(ev, Finished):
             completion_tokens += ev.completion_tokens
             cached_tokens += ev.cached_tokens if index % n == 0 else 0  # a prompt's first choice

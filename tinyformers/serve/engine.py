@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from tinyformers.errors import TinyformersError
+from tinyformers.generation.constrain import Matcher
 from tinyformers.generation.generate import StopText
 from tinyformers.generation.params import SamplingParams
 from tinyformers.generation.sampling import next_tokens
@@ -41,6 +42,8 @@ class Request:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # alternatives per token (0: the chosen token's only); None: off
     echo: bool = False  # the prompt's text first (and its tokens' logprobs when `logprobs` is set)
+    # the grammar this sequence follows (response_format, a forced tool call): its own matcher
+    constraint: Matcher | None = None
 
 
 @dataclass
@@ -304,9 +307,14 @@ class Engine:
         """Draw the row's next token from its logits (1, V) and hand out what it adds."""
         request = seq.request
         history = seq.history[:, : seq.length]
+        grammar = request.constraint
         try:
-            token = int(next_tokens(logits, request.params, history, seq.generator))
-        except TinyformersError as e:  # this row's logits are NaN: it fails, the others go on
+            # what the grammar forbids goes to -inf (EOS too, until the grammar may end)
+            allowed = logits if grammar is None else grammar.mask(logits)
+            token = int(next_tokens(allowed, request.params, history, seq.generator))
+            if grammar is not None and token not in self.model.eos_ids:
+                grammar.accept(token)
+        except TinyformersError as e:  # NaN logits or a grammar error: this row fails, not others
             self.rows[row] = None
             return self._send(seq, Failed(str(e)))
         seq.history[0, seq.length] = token

@@ -1,8 +1,9 @@
 """The OpenAI request bodies we accept, checked field by field, and the errors they raise.
 
 Unknown fields are ignored, as OpenAI's clients send new ones over time; fields OpenAI defines
-that we do not implement (tools, JSON mode, logit_bias, penalties, echo on chat) are refused by
-name rather than silently dropped. Every problem is an `APIError` that becomes
+that we do not implement (logit_bias, penalties, echo on chat, tools on completions) are
+refused by name rather than silently dropped; fields.py checks tools and response_format.
+Every problem is an `APIError` that becomes
 `{"error": {"message", "type", "param", "code"}}`.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tinyformers.serve import fields
 
 MAX_SEED = 2**64 - 1
 MAX_STOP = 16  # stop strings a request may give (OpenAI's 4 is too few: HumanEval sends 5)
@@ -85,11 +88,30 @@ class ChatRequest(_Body):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool = True  # a forced call is always one
+    response_format: Any = None
 
     @field_validator("messages")
     @classmethod
-    def _messages(cls, messages: list) -> list[dict[str, str]]:
+    def _messages(cls, messages: list) -> list[dict]:
         return [_message(i, m) for i, m in enumerate(messages)]
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, tools) -> list[dict] | None:
+        return fields.check_tools(tools)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, choice) -> str | dict | None:
+        return fields.check_tool_choice(choice)
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value) -> dict | None:
+        return fields.check_response_format(value)
 
 
 class CompletionRequest(_Body):
@@ -97,6 +119,12 @@ class CompletionRequest(_Body):
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt alone
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False  # the prompt first, and its tokens' logprobs with `logprobs`
+    response_format: Any = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value) -> dict | None:
+        return fields.check_response_format(value)
 
     @field_validator("prompt")
     @classmethod
@@ -124,19 +152,26 @@ def _ids(value) -> bool:
     )
 
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",  # a tool's result, answering an assistant's call
+}
 
 
-def _message(i: int, message) -> dict[str, str]:
-    """{"role", "content"} with content as one string (text parts joined by newlines)."""
+def _message(i: int, message) -> dict:
+    """{"role", "content"} with content as one string (text parts joined by newlines); a tool
+    result and an assistant's tool calls as fields.check_tool_message gives them."""
     if not isinstance(message, dict):
         raise ValueError(f"[{i}] expected an object with role and content")
     role, content = message.get("role"), message.get("content")
     if role not in ROLES:
         roles = ", ".join(ROLES)
         raise ValueError(f"[{i}].role expected one of {roles}, got {str(role)[:40]!r}")
-    if message.get("tool_calls") or message.get("function_call"):
-        raise ValueError(f"[{i}] tool calls are not supported")
+    if message.get("function_call"):
+        raise ValueError(f"[{i}].function_call is not supported: use tool_calls")
     if isinstance(content, list):
         for j, part in enumerate(content):
             ok = isinstance(part, dict) and part.get("type") == "text"
@@ -147,6 +182,9 @@ def _message(i: int, message) -> dict[str, str]:
                     f"got {str(kind)[:40]!r}"
                 )
         content = "\n".join(part["text"] for part in content)
+    if role == "tool" or message.get("tool_calls"):
+        text = content if isinstance(content, str) else None
+        return fields.check_tool_message(i, ROLES[role], message, text)
     if not isinstance(content, str):
         raise ValueError(f"[{i}].content expected a string or a list of text parts")
     return {"role": ROLES[role], "content": content}
@@ -154,11 +192,10 @@ def _message(i: int, message) -> dict[str, str]:
 
 # Known OpenAI fields we do not implement: refused when set to anything but their default.
 UNSUPPORTED = {
-    "tools": lambda v: v not in (None, []),
-    "tool_choice": lambda v: v not in (None, "none"),
+    "tools": lambda v: v not in (None, []),  # a chat field: completions refuse it
+    "tool_choice": lambda v: v not in (None, "none"),  # a chat field too
     "functions": lambda v: v not in (None, []),
     "function_call": lambda v: v not in (None, "none"),
-    "response_format": lambda v: v is not None and v != {"type": "text"},
     "logit_bias": lambda v: v not in (None, {}),
     "frequency_penalty": lambda v: v not in (None, 0),
     "presence_penalty": lambda v: v not in (None, 0),
@@ -179,6 +216,7 @@ def parse(model: type[_Body], body: Any) -> _Body:
     for name, refused in UNSUPPORTED.items():
         if name in body and name not in model.model_fields and refused(body[name]):
             where = "chat completions" if name in CompletionRequest.model_fields else "this server"
+            where = "completions" if name in ChatRequest.model_fields else where
             raise APIError(400, f"{name} is not supported by {where}", param=name)
     try:
         request = model.model_validate(body)
@@ -186,7 +224,7 @@ def parse(model: type[_Body], body: Any) -> _Body:
         error = e.errors()[0]
         param = _param(error["loc"])
         message = error["msg"].removeprefix("Value error, ")
-        if message.startswith("["):  # a message that names its own position in the list
+        if message.startswith(("[", ".")):  # a message that names its own place in the field
             param, _, message = (param + message).partition(" ")
         raise APIError(400, f"{param}: {message}", param=param) from None
     if isinstance(request, ChatRequest) and request.top_logprobs and not request.logprobs:

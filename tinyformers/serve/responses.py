@@ -20,6 +20,7 @@ class Choice:
     finish_reason: str | None = None
     completion_tokens: int = 0
     cached_tokens: int = 0
+    tool_calls: list = field(default_factory=list)  # chat/tools.py's ToolCall, when tools were on
 
 
 class Shapes:
@@ -43,6 +44,9 @@ class Shapes:
         for index, c in enumerate(choices):
             if self.chat:
                 body = {"message": {"role": "assistant", "content": c.text}}
+                if c.tool_calls:  # content null when the answer is only calls, as OpenAI's
+                    calls = [call.openai() for call in c.tool_calls]
+                    body["message"] |= {"content": c.text or None, "tool_calls": calls}
             else:
                 body = {"text": c.text}
             body["logprobs"] = self.logprobs(c.logprobs) if logprobs else None
@@ -59,12 +63,15 @@ class Shapes:
         logprobs: list[TokenLogprob] | None = None,
         finish_reason: str | None = None,
         usage: bool = False,
+        tool_calls: list | None = None,
     ) -> str:
         """One server-sent event of a stream for choice `index`."""
         if self.chat:
             delta = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = [call.openai(streamed=True) for call in tool_calls]
             body = {"delta": delta}
         else:
             body = {"text": text or ""}
