@@ -3,6 +3,7 @@ chat that resends its history, with and without the prompt cache.
 
     python -m benchmarks.serve [--model smollm2] [--clients 1,4,8] [--rounds 2] [--tokens 64]
     python -m benchmarks.serve --turns 10 [--turn-chars 1200] [--tokens 32]
+    python -m benchmarks.serve --grammar [--rounds 4] [--tokens 64]
 
 The server runs in its own process on 127.0.0.1 (a free port), so the clients here do not
 share its interpreter. Each client sends `--rounds` streaming completions one after another
@@ -16,6 +17,10 @@ With `--turns`, one client holds a chat of that many turns, each a new user mess
 300 tokens (`--turn-chars` characters of All's Well, tests/data) answered in `--tokens` tokens
 at temperature 0, the whole history sent each turn: time to first token per turn, on a server
 with the prompt cache (its default) and then on one started with `--cache-tokens 0`.
+
+With `--grammar`, one client sends `--rounds` free-text completions and as many under a JSON
+schema (one long string field, so the grammar does not end the answer early), interleaved:
+the median gap between tokens of each, and the grammar's overhead per token.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ def start_server(
     raise SystemExit("the server did not get ready in 300 s")
 
 
-async def one_stream(client: httpx.AsyncClient, url: str, seed: int, tokens: int) -> dict:
+async def one_stream(client: httpx.AsyncClient, url: str, seed: int, tokens: int, **extra) -> dict:
     """(time to first token, gaps between text events, completion tokens) of one request."""
     body = {
         "prompt": PROMPT,
@@ -75,6 +80,7 @@ async def one_stream(client: httpx.AsyncClient, url: str, seed: int, tokens: int
         "seed": seed,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **extra,
     }
     start = time.perf_counter()
     times, usage = [], 0
@@ -179,6 +185,54 @@ def multi_turn(args: argparse.Namespace) -> None:
         )
 
 
+LONG_STRING = {  # a schema that lets the answer run to max_tokens
+    "type": "json_schema",
+    "json_schema": {
+        "name": "story",
+        "schema": {
+            "type": "object",
+            "properties": {"story": {"type": "string", "maxLength": 4000}},
+            "required": ["story"],
+        },
+    },
+}
+
+
+async def grammar_gaps(url: str, rounds: int, tokens: int) -> dict[str, list[float]]:
+    """Gaps between tokens of free and schema-constrained streams, taken in turn."""
+    gaps: dict[str, list[float]] = {"free": [], "schema": []}
+    async with httpx.AsyncClient(timeout=600) as client:
+        for r in range(rounds):
+            free = await one_stream(client, url, r, tokens)
+            schema = await one_stream(client, url, r, tokens, response_format=LONG_STRING)
+            gaps["free"] += free["gaps"]
+            gaps["schema"] += schema["gaps"]
+    return gaps
+
+
+def grammar(args: argparse.Namespace) -> None:
+    """The per-token cost of decoding under a JSON schema, on one server."""
+    port = free_port()
+    server = start_server(args.model, port, 1, args.threads)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        # warm-up: first-call costs out, and the schema's vocabulary read once
+        asyncio.run(grammar_gaps(url, 1, 8))
+        gaps = asyncio.run(grammar_gaps(url, args.rounds, args.tokens))
+    finally:
+        server.terminate()
+        server.wait(30)
+    free, schema = (1000 * percentile(gaps[k], 50) for k in ("free", "schema"))
+    print(
+        f"{args.model}, {cpu_name()}, {os.cpu_count()} CPUs, {args.rounds} x {args.tokens} tokens"
+    )
+    print("| decoding | gap p50 ms | tokens |")
+    print("|---|---|---|")
+    print(f"| free text | {free:.2f} | {len(gaps['free'])} |")
+    print(f"| json_schema | {schema:.2f} | {len(gaps['schema'])} |")
+    print(f"grammar overhead: {schema - free:+.2f} ms a token, {100 * (schema / free - 1):+.1f}%")
+
+
 def cpu_name() -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -203,9 +257,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="the server's --threads")
     parser.add_argument("--turns", type=int, default=0, help="run the multi-turn chat instead")
     parser.add_argument("--turn-chars", type=int, default=1200, help="characters a user turn")
+    parser.add_argument("--grammar", action="store_true", help="the JSON schema's cost instead")
     args = parser.parse_args()
     if args.turns:
         return multi_turn(args)
+    if args.grammar:
+        return grammar(args)
     levels = [int(c) for c in args.clients.split(",")]
     port = free_port()
     server = start_server(args.model, port, max(levels), args.threads)
