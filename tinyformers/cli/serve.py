@@ -1,9 +1,12 @@
 """Serve a model over OpenAI's HTTP API, with continuous batching.
 
-Routes (each also without /v1): POST /v1/chat/completions, POST /v1/completions,
-GET /v1/models, GET /v1/models/ID, and GET /health (200 when the model is ready, 503 while
-it loads). Requests that arrive while others run join the batch at the next decode step.
-The sampling flags set the defaults of requests that do not give their own.
+Routes (each also without /v1): POST /v1/chat/completions (tools, response_format),
+POST /v1/completions (echo with logprobs for evaluation), GET /v1/models, GET /v1/models/ID,
+POST /v1/embeddings, POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /metrics,
+GET /health (200 when the model is ready, 503 while it loads), the chat page at / and the
+lab at /lab. Requests that arrive while others run join the batch at the next decode step;
+a prompt that starts as an earlier one reuses its keys and values (the prompt cache). The
+sampling flags set the defaults of requests that do not give their own.
 """
 
 from __future__ import annotations

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
 import logging
 import threading
 import time
@@ -23,21 +21,24 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from tinyformers.chat import encode_chat
 from tinyformers.errors import TinyformersError
 from tinyformers.generation.params import SamplingParams
 from tinyformers.lab import add_lab
 from tinyformers.serve import guided
 from tinyformers.serve.engine import Delta, Engine, Failed, Finished, QueueFull
-from tinyformers.serve.engine import Request as Job
-from tinyformers.serve.protocol import APIError, ChatRequest, CompletionRequest, parse
+from tinyformers.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    check_api_key,
+    parse,
+    read_json,
+)
 from tinyformers.serve.responses import DONE, Choice, Shapes, event
-from tinyformers.tokenizers import prompt_ids
+from tinyformers.serve.translate import COMPLETION_MAX_TOKENS, chat_ids, completion_ids, jobs_of
 
 log = logging.getLogger("tinyformers.serve")
 
-MAX_BODY = 8 * 2**20  # bytes of one request body
-COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 GONE = object()  # the event that says a client disconnected
 
 
@@ -109,17 +110,7 @@ def create_app(settings: Settings, load: Callable, on_error: Callable = lambda e
     _add_error_handlers(app)
 
     def authorized(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        expected = f"Bearer {settings.api_key}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            raise APIError(
-                401,
-                "missing or wrong API key (Authorization: Bearer KEY)",
-                "authentication_error",
-                code="invalid_api_key",
-            )
+        check_api_key(request, settings.api_key)
 
     @app.get("/health")
     async def health():
@@ -147,12 +138,12 @@ def create_app(settings: Settings, load: Callable, on_error: Callable = lambda e
     async def chat(request: Request):
         authorized(request)
         engine = server.ready()
-        body = parse(ChatRequest, await _read_json(request))
+        body = parse(ChatRequest, await read_json(request))
         model = server.model
         plan = guided.plan(body, model.tokenizer)  # the tools, the grammar, what to parse
-        ids = await run_in_threadpool(_chat_ids, model, plan, engine.context)
+        ids = await run_in_threadpool(chat_ids, model, plan, engine.context)
         limit = body.max_completion_tokens or body.max_tokens or settings.max_tokens
-        jobs = _jobs(body, [ids], limit, engine.context, settings, "messages")
+        jobs = jobs_of(body, [ids], limit, engine.context, settings, "messages")
         if plan.grammar is not None:  # in a thread: the first one reads the vocabulary
             await run_in_threadpool(guided.constrain_jobs, body, plan.grammar, model, jobs)
         shapes = Shapes(True, settings.name, model.tokenizer)
@@ -161,7 +152,7 @@ def create_app(settings: Settings, load: Callable, on_error: Callable = lambda e
     async def completions(request: Request):
         authorized(request)
         engine = server.ready()
-        body = parse(CompletionRequest, await _read_json(request))
+        body = parse(CompletionRequest, await read_json(request))
         if len(body.prompt) * body.n > engine.max_queue:  # checked before tokenizing them all
             raise APIError(
                 400,
@@ -171,12 +162,12 @@ def create_app(settings: Settings, load: Callable, on_error: Callable = lambda e
             )
         model = server.model
         prompts = [
-            await run_in_threadpool(_prompt_ids, model, p, engine.context) for p in body.prompt
+            await run_in_threadpool(completion_ids, model, p, engine.context) for p in body.prompt
         ]
         limit = body.max_tokens
         if limit is None:
             limit = settings.max_tokens or COMPLETION_MAX_TOKENS
-        jobs = _jobs(body, prompts, limit, engine.context, settings, "prompt")
+        jobs = jobs_of(body, prompts, limit, engine.context, settings, "prompt")
         if (grammar := guided.response_grammar(body.response_format)) is not None:
             await run_in_threadpool(guided.constrain_jobs, body, grammar, model, jobs)
         shapes = Shapes(False, settings.name, model.tokenizer)
@@ -216,109 +207,6 @@ def _model_entry(server: Server) -> dict:
         "owned_by": "tinyformers",
         "root": server.root,
     }
-
-
-async def _read_json(request: Request):
-    """The body as JSON, whatever Content-Type says (curl -d sends a form type)."""
-    size, chunks = 0, []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise APIError(413, f"the request body is over {MAX_BODY} bytes")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, RecursionError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}"[:300]) from None
-
-
-def _chat_ids(model, plan: guided.Plan, context: int) -> list[int]:
-    tokenizer = model.tokenizer
-    if tokenizer.chat_template is None:
-        raise APIError(
-            400,
-            f"{model.source.name} has no chat template (a base model?): use /v1/completions",
-            param="messages",
-        )
-    chars = guided.prompt_chars(plan.messages, plan.tools)
-    _check_length(chars, tokenizer, context, "messages")
-    try:
-        return encode_chat(tokenizer, plan.messages, tools=plan.tools)
-    except TinyformersError as e:  # the template refused the roles or their order
-        raise APIError(400, str(e), param="messages") from None
-
-
-def _prompt_ids(model, prompt: str | list[int], context: int) -> list[int]:
-    tokenizer = model.tokenizer
-    if isinstance(prompt, list):
-        vocab = model.config.vocab_size
-        if not all(0 <= i < vocab for i in prompt):
-            bad = next(i for i in prompt if not 0 <= i < vocab)
-            raise APIError(400, f"prompt: token id {bad} is outside 0..{vocab - 1}", param="prompt")
-        return prompt
-    _check_length(len(prompt), tokenizer, context, "prompt")
-    ids = prompt_ids(tokenizer, prompt)  # BOS first where the tokenizer asks for it
-    if not ids:
-        raise APIError(
-            400, "prompt: empty, and the model has no BOS token to start from", param="prompt"
-        )
-    return ids
-
-
-def _check_length(chars: int, tokenizer, context: int, param: str) -> None:
-    """Refuse text that cannot fit before tokenizing it: a token holds at most
-    `max_token_bytes` bytes and a character at least one."""
-    if chars > context * tokenizer.max_token_bytes:
-        raise APIError(
-            400,
-            f"{param}: {chars} characters cannot fit the {context}-token context",
-            param=param,
-            code="context_length_exceeded",
-        )
-
-
-def _jobs(body, prompts, limit, context, settings, param) -> list[Job]:
-    """One engine job per prompt and choice (choice index = prompt * n + j), context checked."""
-    jobs = []
-    echo = isinstance(body, CompletionRequest) and body.echo
-    for ids in prompts:
-        # no limit: until the context is full; a limit of 0 scores an echoed prompt
-        max_new = max(context - len(ids), 1) if limit is None else limit
-        if len(ids) + max_new > context:
-            raise APIError(
-                400,
-                f"prompt of {len(ids)} tokens + {max_new} new tokens exceeds the model's context "
-                f"of {context} tokens",
-                param=param,
-                code="context_length_exceeded",
-            )
-        for j in range(body.n):
-            params = _sampling(body, settings.sampling, j)
-            jobs.append(Job(ids, max_new, params, body.stop, _logprobs(body), echo))
-    return jobs
-
-
-def _sampling(body, defaults: SamplingParams, choice: int) -> SamplingParams:
-    """The request's sampling fields over the server's defaults; choice j draws with seed + j."""
-
-    def pick(value, default):
-        return default if value is None else value
-
-    seed = pick(body.seed, defaults.seed)  # the request's, else the server's --seed
-    return SamplingParams(
-        temperature=pick(body.temperature, defaults.temperature),
-        top_k=pick(body.top_k, defaults.top_k),
-        top_p=pick(body.top_p, defaults.top_p),
-        min_p=pick(body.min_p, defaults.min_p),
-        repetition_penalty=pick(body.repetition_penalty, defaults.repetition_penalty),
-        seed=None if seed is None else (seed + choice) % 2**64,
-    )
-
-
-def _logprobs(body) -> int | None:
-    if isinstance(body, ChatRequest):
-        return (body.top_logprobs or 0) if body.logprobs else None
-    return body.logprobs
 
 
 async def _answer(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import hmac
 import threading
 from pathlib import Path
 from typing import Any, Literal
@@ -34,9 +33,9 @@ from torch import Tensor, nn
 from tinyformers.chat import encode_chat
 from tinyformers.errors import TinyformersError
 from tinyformers.lens import final_norm, listening
-from tinyformers.serve.app import Server, _read_json
+from tinyformers.serve.app import Server
 from tinyformers.serve.metrics import add_metrics
-from tinyformers.serve.protocol import APIError, ChatRequest, parse
+from tinyformers.serve.protocol import APIError, ChatRequest, check_api_key, parse, read_json
 from tinyformers.tokenizers import prompt_ids
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -105,25 +104,14 @@ def add_extras(app: FastAPI, cors_origins: list[str] | None = None) -> None:
     server: Server = app.state.server
     embedder = Embedder(server)
 
-    def authorized(request: Request) -> None:
-        """The API key check of app.py's routes (not /metrics, nor the page itself)."""
-        key = server.settings.api_key
-        if key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            raise APIError(
-                401,
-                "missing or wrong API key (Authorization: Bearer KEY)",
-                "authentication_error",
-                code="invalid_api_key",
-            )
+    def authorized(request: Request) -> None:  # app.py's check: not /metrics, not the page
+        check_api_key(request, server.settings.api_key)
 
     async def tokenize(request: Request):
         authorized(request)
         engine = server.ready()
         tokenizer = server.model.tokenizer
-        body = await _read_json(request)
+        body = await read_json(request)
         ids, with_strs = await run_in_threadpool(_tokenize, tokenizer, body)
         strs = [tokenizer.id_to_text(i) for i in ids] if with_strs else None
         context = engine.context
@@ -132,7 +120,7 @@ def add_extras(app: FastAPI, cors_origins: list[str] | None = None) -> None:
     async def detokenize(request: Request):
         authorized(request)
         server.ready()
-        tokens = parse(Detokenize, await _read_json(request)).tokens
+        tokens = parse(Detokenize, await read_json(request)).tokens
         tokenizer = server.model.tokenizer
         _check_ids(tokens, tokenizer.vocab_size, "tokens")
         return {"prompt": await run_in_threadpool(tokenizer.decode, tokens)}
@@ -158,7 +146,7 @@ def add_extras(app: FastAPI, cors_origins: list[str] | None = None) -> None:
     async def embeddings(request: Request):
         authorized(request)
         engine = server.ready()
-        body = parse(Embeddings, await _read_json(request))
+        body = parse(Embeddings, await read_json(request))
         model = server.model
         width = final_norm(model.net).weight.shape[0]
         if body.dimensions not in (None, width):

@@ -9,8 +9,11 @@ Every problem is an `APIError` that becomes
 
 from __future__ import annotations
 
+import hmac
+import json
 from typing import Any
 
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tinyformers.serve import fields
@@ -242,3 +245,34 @@ def _param(loc: tuple) -> str:
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else f".{part}"
     return out.lstrip(".")
+
+
+MAX_BODY = 8 * 2**20  # bytes of one request body
+
+
+async def read_json(request: Request):
+    """The body as JSON, whatever Content-Type says (curl -d sends a form type)."""
+    size, chunks = 0, []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise APIError(413, f"the request body is over {MAX_BODY} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, RecursionError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}"[:300]) from None
+
+
+def check_api_key(request: Request, key: str | None) -> None:
+    """Raise a 401 unless the request carries `Authorization: Bearer KEY` (no key: any may)."""
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        raise APIError(
+            401,
+            "missing or wrong API key (Authorization: Bearer KEY)",
+            "authentication_error",
+            code="invalid_api_key",
+        )
