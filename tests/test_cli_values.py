@@ -96,8 +96,10 @@ BAD_VALUES = [
     (["--temp", "1e-45"], "argument --temperature/--temp: 1e-45 is not 0 (greedy) or a number"),
     (["--temperature", "nan"], "argument --temperature/--temp: nan is not 0 (greedy)"),
     (["--temperature", "inf"], "argument --temperature/--temp: inf is not 0 (greedy)"),
-    (["--repetition-penalty", "1e-300"], "1e-300 is not a number from 0.01 to 100"),
-    (["--repetition-penalty", "nan"], "nan is not a number from 0.01 to 100"),
+    (["--repetition-penalty", "1e-300"], "1e-300 is not a number from 1e-06 to 1e+06"),
+    (["--repetition-penalty", "nan"], "nan is not a number from 1e-06 to 1e+06"),
+    (["--repetition-penalty", "2e6"], "2e6 is not a number from 1e-06 to 1e+06"),  # params.py's
+    ([f"--stop={i}" for i in range(17)], "argument --stop: at most 16 stop strings"),
     (["--seed", str(2**64)], f"argument --seed: {2**64} is not an integer from 0 to 2**64 - 1"),
     (["--seed", "-1"], "argument --seed: -1 is not an integer from 0 to 2**64 - 1"),
     (["--seed", "1" * 5000], "is not an integer from 0 to 2**64 - 1"),  # past int()'s limit

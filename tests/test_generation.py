@@ -156,6 +156,20 @@ def test_bad_sampling_values_are_rejected():
             SamplingParams(**bad)
 
 
+def test_the_library_refuses_past_the_limits_the_cli_and_server_share(model):
+    """generation/params.py holds each limit once; the CLI and the server read them there."""
+    from tinyformers.cli import options
+    from tinyformers.generation import params
+    from tinyformers.serve import protocol
+
+    assert options.MAX_SEED is protocol.MAX_SEED is params.MAX_SEED
+    assert protocol.MAX_STOP is params.MAX_STOP == 16
+    with pytest.raises(ValueError, match="stop: at most 16 stop strings, got 17"):
+        model.generate("Hi", 2, stop=[str(i) for i in range(17)])
+    with pytest.raises(ValueError, match="repetition_penalty must be in"):
+        SamplingParams(repetition_penalty=params.MAX_PENALTY * 2)
+
+
 # Stopping and streaming -----------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from tinyformers.cli.options import (
+    AppendStop,
     add_model_arguments,
     add_sampling_arguments,
     load_from_args,
@@ -37,7 +38,7 @@ def add_parser(subparsers) -> None:
     add_sampling_arguments(p, max_new_tokens=256)
     p.add_argument(
         "--stop",
-        action="append",
+        action=AppendStop,
         default=[],
         type=stop_string,
         metavar="TEXT",

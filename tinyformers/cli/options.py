@@ -9,10 +9,15 @@ import os
 import re
 import sys
 
-from tinyformers.generation.params import SamplingParams
+from tinyformers.generation.params import (
+    MAX_PENALTY,
+    MAX_SEED,
+    MAX_STOP,
+    MIN_PENALTY,
+    SamplingParams,
+)
 
 DEFAULTS = SamplingParams()
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -144,7 +149,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int)
     )
     parser.add_argument(
         "--repetition-penalty",
-        type=typed(float, lambda v: finite(v) and 0.01 <= v <= 100, "a number from 0.01 to 100"),
+        type=typed(
+            float,
+            lambda v: finite(v) and MIN_PENALTY <= v <= MAX_PENALTY,
+            f"a number from {MIN_PENALTY:g} to {MAX_PENALTY:g}",
+        ),
         default=DEFAULTS.repetition_penalty,
         help="1 is off",
     )
@@ -183,6 +192,16 @@ def unescape(text: str) -> str:
         return _ESCAPES.get(m[1], m[0])
 
     return re.sub(r"\\(x[0-9a-fA-F]{2}|.)", one, text, flags=re.DOTALL)
+
+
+class AppendStop(argparse.Action):
+    """--stop, repeatable up to MAX_STOP times (as the library and the server allow)."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        stops = [*getattr(namespace, self.dest), value]
+        if len(stops) > MAX_STOP:
+            parser.error(f"argument --stop: at most {MAX_STOP} stop strings")
+        setattr(namespace, self.dest, stops)
 
 
 def stop_string(text: str) -> str:

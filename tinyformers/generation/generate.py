@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tinyformers.errors import ContextLengthError
+from tinyformers.errors import ContextLengthError, ParameterError
+from tinyformers.generation.params import MAX_STOP
 from tinyformers.generation.sampling import SamplingParams, next_tokens
 
 
@@ -130,6 +131,8 @@ class StopText:
     """
 
     def __init__(self, tokenizer, stop: list[str]) -> None:
+        if len(stop) > MAX_STOP:
+            raise ParameterError(f"stop: at most {MAX_STOP} stop strings, got {len(stop)}")
         self.decoder = tokenizer.decoder()
         self.stop = [s for s in stop if s]
         self.text = ""  # decoded so far

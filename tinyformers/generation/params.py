@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 from tinyformers.errors import ParameterError
 
+# The limits of a request, one source for the library, the command line and the server.
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 MIN_PENALTY, MAX_PENALTY = 1e-6, 1e6  # past these a float32 logit over- or underflows
+MAX_STOP = 16  # stop strings of one call (OpenAI's 4 is too few: HumanEval sends 5)
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,9 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tinyformers.generation.params import MAX_PENALTY, MAX_SEED, MAX_STOP, MIN_PENALTY
 from tinyformers.serve import fields
 
-MAX_SEED = 2**64 - 1
-MAX_STOP = 16  # stop strings a request may give (OpenAI's 4 is too few: HumanEval sends 5)
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default and OpenAI's chat allow
 
 
@@ -71,7 +70,7 @@ class _Body(BaseModel):
     # extensions, as in vLLM and llama.cpp's server
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1)
-    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
+    repetition_penalty: float | None = Field(None, ge=MIN_PENALTY, le=MAX_PENALTY)
 
     @field_validator("stop")
     @classmethod
