@@ -104,6 +104,15 @@ TEMPLATES = {
     "overflow": "{{ 2.0 ** 100000 }}",
     "type_error": "{{ 'a' + 1 }}",
     "raise_exception": "{{ raise_exception('no system role') }}",
+    # what a filter or operator builds is bounded before it is built (issue 26)
+    "sum_start_list": "{% set l = [1] * 4000000 %}{{ ([l] * 30)|sum(start=[]) }}",
+    "tojson_big_list": "{% set l = [1] * 4000000 %}{{ ([l] * 30)|tojson }}",
+    "string_big_list": "{% set l = [1] * 4000000 %}{{ ([l] * 30)|string }}",
+    "join_big_list": "{% set l = [1] * 4000000 %}{{ ([l] * 30)|join }}",
+    "indent_4M_lines": "{% set s = '\\n' * 4000000 %}{{ s|indent(4000000) }}",
+    "percent_width_10^9": "{{ '%999999999s' % 'a' }}",
+    "percent_precisions": "{{ ('%.999999f' * 100) % ((1.0,) * 100) }}",
+    "print_big_list": "{% set l = [1] * 4000000 %}{{ [l] * 30 }}",
 }
 
 
@@ -121,6 +130,23 @@ def _build(root: Path) -> tuple[str, dict[str, tuple[str, type | None, str]]]:
          TokenizerError, r"split pattern .* took over")  # fmt: skip
     folder = _tokenizer_json(root / "repeat", split="a{1000000000}")
     case("split_regex_a{10^9}", load.format(str(folder)), TokenizerError, r"repeats \{1000000000\}")
+    # a harmless split (every digit alone) cuts the text into pieces that each take the
+    # backtracking pattern ~0.03 s: one budget for the call, not one per piece
+    pre = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "Split", "pattern": {"Regex": "(a|aa)+$"}, "behavior": "Isolated"}, BYTE_LEVEL,
+    ]}  # fmt: skip
+    folder = _tokenizer_json(root / "budget_pieces", pre_tokenizer=pre)
+    case("split_budget_per_call_not_per_piece",
+         f"{load.format(str(folder))}.encode(('a' * 20 + 'b1') * 700)", TokenizerError,
+         r"split pattern .* took over")  # fmt: skip
+    added = [{"id": 256, "content": "<x>", "special": False}]
+    vocab = {t: i for i, t in enumerate(BYTES)} | {"<x>": 256}
+    model = {"type": "BPE", "vocab": vocab, "merges": []}
+    folder = _tokenizer_json(root / "budget_added", "(a|aa)+$", model=model, added_tokens=added)
+    case("split_budget_across_added_tokens",
+         f"{load.format(str(folder))}.encode(('a' * 20 + 'b<x>') * 700)", TokenizerError,
+         r"split pattern .* took over")  # fmt: skip
     added = [{"id": 256, "content": "", "special": False}]
     folder = _tokenizer_json(root / "empty_added", added_tokens=added)
     case("empty_added_token", load.format(str(folder)), TokenizerError, "token '' is empty")
@@ -144,6 +170,11 @@ def _build(root: Path) -> tuple[str, dict[str, tuple[str, type | None, str]]]:
         ("merges_ints", {"tokenizer.ggml.merges": [1, 2]}, "merges is missing or not a list"),
         ("token_type_int", {"tokenizer.ggml.token_type": 3}, "token_type is not a list"),
         ("template_list", {"tokenizer.chat_template": [1]}, "chat template is not a string"),
+        (
+            "token_type_strings",
+            {"tokenizer.ggml.token_type": ["1"] * 256},
+            "token_type holds '1', expected integers",
+        ),
     ):
         metadata = json.dumps(gguf | change)
         case(f"gguf_metadata_{name}", f"from_gguf_metadata(json.loads({metadata!r}), 'x.gguf')",
@@ -197,10 +228,12 @@ def hostile(tmp_path_factory):
 
 
 CASES = [
-    "split_regex_that_backtracks", "split_regex_a{10^9}", "empty_added_token",
+    "split_regex_that_backtracks", "split_regex_a{10^9}", "split_budget_per_call_not_per_piece",
+    "split_budget_across_added_tokens", "empty_added_token",
     "duplicate_vocab_id", "added_token_id_10^9", "vocab_id_10^9",
     "gguf_metadata_bos_id_string", "gguf_metadata_add_bos_string", "gguf_metadata_tokens_dict",
     "gguf_metadata_merges_ints", "gguf_metadata_token_type_int", "gguf_metadata_template_list",
+    "gguf_metadata_token_type_strings",
     "side_file_added_tokens_decoder_list", "side_file_add_bos_string",
     "side_file_eos_list_of_strings",
     *(f"template_{name}" for name in TEMPLATES),
@@ -238,6 +271,29 @@ def test_encoding_is_linear_10MB_of_one_character():
     for result in results.values():
         assert result["error"] is None, result
         assert_bounded(result, seconds=15, megabytes=400)
+
+
+def test_valid_but_large_inputs_are_fast(tmp_path):
+    """10 MB of digits on SmolLM2's tokenizer (each digit its own piece: 14 s and 419 MB
+    before) and a tokenizer.json of 100k added tokens, loaded and used (8.8 s and 555 MB
+    before, most of it compiling one alternation of 100k branches)."""
+    added = [{"id": 256 + i, "content": f"<tok{i}>", "special": False} for i in range(100_000)]
+    model = {"type": "BPE", "merges": [], "vocab": {t: i for i, t in enumerate(BYTES)}}
+    folder = _tokenizer_json(tmp_path / "added", model=model, added_tokens=added)
+    setup = "from tinyformers.tokenizers import load_tokenizer\nsmol = load_tokenizer('smollm2')"
+    results = run_cases(
+        {
+            "digits": "import random\nrandom.seed(0)\n"
+            "text = ''.join(random.choices('0123456789', k=10**7))\n"
+            "assert len(smol.encode(text)) == 10**7",
+            "added": f"tok = load_tokenizer({str(folder)!r})\n"
+            "assert tok.encode('a<tok99999>b<tok7>') == [97, 100255, 98, 263]",
+        },
+        setup,
+    )
+    for name, seconds, megabytes in (("digits", 15, 400), ("added", 5, 200)):
+        assert results[name]["error"] is None, results[name]
+        assert_bounded(results[name], seconds, megabytes)
 
 
 def test_split_pattern_of_a_real_tokenizer_is_not_limited():

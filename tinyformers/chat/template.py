@@ -6,9 +6,12 @@ control tokens the template itself writes become control tokens.
 
 A template is a program from a stranger. Jinja's sandbox stops it reaching Python's internals;
 `_LimitedSandbox` also bounds what it may cost: rendering stops after `MAX_SECONDS` (checked
-on every template line and Python call), strings and lists built by `*`, `+`, `~`, `**` and
-size arguments (`center(10**9)`, `replace`) stay under `MAX_CHARS`, and so does the output.
-Every failure, whatever Python raised inside, is one TemplateError naming the model.
+on every template line and Python call), strings and lists built by `*`, `+`, `~`, `%`, `**`,
+size arguments (`center(10**9)`, `replace`) and the filters that build text or lists (`sum`,
+`join`, `tojson`, `indent`, `string` ...) stay under `MAX_CHARS`, and so does the output. The
+size of what an operation will build is checked before it is built: C code (str() of a list,
+json.dumps) runs where the deadline cannot look. Every failure, whatever Python raised inside,
+is one TemplateError naming the model.
 """
 
 from __future__ import annotations
@@ -16,16 +19,19 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from functools import lru_cache, wraps
+from itertools import chain
 
 import jinja2
 import jinja2.ext
 import regex
 from jinja2.compiler import CodeGenerator
+from jinja2.filters import make_attrgetter
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import generate_lorem_ipsum, pass_environment
 
 from tinyformers.errors import TemplateError, TinyformersError
 
@@ -212,10 +218,53 @@ def _check_sizes(args, kwargs) -> None:
             raise _LimitError(f"argument {v} passes the {MAX_CHARS} size limit")
 
 
-def _check_format(spec) -> None:
-    """No width of 7 digits or more in a format string ('{:>999999999}', '%999999999d')."""
-    if isinstance(spec, str) and regex.search(r"\d{7}", spec):
+def _check_text(*values, extra: int = 0) -> None:
+    """Refuse, before it is built, the text of `values` (str() of each, plus `extra`
+    characters) if it would pass MAX_CHARS.
+
+    subtle: str() of `[l] * 30`, l a list of 4M items, is 360M characters built in C, where
+    the deadline cannot look. A lower bound on the length (a string its length, a list its
+    brackets and separators) is summed while walking; the walk stops at the limit, so it
+    costs at most a few million steps however large or self-sharing the value is.
+    """
+    size, stack = extra, list(values)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            size += len(value)
+        elif isinstance(value, list | tuple | set | frozenset | dict):
+            size += 0 if isinstance(value, dict) else 2 * len(value)  # brackets, ", "
+            if size > MAX_CHARS:
+                break
+            stack += value.items() if isinstance(value, dict) else value  # (k, v): ": ", ", "
+        else:
+            size += 1
+        if size > MAX_CHARS:
+            break
+    if size > MAX_CHARS:
+        raise _LimitError(f"a text of over {MAX_CHARS} characters")
+
+
+def _check_format(spec, args: Iterable = ()) -> None:
+    """The text `spec % args` or `spec.format(*args)` may build: its widths and precisions
+    ('{:>999999999}', '%.999999f' * 100, widths from `*` arguments) and the arguments' text."""
+    if not isinstance(spec, str):
+        return
+    numbers = regex.findall(r"\d+", spec)
+    if any(len(n) > 7 for n in numbers):
         raise _LimitError("a format width passes the size limit")
+    args = list(args)
+    widths = sum(map(int, numbers)) + sum(
+        abs(a) for a in args if isinstance(a, int) and not isinstance(a, bool)
+    )
+    _check_text(*args, extra=len(spec) + widths)
+
+
+def _format_args(right) -> list:
+    """The values a `%` formatting takes: a tuple's items, a mapping's values, or one value."""
+    if isinstance(right, tuple):
+        return list(right)
+    return list(right.values()) if isinstance(right, dict) else [right]
 
 
 def _check_replace(text, old="", new="", *_) -> None:
@@ -224,10 +273,24 @@ def _check_replace(text, old="", new="", *_) -> None:
         _check_length(len(text) + n * (len(new) - len(old)))
 
 
+def _check_str_method(text: str, name: str, args: tuple, kwargs: dict) -> None:
+    """What a str method called by the template will build, before it builds it."""
+    if name == "replace":
+        _check_replace(text, *args)
+    elif name in ("format", "format_map"):
+        _check_format(text, [*args, *kwargs.values()])
+    elif name == "join" and args and isinstance(args[0], list | tuple):
+        _check_text(*args[0], extra=len(text) * len(args[0]))
+    elif name == "expandtabs":
+        width = args[0] if args else kwargs.get("tabsize", 8)
+        if isinstance(width, int):
+            _check_length(len(text) + text.count("\t") * max(width, 0))
+
+
 class _LimitedSandbox(ImmutableSandboxedEnvironment):
     """Hugging Face's sandbox, with what any one operation may build bounded (see the top)."""
 
-    intercepted_binops = frozenset({"*", "+", "**"})
+    intercepted_binops = frozenset({"*", "+", "**", "%"})
 
     def call_binop(self, context, operator, left, right):
         ints = isinstance(left, int) and isinstance(right, int)
@@ -239,24 +302,38 @@ class _LimitedSandbox(ImmutableSandboxedEnvironment):
                     _check_length(n * len(seq))
         if operator == "+" and isinstance(left, str | list | tuple) and hasattr(right, "__len__"):
             _check_length(len(left) + len(right))
-        return super().call_binop(context, operator, left, right)
+        if operator == "%":
+            _check_format(left, _format_args(right))
+        return _check_size(super().call_binop(context, operator, left, right))
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
         _check_sizes(args, kwargs)
-        if getattr(__obj, "__name__", "") == "replace":
-            _check_replace(getattr(__obj, "__self__", None), *args)
+        owner = getattr(__obj, "__self__", None)
+        name = getattr(__obj, "__name__", "")
+        if isinstance(owner, str) or name in ("format", "format_map"):
+            # subtle: Jinja swaps str.format for its sandboxed formatter at attribute access,
+            # so `format` arrives here without its string: `wrap_str_format` checks that one
+            _check_str_method(owner if isinstance(owner, str) else "", name, args, kwargs)
         return _check_size(super().call(__context, __obj, *args, **kwargs))
 
     def wrap_str_format(self, value):
-        # subtle: Jinja swaps str.format for its sandboxed formatter at attribute access,
-        # so the format string is checked here, not in `call`
         wrapped = super().wrap_str_format(value)
         if wrapped is not None:
             _check_format(value.__self__)
         return wrapped
 
 
-def _limited_filter(f):
+# Filters that never turn their value into text; every other one does (upper, trim, string,
+# escape, pprint ...), so their value's text is checked first.
+_STRUCTURAL_FILTERS = {
+    "abs", "attr", "batch", "count", "d", "default", "dictsort", "first", "float", "groupby",
+    "int", "items", "last", "length", "list", "map", "max", "min", "random", "reject",
+    "rejectattr", "reverse", "round", "select", "selectattr", "slice", "sort", "sum", "tojson",
+    "unique",
+}  # fmt: skip
+
+
+def _limited_filter(name: str, f):
     """Filter `f` with the size checks; its value comes after the context Jinja may pass."""
     first = 1 if getattr(f, "jinja_pass_arg", None) else 0
 
@@ -264,20 +341,80 @@ def _limited_filter(f):
     def limited(*args, **kwargs):
         value, params = (args[first], args[first + 1 :]) if len(args) > first else (None, ())
         _check_sizes(params, kwargs)
-        if f.__name__ == "do_format":
-            _check_format(value)
-        elif f.__name__ == "do_replace":
+        if name not in _STRUCTURAL_FILTERS and name != "join":
+            _check_text(value)
+        if name == "format":
+            _check_format(value, [*params, *kwargs.values()])
+        elif name == "replace":
             _check_replace(str(value), *params)
+        elif name == "indent":
+            _check_indent(value, *params, **kwargs)
+        elif name == "wordwrap":
+            _check_wordwrap(value, *params, **kwargs)
+        elif name == "join":
+            value = list(value)  # may be a generator (`map`): the check and the join read it
+            _check_joined(args[0], value, *params, **kwargs)
+            args = (*args[:first], value, *params)
         return _check_size(f(*args, **kwargs))
 
     return limited
 
 
+def _check_indent(text, width: int | str = 4, *_, **__) -> None:
+    """`indent` puts `width` before every line: 4M lines x a width of 4M is 16T characters."""
+    indent = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+    _check_length(len(str(text)) + indent * (len(str(text).splitlines()) + 1))
+
+
+def _check_wordwrap(text, width=79, long_words=True, wrapstring=None, *_, **kwargs) -> None:
+    """`wordwrap` puts `wrapstring` between lines: at most one line per character."""
+    wrapstring = kwargs.get("wrapstring", wrapstring)
+    if isinstance(wrapstring, str):
+        _check_length(len(str(text)) * (1 + len(wrapstring)))
+
+
+def _check_joined(eval_ctx, items: list, separator: str = "", attribute=None) -> None:
+    """The text `join` builds: each item's (or its `attribute`'s) text, and the separators."""
+    if attribute is not None:
+        items = list(map(make_attrgetter(eval_ctx.environment, attribute), items))
+    _check_text(*items, extra=len(str(separator)) * len(items))
+
+
+@pass_environment
+def _sum(environment, iterable, attribute=None, start=0):
+    """Jinja's `sum`; lists (or tuples) joined in one pass once their total is known to fit.
+
+    subtle: sum(start=[]) copies the growing list at every step, in C: `([l] * 30)|sum(start=[])`
+    took 13 s and 1.9 GB before any check could see the result.
+    """
+    if attribute is not None:
+        iterable = map(make_attrgetter(environment, attribute), iterable)
+    if not isinstance(start, list | tuple):
+        return sum(iterable, start)
+    kind = list if isinstance(start, list) else tuple
+    items = list(iterable)
+    if wrong := next((item for item in items if not isinstance(item, kind)), None):
+        raise TypeError(f"sum: cannot add {type(wrong).__name__} to {kind.__name__}")
+    _check_length(len(start) + sum(map(len, items)))
+    return kind(chain(start, *items))
+
+
+def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:  # noqa: A002
+    """Jinja's `lipsum` global, bounded: n paragraphs of up to `max` words of up to 12 chars."""
+    _check_length(n * max * 13)
+    return generate_lorem_ipsum(n, html, min, max)
+
+
 def _concat(values) -> str:
     """Jinja's `~`, with the result's size checked before it is built."""
-    parts = [str(v) for v in values]
-    _check_length(sum(map(len, parts)))
-    return "".join(parts)
+    _check_text(*values)
+    return "".join([str(v) for v in values])
+
+
+def _finalize(value):
+    """Every `{{ value }}` goes through here before Jinja's str(): check the text it makes."""
+    _check_text(value)
+    return value
 
 
 class _LimitedCodeGenerator(CodeGenerator):
@@ -300,10 +437,14 @@ def _compile(template: str) -> jinja2.Template:
     """The template in Hugging Face's environment: immutable sandbox, trim_blocks, lstrip_blocks,
     loop controls, and the helpers templates on the Hub call."""
     env = _LimitedSandbox(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[jinja2.ext.loopcontrols],
+        finalize=_finalize,
     )
-    env.filters = {name: _limited_filter(f) for name, f in env.filters.items()}
-    env.filters["tojson"] = _tojson
+    env.filters |= {"sum": _sum, "tojson": _tojson}
+    env.filters = {name: _limited_filter(name, f) for name, f in env.filters.items()}
+    env.globals["lipsum"] = _lipsum
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
@@ -314,7 +455,20 @@ def _raise_exception(message: str):
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # subtle: Jinja's own tojson escapes <, >, & and ' for HTML; chat templates want plain JSON.
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    """JSON text of `value`, refused as soon as it passes MAX_CHARS.
+
+    subtle: Jinja's own tojson escapes <, >, & and ' for HTML; chat templates want plain JSON,
+    as json.dumps writes it. json.dumps builds the whole text in C first (2.3 GB for a big
+    list); the encoder's `iterencode` yields it in pieces from Python, so the size is counted
+    as it grows and the deadline can stop it.
+    """
+    encoder = json.JSONEncoder(
+        ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
     )
+    pieces, size = [], 0
+    for piece in encoder.iterencode(value):
+        size += len(piece)
+        if size > MAX_CHARS:
+            raise _LimitError(f"tojson passes {MAX_CHARS} characters")
+        pieces.append(piece)
+    return "".join(pieces)

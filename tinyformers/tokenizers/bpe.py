@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import codecs
 import heapq
+import math
 import re
+import time
 from collections.abc import Callable, Iterable, Set
 from itertools import pairwise
 from typing import Literal
@@ -34,7 +36,7 @@ LLAMA3_PATTERN = (
 KNOWN_PATTERNS = frozenset({GPT2_PATTERN, LLAMA3_PATTERN, r"\p{N}", r"\p{N}+", r"\p{N}{1,3}"})
 MAX_PATTERN_CHARS = 2000
 MAX_REPEAT = 1000  # a{1000000000} alone takes the regex module minutes and GBs to compile
-_SPLIT_SECONDS = 0.25  # per call, plus a microsecond per character of text
+_SPLIT_SECONDS = 0.25  # per encode call, plus a microsecond per character of text
 MAX_VOCAB = 1 << 22  # 4M tokens; the largest real vocabularies hold ~256K
 
 _CACHE_MAX_ENTRIES = 1 << 17  # pieces; cleared when full so memory stays bounded
@@ -116,7 +118,7 @@ class Tokenizer:
         self._split = [_compile_split(p, source) for p in split_patterns]
         self._cache: dict[str, list[int]] = {}
         self._merge_arrays = None  # `_ranks_of_pairs`' tables, built on the first long piece
-        self._matchers: dict[frozenset[str], regex.Pattern | None] = {}
+        self._matchers: dict[frozenset[str], re.Pattern | None] = {}
         roles = {"bos": bos_token_id, "eos": eos_token_id, "pad": pad_token_id, "unk": unk_token_id}
         for name, i in roles.items():
             if i is not None and not (_is_int(i) and 0 <= i < self.vocab_size):
@@ -156,28 +158,30 @@ class Tokenizer:
         text = _without_lone_surrogates(text)
         allowed = self.special_tokens.keys() if allowed_special == "all" else allowed_special
         matcher = self._token_matcher(frozenset(allowed))
-        return encode_around(text, matcher, self._literal_ids, self._encode_ordinary)
+        # subtle: one time budget for the whole call, however many pieces the added tokens and
+        # the earlier split patterns cut the text into (a budget per piece is no budget)
+        deadline = time.monotonic() + _SPLIT_SECONDS + 1e-6 * len(text)
+        return encode_around(
+            text, matcher, self._literal_ids, lambda part: self._encode_ordinary(part, deadline)
+        )
 
     def encode_batch(
         self, texts: Iterable[str], *, allowed_special: Set[str] | Literal["all"] = frozenset()
     ) -> list[list[int]]:
         return [self.encode(t, allowed_special=allowed_special) for t in texts]
 
-    def _token_matcher(self, allowed: frozenset[str]) -> regex.Pattern | None:
+    def _token_matcher(self, allowed: frozenset[str]) -> re.Pattern | None:
         """A regex for the added tokens plus the allowed specials, longest first."""
         if allowed not in self._matchers:
             if unknown := allowed - self.special_tokens.keys():
                 raise ValueError(f"not special tokens of {self.source}: {sorted(unknown)}")
-            tokens = sorted(allowed | self.added_tokens.keys(), key=len, reverse=True)
-            self._matchers[allowed] = (
-                regex.compile("|".join(map(regex.escape, tokens))) if tokens else None
-            )
+            self._matchers[allowed] = literal_pattern(allowed | self.added_tokens.keys())
         return self._matchers[allowed]
 
-    def _encode_ordinary(self, text: str) -> list[int]:
+    def _encode_ordinary(self, text: str, deadline: float = math.inf) -> list[int]:
         ids: list[int] = []
         cache = self._cache
-        for piece in self._pieces(text):
+        for piece in self._pieces(text, deadline):
             piece_ids = cache.get(piece)
             if piece_ids is None:
                 piece_ids = self._encode_piece(piece)
@@ -188,21 +192,36 @@ class Tokenizer:
             ids += piece_ids
         return ids
 
-    def _pieces(self, text: str) -> list[str]:
-        """Split with each pattern in turn; matches and the gaps between them are pieces."""
+    def _pieces(self, text: str, deadline: float = math.inf) -> list[str]:
+        """Split with each pattern in turn; matches and the gaps between them are pieces.
+
+        A pattern of unknown cost runs under what is left of `deadline` (one budget for
+        every chunk). A piece of one character is never split further: 10 MB of digits
+        (SmolLM2's first split) would otherwise run the next pattern 10^7 times.
+        """
         pieces = [text] if text else []
         for pattern, timeout in self._split:
             if timeout is None:
-                pieces = [p for chunk in pieces for p in _split_isolated(pattern, chunk)]
+                pieces = [
+                    p
+                    for chunk in pieces
+                    for p in (_split_isolated(pattern, chunk) if len(chunk) > 1 else (chunk,))
+                ]
                 continue
-            limit = timeout + 1e-6 * len(text)
-            try:
-                pieces = [p for c in pieces for p in _split_isolated(pattern, c, timeout=limit)]
-            except TimeoutError as e:
-                raise TokenizerError(
-                    f"{self.source}: split pattern {pattern.pattern!r:.80} took over {limit:.1f} s "
-                    f"on a text of {len(text)} characters (a pattern that backtracks?)"
-                ) from e
+            split = []
+            for chunk in pieces:
+                left = deadline - time.monotonic()
+                try:
+                    if left <= 0:
+                        raise TimeoutError
+                    split += _split_isolated(pattern, chunk, timeout=left)
+                except TimeoutError as e:
+                    raise TokenizerError(
+                        f"{self.source}: split pattern {pattern.pattern!r:.80} took over "
+                        f"{timeout + 1e-6 * len(text):.1f} s on a text of {len(text)} characters "
+                        "(a pattern that backtracks?)"
+                    ) from e
+            pieces = split
         return pieces
 
     def _encode_piece(self, piece: str) -> list[int]:
@@ -340,9 +359,57 @@ def join_token_bytes(id_to_bytes: list[bytes], ids: Iterable[int], source: str) 
     return b"".join([id_to_bytes[i] for i in ids])
 
 
+def literal_pattern(tokens: Set[str]) -> re.Pattern | None:
+    """A regex that finds `tokens` in text, the longest where several start at one place (as
+    an alternation sorted longest first would); None for no tokens.
+
+    subtle: written as a trie, each node's branches split in halves behind a lookahead of
+    their first characters, because `re` tries an alternation's branches one by one: 100k
+    added tokens as one alternation took 10 s to compile and scanned text branch by branch.
+    """
+    root: dict = {}
+    for token in tokens:
+        node = root
+        for char in token:
+            node = node.setdefault(char, {})
+        node[""] = {}  # a token ends here
+    if not root:
+        return None
+    try:
+        return re.compile(_trie_pattern(root))
+    except RecursionError:  # a trie hundreds of branchings deep ("a", "aa", "aaa" ...)
+        longest_first = sorted(set(tokens), key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, longest_first)))
+
+
+def _trie_pattern(node: dict) -> str:
+    branches = []
+    for char, child in sorted(node.items()):
+        if not char:
+            continue
+        run = char
+        while len(child) == 1 and "" not in child:  # a chain of single children: one literal
+            ((char, child),) = child.items()
+            run += char
+        branches.append((run, child))
+    if not branches:
+        return ""
+    body = _split_branches(branches)
+    return f"(?:{body})?" if "" in node else body  # greedy: the longer token first
+
+
+def _split_branches(branches: list[tuple[str, dict]]) -> str:
+    if len(branches) <= 16:
+        alternatives = [re.escape(run) + _trie_pattern(child) for run, child in branches]
+        return alternatives[0] if len(alternatives) == 1 else f"(?:{'|'.join(alternatives)})"
+    half = len(branches) // 2
+    first = "".join(re.escape(run[0]) for run, _ in branches[:half])
+    return f"(?:(?=[{first}]){_split_branches(branches[:half])}|{_split_branches(branches[half:])})"
+
+
 def encode_around(
     text: str,
-    matcher: regex.Pattern | re.Pattern | None,
+    matcher: re.Pattern | None,
     literal_ids: dict[str, int],
     encode: Callable[[str], list[int]],
 ) -> list[int]:

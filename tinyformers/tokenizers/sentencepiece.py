@@ -25,6 +25,7 @@ from tinyformers.tokenizers.bpe import (
     _without_lone_surrogates,
     encode_around,
     join_token_bytes,
+    literal_pattern,
 )
 
 SPACE = "\u2581"  # ▁, SentencePiece's visible space
@@ -146,15 +147,11 @@ class SentencePieceTokenizer:
         return [self.encode(t, allowed_special=allowed_special) for t in texts]
 
     def _literal_matcher(self, allowed: frozenset[str]) -> re.Pattern | None:
-        """A regex for the added tokens plus the allowed specials, longest first (`re`: 4x
-        faster than `regex` on Gemma's 165 added tokens, and the same for literal text)."""
+        """A regex for the added tokens plus the allowed specials, longest first."""
         if allowed not in self._matchers:
             if unknown := allowed - self.special_tokens.keys():
                 raise ValueError(f"not special tokens of {self.source}: {sorted(unknown)}")
-            tokens = sorted(allowed | self.added_tokens.keys(), key=len, reverse=True)
-            self._matchers[allowed] = (
-                re.compile("|".join(map(re.escape, tokens))) if tokens else None
-            )
+            self._matchers[allowed] = literal_pattern(allowed | self.added_tokens.keys())
         return self._matchers[allowed]
 
     def _encode_fragment(self, text: str) -> list[int]:

@@ -144,6 +144,12 @@ def _gguf_token_types(metadata: dict[str, Any], tokens: list[str], source: str) 
         raise TokenizerError(
             f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
         )
+    if not all(map(_is_id, types)):
+        bad = next(t for t in types if not _is_id(t))
+        raise TokenizerError(
+            f"{source}: tokenizer.ggml.token_type holds {bad!r:.40}, expected integers (1 normal, "
+            "2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte)"
+        )
     return types
 
 
