@@ -9,125 +9,19 @@ divide 9, which is an error that names both numbers.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import smollm2_gguf
+from ranks import PROMPT, finish, launch, run_ranks, single_process
 
 import tinyformers
 from tinyformers.loading.gguf import read_gguf
 from tinyformers.models.llama import LlamaConfig
 from tinyformers.parallel import Shard
-
-ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "Once upon a time"
-IDS = [[0, 0, 11, 22, 33], [5, 6, 7, 8, 9]]  # two rows, the first left-padded
-MASK = [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
-
-# What each rank runs: the model split across the ranks; rank 0 saves what it computed, and
-# every rank its peak memory (at exit: the other ranks leave from inside `load`).
-RANK_SCRIPT = """
-import atexit, json, os, sys, torch, tinyformers
-from tinyformers import kernels
-kernels.available()
-path, out, fast = sys.argv[1], sys.argv[2], sys.argv[3] == "fast"
-rank = int(os.environ["RANK"])
-before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-def report():
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, from the forked pytest process
-    status = open("/proc/self/status").read().split("VmHWM:")[1]
-    peak = int(status.split()[0]) * 1024
-    with open(f"{out}/memory{rank}.json", "w") as f:
-        json.dump({"before": before, "peak": peak}, f)
-atexit.register(report)
-model = tinyformers.load(path, threads=1, fast=fast, tensor_parallel=True)
-ids, mask = torch.tensor(IDS), torch.tensor(MASK)
-torch.save({
-    "logits": model(ids, mask),
-    "greedy": model.generate(PROMPT, max_new_tokens=12, temperature=0),
-    "seeded": model.generate(PROMPT, max_new_tokens=12, seed=3),
-    "weight_bytes": sum(t.nbytes for t in [*model.net.parameters(), *model.net.buffers()]),
-}, f"{out}/rank0.pt")
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(world: int, argv: list[str], timeout: float = 20, stdin: str = "") -> list:
-    """`world` processes of `python argv...` as torchrun starts them; rank 0 gets `stdin`."""
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            TINYFORMERS_TP_TIMEOUT=str(timeout),
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, *argv],
-                env=env,
-                cwd=ROOT,
-                stdin=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    procs[0].stdin.write(stdin)
-    procs[0].stdin.close()
-    procs[0].stdin = None  # closed: communicate() must not flush it
-    return procs
-
-
-def finish(procs: list, timeout: float) -> list[tuple[int, str, str]]:
-    """(exit code, stdout, stderr) of each process; a process still running after `timeout`
-    seconds fails the test (and every process is killed), never hangs it."""
-    deadline = time.monotonic() + timeout
-    try:
-        outputs = [p.communicate(timeout=max(0.1, deadline - time.monotonic())) for p in procs]
-        return [(p.returncode, *output) for p, output in zip(procs, outputs, strict=True)]
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"a rank was still running after {timeout} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-
-
-def run_ranks(path: Path, world: int, out: Path, fast: bool) -> dict:
-    script = f"IDS, MASK, PROMPT = {IDS}, {MASK}, {PROMPT!r}\n" + RANK_SCRIPT
-    procs = launch(world, ["-c", script, str(path), str(out), "fast" if fast else "plain"])
-    for code, _, err in finish(procs, timeout=120):
-        assert code == 0, err[-2000:]
-    return torch.load(out / "rank0.pt")
-
-
-def single_process(path: Path, fast: bool) -> tuple[dict, int]:
-    model = tinyformers.load(path, threads=1, fast=fast)
-    got = {
-        "logits": model(torch.tensor(IDS), torch.tensor(MASK)),
-        "greedy": model.generate(PROMPT, max_new_tokens=12, temperature=0),
-        "seeded": model.generate(PROMPT, max_new_tokens=12, seed=3),
-    }
-    weights = sum(t.nbytes for t in [*model.net.parameters(), *model.net.buffers()])
-    return got, weights
 
 
 def check_memory(out: Path, world: int, weight_bytes: int) -> None:
@@ -141,8 +35,8 @@ def check_memory(out: Path, world: int, weight_bytes: int) -> None:
 
 
 def test_gpt2_on_two_ranks_equals_one_process(gpt2_small_dir, tmp_path):
-    got = run_ranks(gpt2_small_dir, 2, tmp_path, fast=True)
-    want, weights = single_process(gpt2_small_dir, fast=True)
+    got = run_ranks(gpt2_small_dir, 2, tmp_path)
+    want, weights = single_process(gpt2_small_dir)
     torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-5)
     assert got["greedy"] == want["greedy"]
     assert got["seeded"] == want["seeded"]  # rank 0 samples: the same draws from the same seed
@@ -183,6 +77,43 @@ def test_gguf_tensor_part_reads_the_rows_and_columns_of_the_whole_tensor():
             whole = f.tensor(name)
             assert torch.equal(f.tensor_part(name, 0, 100, 300), whole[100:300])
             assert torch.equal(f.tensor_part(name, 1, 40, 300), whole[:, 40:300])  # mid-block
+
+
+# A script as a user writes it, under torchrun: what follows the generation is `ending`.
+USER_SCRIPT = """
+import sys, torch.distributed as dist, tinyformers
+model = tinyformers.load(sys.argv[1], threads=1, tensor_parallel=True)
+print(model.generate("Hello", max_new_tokens=4, temperature=0))
+"""
+ENDINGS = {  # ending with nothing: every other test here
+    # PyTorch asks scripts to destroy the group; our model's own group outlives it
+    "destroy": "dist.destroy_process_group()",
+    # close() (here through `with`) releases the others at once; the model refuses calls after
+    "close, then destroy": """
+with model:
+    pass
+try:
+    model.generate("Hello", max_new_tokens=1)
+except tinyformers.TinyformersError as e:
+    print(e)
+dist.destroy_process_group()
+""",
+}
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_every_rank_exits_0_however_the_script_ends(gpt2_small_dir, ending):
+    procs = launch(2, ["-c", USER_SCRIPT + ENDINGS[ending], str(gpt2_small_dir)])
+    results = finish(procs, timeout=60)
+    for code, _, err in results:
+        assert (code, err) == (0, "")
+    want = tinyformers.load(gpt2_small_dir, threads=1).generate(
+        "Hello", max_new_tokens=4, temperature=0
+    )
+    lines = results[0][1].splitlines()
+    assert lines[0] == want
+    if ending.startswith("close"):
+        assert lines[1:] == ["tensor parallel: this model was closed (its other ranks have exited)"]
 
 
 def test_a_dead_rank_makes_the_others_exit_with_one_error_line(gpt2_small_dir):

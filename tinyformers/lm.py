@@ -29,6 +29,7 @@ from tinyformers.kernels.modules import (
     PackedWeight,
     prefill_kernels,
 )
+from tinyformers.loading.hub import resolve
 from tinyformers.loading.json_file import read_json
 from tinyformers.loading.loader import load_model
 from tinyformers.models import set_fast_path
@@ -49,8 +50,12 @@ class LanguageModel:
     ) -> None:
         self.net = net
         # Decode steps through torch.compile; dynamic shapes, so a new prompt length or batch
-        # does not compile again. The first generation pays for the compile.
-        self.decode = torch.compile(net, dynamic=True) if compile else None
+        # does not compile again. The first generation pays for the compile. Under tensor
+        # parallel every rank compiles its shard (parallel/mirror.py).
+        self.decode = None
+        if compile:
+            parallel = hasattr(net, "compiled")
+            self.decode = net.compiled() if parallel else torch.compile(net, dynamic=True)
         self.tokenizer = tokenizer
         self.source = source
         self.eos_ids = eos_ids  # every id that ends a sequence (Llama 3 style models have several)
@@ -60,6 +65,19 @@ class LanguageModel:
     @property
     def config(self):
         return self.net.config
+
+    def close(self) -> None:
+        """Under tensor parallel, let the other ranks exit (0) now, not at this process's exit;
+        the model answers no call after it. Otherwise nothing: memory goes with the object.
+        Example: `with tinyformers.load(tensor_parallel=True) as model: ...`"""
+        if hasattr(self.net, "stop"):
+            self.net.stop()
+
+    def __enter__(self) -> LanguageModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -232,14 +250,18 @@ class LanguageModel:
 
     def _fit(self, prompt: list[int], max_new_tokens: int, truncate: bool) -> list[int]:
         prompt = fit_context(prompt, max_new_tokens, self.config.context_length, truncate)
-        # The KV cache for prompt + new tokens is allocated whole: check it fits in memory
-        # first (a config may claim a context of 2^31 tokens; -n 10^9 must not crash).
+        # The KV cache for prompt + new tokens is allocated whole, beside int64 rows of the
+        # same length (mask, history, positions): check they fit in what memory is free, with
+        # room to spare, first (a config may claim a context of 2^31 tokens; -n 2e8 with one
+        # 8-wide layer is 13 GB of cache and 10 more of bookkeeping, and must not crash).
         per_token = sum(c.k.nbytes + c.v.nbytes for c in self.net.make_cache(1, 1))
+        per_token += _BOOKKEEPING_BYTES
         need, free = (len(prompt) + max_new_tokens) * per_token, _free_memory(self.device)
-        if need > free:
+        if need > 0.75 * free:
             raise ContextLengthError(
                 f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens needs "
-                f"{need / 2**30:.1f} GiB of KV cache; {free / 2**30:.1f} GiB is free"
+                f"{need / 2**30:.1f} GiB of KV cache; {free / 2**30:.1f} GiB is free (at most "
+                "3/4 of it is used)"
             )
         return prompt
 
@@ -441,7 +463,8 @@ def load(
     tensor_parallel: split the model across the ranks of a torch.distributed process group
     (initialized by the caller, or from torchrun's environment): each rank loads its share of
     the heads, MLP units and vocabulary. Rank 0 gets the model; on the other ranks `load`
-    runs rank 0's calls until it exits, then exits the process (docs/distributed.md).
+    runs rank 0's calls until its `close()` or exit, then exits the process with code 0
+    (docs/distributed.md). Every `quantize` and `compile` runs so, each rank on its shard.
     adapter: a folder with a LoRA adapter in PEFT's format (adapter_config.json +
     adapter_model.safetensors, as `tinyformers train --lora` or PEFT writes it), merged into
     the weights before anything else runs: the model then runs as fast as without one.
@@ -457,19 +480,20 @@ def load(
         raise ValueError(f"an adapter is merged into dense weights: not with {option}")
     torch.set_num_threads(default_threads() if threads is None else _checked_threads(threads))
     start = time.perf_counter()
-    shard = group = None
+    # The small files first: a bad tokenizer, special token or chat template fails here,
+    # before the first weight byte is read (which takes minutes for a large model).
+    path = resolve(name_or_path)
+    tokenizer = _tokenizer_for(path)
+    shard = link = None
     if tensor_parallel:
-        if compile or quantize == "gguf":
-            option = "compile" if compile else "quantize gguf"
-            raise ValueError(f"{option} does not run under tensor parallel yet")
         from tinyformers import parallel
 
-        shard, group = parallel.join(torch.device(device or "cpu"))
+        shard, link = parallel.join(torch.device(device or "cpu"))
     if quantize == "gguf":
         _kernels_or_error(quantize, torch.device(device or "cpu"))
-        net, path = load_model(name_or_path, dtype, device, native_gguf=True)
+        net, path = load_model(path, dtype, device, native_gguf=True, shard=shard)
     else:
-        net, path = load_model(name_or_path, dtype, device, shard=shard)
+        net, path = load_model(path, dtype, device, shard=shard)
         if adapter is not None:
             from tinyformers.training.lora import apply_adapter
 
@@ -479,8 +503,7 @@ def load(
     set_fast_path(net, fast)
     _half_cache_beside_16_bit_weights(net)
     if shard is not None:  # on ranks other than 0 this serves rank 0, then exits
-        net = parallel.start(net, shard, group, shard.model_config)
-    tokenizer = _tokenizer_for(path)
+        net = parallel.start(net, shard, link, shard.model_config)
     eos_ids = _eos_ids(net.config, tokenizer, path)
     return LanguageModel(net, tokenizer, path, eos_ids, time.perf_counter() - start, compile)
 
@@ -512,18 +535,62 @@ def _checked_threads(threads: int) -> int:
     return threads
 
 
+_BOOKKEEPING_BYTES = 64  # per token of the cache: generation's int64 rows and temporaries
+
+
 def _free_memory(device: torch.device) -> int:
-    """Bytes that can still be allocated on `device` (MemAvailable for the CPU)."""
+    """Bytes that can still be allocated on `device`: for the CPU the least of MemAvailable,
+    the room under this process's cgroup limit and under its address-space limit (ulimit -v),
+    any of which may be far below the machine's free memory."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    rooms = [_meminfo("/proc/meminfo", "MemAvailable:"), _cgroup_room(), _address_space_room()]
+    known = [room for room in rooms if room is not None]
+    if known:
+        return min(known)
+    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:  # not Linux
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return 1 << 62
+
+
+def _meminfo(path: str, key: str) -> int | None:
+    """A "Key: N kB" line of a /proc file, in bytes; None where there is none."""
     try:
-        with open("/proc/meminfo") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-        return kib * 1024
-    except (OSError, StopIteration, ValueError):  # not Linux: free pages, or no limit known
-        if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        return 1 << 62
+        with open(path) as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def _cgroup_room() -> int | None:
+    """The cgroup's memory limit less its use (v2, else v1); None without a limit."""
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
+        try:
+            cap, used = Path(limit).read_text().strip(), Path(usage).read_text().strip()
+        except OSError:
+            continue
+        if cap.isdigit() and used.isdigit() and int(cap) < 1 << 60:  # v1 "no limit" is ~2^63
+            return max(0, int(cap) - int(used))
+    return None
+
+
+def _address_space_room() -> int | None:
+    """Room under RLIMIT_AS (ulimit -v) for this process; None when unlimited."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    size = _meminfo("/proc/self/status", "VmSize:")
+    if soft == resource.RLIM_INFINITY or size is None:
+        return None
+    return max(0, soft - size)
 
 
 def _tokenizer_for(path: Path):

@@ -79,7 +79,8 @@ def load_gguf_model(
         if native:
             from tinyformers.kernels.modules import pack_model
 
-            pack_model(model, "f32", quantized=_native_blocks(gguf, fmt, config, names))
+            blocks = _native_blocks(gguf, fmt, config, names, shard)
+            pack_model(model, "f32", quantized=blocks)
             if dense := _dense_kinds(gguf):
                 print(
                     f"tinyformers: {path.name}: {dense} matrices run dense "
@@ -104,10 +105,11 @@ def _dense_kinds(gguf: GGUFFile) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
 
 
-def _native_blocks(gguf: GGUFFile, fmt, config, names: dict[str, str]) -> dict:
+def _native_blocks(gguf: GGUFFile, fmt, config, names: dict[str, str], shard=None) -> dict:
     """The file's Q8_0 / Q4_0 / Q4_1 matrices as `pack_quantized` takes them (values, scales
     and, for Q4, mins), by the name of the module they belong to; the layout fixes of
-    `fmt.sanitize` (row permutations) are applied to each part of the blocks alike."""
+    `fmt.sanitize` (row permutations) are applied to each part of the blocks alike. `shard`:
+    only this rank's rows, or whole blocks of its columns (`Shard.take_blocks`)."""
     parts: dict[str, tuple[torch.Tensor, ...]] = {}
     for name, info in gguf.tensors.items():
         if len(info.shape) != 2:
@@ -116,6 +118,8 @@ def _native_blocks(gguf: GGUFFile, fmt, config, names: dict[str, str]) -> dict:
             parts[names[name]] = q8_0_split(gguf.raw(name), info.shape)
         elif info.ggml_type in NATIVE:  # Q4_0, Q4_1
             parts[names[name]] = q4_split(gguf.raw(name), info.ggml_type, info.shape)
+        if shard is not None and names[name] in parts:
+            parts[names[name]] = shard.take_blocks(names[name], name, parts[names[name]])
     by_part = [
         fmt.sanitize({k: v[i] for k, v in parts.items() if len(v) > i}, config)
         for i in range(3)  # values, scales, mins (Q8_0 has no mins)

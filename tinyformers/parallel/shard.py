@@ -98,6 +98,24 @@ class Shard:
             return read(0, *self.vocab_span(shape[0]))
         return read(0, 0, shape[0])  # replicated
 
+    def take_blocks(
+        self, name: str, file_name: str, parts: tuple[Tensor, ...], block: int = 32
+    ) -> tuple[Tensor, ...]:
+        """This rank's part of a matrix kept in GGUF blocks of `block` weights along a row:
+        `parts` = values [N, K], then scales (and mins) [N, K / block]. Rows are split as they
+        are; columns (row-parallel) only by whole blocks, so each rank's blocks are the file's,
+        never re-quantized: a split that would cut a block is an error naming the file's
+        tensor (`file_name`)."""
+        module = name.split(".")[-2]
+        columns = parts[0].shape[1]
+        if module in ROW_PARALLEL and columns % (block * self.world):
+            raise TinyformersError(
+                f"tensor parallel: quantize gguf: {file_name}'s {columns} columns split "
+                f"{self.world} ways are not whole blocks of {block}; run on a world size "
+                f"that gives each rank a multiple of {block} columns, or without quantize gguf"
+            )
+        return tuple(self.take(name, tuple(p.shape), partial(_narrow, p)) for p in parts)
+
     def take_all(
         self, weights: dict[str, Tensor], after_each: Callable[[], None] = lambda: None
     ) -> dict[str, Tensor]:
@@ -113,6 +131,10 @@ class Shard:
     def _span(self, size: int, offset: int = 0) -> tuple[int, int]:
         part = size // self.world
         return offset + self.rank * part, offset + (self.rank + 1) * part
+
+
+def _narrow(w: Tensor, dim: int, start: int, stop: int) -> Tensor:
+    return w.narrow(dim, start, stop - start)
 
 
 def _copy_out(w: Tensor, drop_pages: Callable[[], None], dim: int, start: int, stop: int) -> Tensor:
