@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyformers.models import check_value, config_fields, prefixed
+from tinyformers.models.attention import LAYER_TYPES, attention, check_layer_types
 from tinyformers.models.hooks import HookPoint, Hooks
 from tinyformers.models.kv_cache import KVCache, per_layer
 from tinyformers.models.masks import positions_and_mask, sliding_window
 from tinyformers.models.rope import Rotary, check_rope_scaling, rotate
 
-LOCAL, GLOBAL = "sliding_attention", "full_attention"  # HF's names of the two layer kinds
+GLOBAL, LOCAL = LAYER_TYPES  # full attention, or a sliding window
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Gemma3Config:
             )
         if config.head_dim % 2:  # rotary embeddings turn pairs
             raise ValueError(f"head_dim = {config.head_dim}: expected an even number")
-        _check_layer_types(config)
+        check_layer_types(config.layer_types, config.num_hidden_layers, config.sliding_window)
         check_rope_scaling(config.rope_scaling)
         return config
 
@@ -117,17 +118,6 @@ class Gemma3Config:
     @property
     def layer_count(self) -> int:
         return self.num_hidden_layers
-
-
-def _check_layer_types(config: Gemma3Config) -> None:
-    """ValueError unless `layer_types`, when given, names one known kind per layer."""
-    types, n = config.layer_types, config.num_hidden_layers
-    if types is None:
-        return
-    if not isinstance(types, list) or len(types) != n or not set(types) <= {LOCAL, GLOBAL}:
-        raise ValueError(
-            f"layer_types {types!r:.80}: expected {n} entries, each {LOCAL!r} or {GLOBAL!r}"
-        )
 
 
 class RMSNorm(nn.Module):
@@ -199,20 +189,7 @@ class Attention(nn.Module):
         k = self.hook("hook_rot_k", rotate(k, cos, sin).transpose(1, 2)).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(input_pos, k, v)  # (B, nkv, S, hs)
-        if not self.fast or self.hook.listening:
-            # GQA: each kv head serves nh/nkv query heads; repeat it for its group.
-            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nkv, S, hs) -> (B, nh, S, hs)
-            v = v.repeat_interleave(nh // nkv, dim=1)  # (B, nkv, S, hs) -> (B, nh, S, hs)
-            scores = q @ k.transpose(-2, -1) * self.scale  # (B, nh, T, hs) @ (B, nh, hs, S)
-            scores = scores.masked_fill(~mask, float("-inf"))  # no future, padding, far past
-            scores = self.hook("hook_attn_scores", scores)  # (B, nh, T, S)
-            pattern = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # each row sums to 1
-            pattern = self.hook("hook_pattern", pattern)  # (B, nh, T, S)
-            z = pattern @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
-        else:  # the same equation in SDPA's fused kernel, kv heads shared without copies
-            z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True
-            )
+        z = attention(q, k, v, mask, self.scale, self.hook, self.fast)  # (B, nh, T, hs)
         z = self.hook("hook_z", z.transpose(1, 2))  # (B, T, nh, hs)
         return self.o_proj(z.reshape(B, T, nh * hs))  # (B, T, nh*hs) -> (B, T, C)
 

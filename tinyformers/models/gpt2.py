@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyformers.models import config_fields
+from tinyformers.models.attention import attention
 from tinyformers.models.hooks import HookPoint, Hooks
 from tinyformers.models.kv_cache import KVCache, per_layer
 from tinyformers.models.masks import positions_and_mask
@@ -127,20 +128,7 @@ class CausalSelfAttention(nn.Module):
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()
         dropout = self.dropout_p if self.training else 0.0
-        if not self.fast or self.hook.listening:
-            # softmax(q k^T * scale, masked) v (Vaswani et al., 2017)
-            scores = q @ k.transpose(-2, -1) * self.scale  # (B, nh, T, hs) @ (B, nh, hs, S)
-            scores = scores.masked_fill(~mask, float("-inf"))  # no future, no padding slots
-            scores = self.hook("hook_attn_scores", scores)  # (B, nh, T, S)
-            pattern = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # each row sums to 1
-            pattern = self.hook("hook_pattern", pattern)  # (B, nh, T, S)
-            if dropout:
-                pattern = F.dropout(pattern, dropout)
-            z = pattern @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
-        else:  # the same equation in SDPA's fused kernel
-            z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale
-            )
+        z = attention(q, k, v, mask, self.scale, self.hook, self.fast, dropout)  # (B,nh,T,hs)
         z = self.hook("hook_z", z.to(x.dtype).transpose(1, 2))  # (B, T, nh, hs)
         return self.c_proj(z.reshape(B, T, nh * hs))  # heads side by side again, then mixed
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from tinyformers.kernels import fused
 from tinyformers.models import check_value, config_fields, prefixed
+from tinyformers.models.attention import attention, check_layer_types
 from tinyformers.models.hooks import HookPoint, Hooks
 from tinyformers.models.kv_cache import KVCache, per_layer
 from tinyformers.models.masks import positions_and_mask, sliding_window
@@ -76,7 +77,7 @@ class LlamaConfig:
                 "expected an even number >= 2"
             )
         check_rope_scaling(config.rope_scaling)
-        check_layer_types(config)
+        check_layer_types(config.layer_types, config.num_hidden_layers, config.sliding_window)
         return config
 
     def layer_window(self, i: int) -> int | None:
@@ -128,24 +129,6 @@ def family_fields(d: dict) -> dict:
     else:
         ignored += ["sliding_window", "layer_types"]
     return {k: v for k, v in d.items() if k not in ignored}
-
-
-_LAYER_TYPES = ("full_attention", "sliding_attention")
-
-
-def check_layer_types(config: LlamaConfig) -> None:
-    """ValueError unless `layer_types` names one known kind per layer, with a window to use."""
-    kinds = config.layer_types
-    if kinds is None:
-        return
-    if not isinstance(kinds, list) or len(kinds) != config.num_hidden_layers:
-        raise ValueError(
-            f"layer_types = {kinds!r:.60}: expected a list of {config.num_hidden_layers} kinds"
-        )
-    if unknown := [k for k in kinds if k not in _LAYER_TYPES]:
-        raise ValueError(f"layer_types: {unknown[0]!r:.60} is not one of {_LAYER_TYPES}")
-    if "sliding_attention" in kinds and config.sliding_window is None:
-        raise ValueError("layer_types names sliding_attention layers but sliding_window is null")
 
 
 class RMSNorm(nn.Module):
@@ -219,23 +202,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(input_pos, k, v)  # (B, nkv, S, hs)
         dropout = self.dropout_p if self.training else 0.0
-        if not self.fast or self.hook.listening:
-            # Each group of nh/nkv query heads shares one key/value head (GQA, Ainslie et al.
-            # 2023): repeat each kv head for its group, then attention as in the paper.
-            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nkv, S, hs) -> (B, nh, S, hs)
-            v = v.repeat_interleave(nh // nkv, dim=1)  # (B, nkv, S, hs) -> (B, nh, S, hs)
-            scores = q @ k.transpose(-2, -1) * self.scale  # (B, nh, T, hs) @ (B, nh, hs, S)
-            scores = scores.masked_fill(~mask, float("-inf"))  # no future, no padding slots
-            scores = self.hook("hook_attn_scores", scores)  # (B, nh, T, S)
-            pattern = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # each row sums to 1
-            pattern = self.hook("hook_pattern", pattern)  # (B, nh, T, S)
-            if dropout:
-                pattern = F.dropout(pattern, dropout)
-            z = pattern @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
-        else:  # the same equation in SDPA's fused kernel, kv heads shared without copies
-            z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale, enable_gqa=True
-            )
+        z = attention(q, k, v, mask, self.scale, self.hook, self.fast, dropout)  # (B,nh,T,hs)
         z = self.hook("hook_z", z.transpose(1, 2))  # (B, T, nh, hs)
         return self.o_proj(z.reshape(B, T, nh * hs))  # (B, T, nh*hs) -> (B, T, C)
 
