@@ -72,6 +72,14 @@ def start_server(
     raise SystemExit("the server did not get ready in 300 s")
 
 
+async def events(client: httpx.AsyncClient, url: str, body: dict):
+    """The JSON events of one streamed request to `url`."""
+    async with client.stream("POST", url, json=body) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                yield json.loads(line[6:])
+
+
 async def one_stream(client: httpx.AsyncClient, url: str, seed: int, tokens: int, **extra) -> dict:
     """(time to first token, gaps between text events, completion tokens) of one request."""
     body = {
@@ -84,15 +92,11 @@ async def one_stream(client: httpx.AsyncClient, url: str, seed: int, tokens: int
     }
     start = time.perf_counter()
     times, usage = [], 0
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["text"]:
-                times.append(time.perf_counter())
+    async for chunk in events(client, f"{url}/v1/completions", body):
+        if chunk.get("usage"):
+            usage = chunk["usage"]["completion_tokens"]
+        elif chunk["choices"] and chunk["choices"][0]["text"]:
+            times.append(time.perf_counter())
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     return {"ttft": times[0] - start if times else float("nan"), "gaps": gaps, "tokens": usage}
 
@@ -139,16 +143,12 @@ async def chat_turns(url: str, turns: int, chars: int, tokens: int) -> list[dict
                 "stream_options": {"include_usage": True},
             }
             start, first, answer = time.perf_counter(), None, ""
-            async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
-                    elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                        first = first or time.perf_counter()
-                        answer += chunk["choices"][0]["delta"]["content"]
+            async for chunk in events(client, f"{url}/v1/chat/completions", body):
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    first = first or time.perf_counter()
+                    answer += chunk["choices"][0]["delta"]["content"]
             messages.append({"role": "assistant", "content": answer})
             rows.append(
                 {
