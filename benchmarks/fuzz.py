@@ -14,15 +14,25 @@ Targets and their seeds:
     vocab_merges    GPT-2's vocab.json + merges.txt (trimmed) and side files -> load + encode
     config          GPT-2 and SmolLM2 configs (shrunk) with matching weights -> load + generate
     chat_template   SmolLM2's template and others from the Hub -> render_chat
+    template_filters  templates that build values with size-producing filters and operators
+                    (sum, tojson, string, join, indent, %, format ...) -> render_chat
+    pre_tokenizer   tokenizer.json pipelines (Split regexes, Digits, ByteLevel, added tokens)
+                    on a byte-level vocabulary -> load + encode a few KB of mixed text
+    load            whole small folders (config, weights, tokenizer, template, generation
+                    config) of GPT-2 and Llama -> tinyformers.load, a prompt, a chat turn
 
 Mutations: bit flips, random bytes, inserted/deleted/duplicated ranges, boundary integers
 (0, -1, 2^31, 2^63, 2^64 - 1 ...) written over any offset, truncation, splicing two seeds; for
 JSON, a value anywhere in the tree replaced by a hostile one (huge, negative, wrong type,
-"false", NaN, deep nesting); for templates, Jinja snippets that loop, multiply or recurse.
+"false", NaN, deep nesting); for templates, Jinja snippets that loop, multiply or recurse, and
+(template_filters) expressions composed of large values and the filters that grow them; for
+pre-tokenizers, a Split regex swapped for a hostile one or a step added; for folders, a file
+dropped or taken from the other seed.
 
 Usage:
     python -m benchmarks.fuzz --target gguf --seconds 600
     python -m benchmarks.fuzz --seconds 20          # every target, one after the other
+    python -m benchmarks.fuzz --target load --seconds 600 --seed 7   # a long run
 Prints one JSON line per target: runs, seconds, findings, slowest input, largest peak.
 """
 
@@ -246,7 +256,99 @@ def seeds(target: str) -> list[Input]:
         templates = [_smollm2_metadata(10)["tokenizer.chat_template"]]
         templates += [test_chat.LLAMA3, test_chat.MISTRAL, test_chat.ZEPHYR, test_chat.FEATURES]
         return [{"chat_template.jinja": t.encode()} for t in templates]
+    if target == "template_filters":
+        return [{"filters.jinja": t.encode()} for t in FILTER_TEMPLATES]
+    if target == "pre_tokenizer":
+        return [{"tokenizer.json": json.dumps(_byte_level_tokenizer(p)).encode()}
+                for p in PRE_TOKENIZERS]  # fmt: skip
+    if target == "load":
+        return _folder_seeds()
     raise ValueError(f"unknown target {target!r}")
+
+
+FILTER_TEMPLATES = [  # each renders, and grows values the way hostile ones do, but within bounds
+    "{% set l = messages|map(attribute='content')|list %}{{ ([l] * 3)|sum(start=[])|join(', ') }}"
+    "{{ messages|tojson(indent=2) }}{{ (messages|string)[:20] }}",
+    "{% for m in messages %}{{ '%-10s|%5d' % (m.role, loop.index) }}{{ m.content|indent(2) }}"
+    "{{ '{:>8}'.format(m.role) ~ m.content|wordwrap(5)|upper }}{% endfor %}",
+    "{{ (messages * 4)|map(attribute='role')|unique|join('/') }}{{ tools|tojson }}"
+    "{{ messages|first|pprint|length }}{{ '%s' % (messages|last).content|center(40) }}",
+]
+PRE_TOKENIZERS = [
+    [{"type": "Digits", "individual_digits": True}, "BYTE_LEVEL"],
+    [{"type": "Split", "pattern": {"Regex": r"\p{N}{1,3}"}, "behavior": "Isolated"}, "BYTE_LEVEL"],
+    [{"type": "Split", "pattern": {"Regex": r"(?i:'s|'t)|[^\r\n\p{L}\p{N}]?\p{L}+|\s+"},
+      "behavior": "Isolated"}, {"type": "Digits", "individual_digits": False}, "BYTE_LEVEL"],
+    [{"type": "Split", "pattern": {"String": "<sep>"}, "behavior": "Isolated"}, "BYTE_LEVEL"],
+]  # fmt: skip
+PRE_TOKENIZER_TEXT = (
+    ("Hello world! 12345 naïve café 😀 <sep> <x> " * 20) + "a" * 300 + "1" * 300 + " \n\t" * 100
+)
+
+
+def _byte_level_tokenizer(steps: list) -> dict:
+    """A tokenizer.json of the 256 byte tokens and a few merges, with `steps` before ByteLevel."""
+    from tinyformers.tokenizers.bpe import bytes_to_unicode
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    tokens = list(bytes_to_unicode().values())
+    merges = ["Ġ t", "h e", "l l", "1 2", "a a"]
+    vocab = {t: i for i, t in enumerate(tokens + ["Ġt", "he", "ll", "12", "aa"])}
+    added = [{"id": len(vocab), "content": "<x>", "special": False},
+             {"id": len(vocab) + 1, "content": "<|end|>", "special": True}]  # fmt: skip
+    steps = [byte_level if step == "BYTE_LEVEL" else step for step in steps]
+    return {
+        "model": {
+            "type": "BPE",
+            "vocab": vocab | {"<x>": len(vocab), "<|end|>": len(vocab) + 1},
+            "merges": merges,
+        },  # fmt: skip
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": steps},
+        "decoder": {"type": "ByteLevel"},
+        "added_tokens": added,
+    }
+
+
+def _folder_seeds() -> list[Input]:
+    """Two small folders as a model ships: GPT-2's trimmed vocab.json + merges.txt with a
+    1-layer network, and a Llama with a tokenizer.json, a chat template and generation config."""
+    from safetensors.torch import save_file
+
+    vocab, merges = _gpt2_files(60)
+    n = len(vocab)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import gpt2_config_dict
+
+    gpt2 = gpt2_config_dict(n_layer=1, n_embd=8, n_head=2, n_positions=16, vocab_size=n)
+    gpt2 |= {"bos_token_id": n - 1, "eos_token_id": n - 1}
+    llama = {
+        "model_type": "llama", "vocab_size": n, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+        "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": n - 1,
+    }  # fmt: skip
+    tokenizer = json.loads(seeds("tokenizer_json")[0]["tokenizer.json"])
+    tokenizer["model"] |= {"vocab": vocab, "merges": merges}
+    tokenizer["added_tokens"] = [{"id": n - 1, "content": "<|endoftext|>", "special": True}]
+    template = _smollm2_metadata(10)["tokenizer.chat_template"]
+    side = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "add_bos_token": False}
+    weights = {"gpt2": _tiny_gpt2_weights(n), "llama": _tiny_llama_weights(n)}
+    return [
+        {
+            "config.json": json.dumps(gpt2).encode(),
+            "model.safetensors": _file_bytes(lambda p: save_file(weights["gpt2"], p)),
+            "vocab.json": json.dumps(vocab).encode(),
+            "merges.txt": ("#version: 0.2\n" + "\n".join(merges)).encode(),
+            "tokenizer_config.json": json.dumps(side).encode(),
+        },
+        {
+            "config.json": json.dumps(llama).encode(),
+            "model.safetensors": _file_bytes(lambda p: save_file(weights["llama"], p)),
+            "tokenizer.json": json.dumps(tokenizer).encode(),
+            "tokenizer_config.json": json.dumps(side | {"chat_template": template}).encode(),
+            "generation_config.json": json.dumps({"eos_token_id": [n - 1, 0]}).encode(),
+        },
+    ]
 
 
 # -- targets ----------------------------------------------------------------------------------
@@ -257,10 +359,12 @@ MESSAGES = [  # no system message: Mistral's template refuses one
     {"role": "user", "content": "And?"},
 ]
 TEXT = "Hello world! 12345 naïve café 😀 <|endoftext|>  tabs\tand\nnewlines"
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 
 
 def run_target(target: str, folder: Path) -> None:
     """Run `target`'s loader on the files in `folder`."""
+    from tinyformers.chat import encode_chat, render_chat
     from tinyformers.loading.gguf import read_gguf
     from tinyformers.loading.safetensors import load_safetensors
     from tinyformers.loading.torch_pickle import load_torch_pickle
@@ -286,10 +390,20 @@ def run_target(target: str, folder: Path) -> None:
         model = tinyformers.load(folder)
         model.generate_ids([[0, 1], [2]], 2, temperature=0.7, seed=0)
     elif target == "chat_template":
-        from tinyformers.chat import render_chat
-
         template = (folder / "chat_template.jinja").read_bytes().decode("utf-8", "replace")
         render_chat(template, MESSAGES, bos_token="<s>", eos_token="</s>")
+    elif target == "template_filters":
+        template = (folder / "filters.jinja").read_bytes().decode("utf-8", "replace")
+        render_chat(template, MESSAGES, tools=TOOLS, bos_token="<s>", eos_token="</s>")
+    elif target == "pre_tokenizer":
+        tok = load_tokenizer(folder)
+        tok.decode(tok.encode(PRE_TOKENIZER_TEXT))
+        tok.encode(PRE_TOKENIZER_TEXT, allowed_special="all")
+    elif target == "load":
+        model = tinyformers.load(folder)
+        model.generate("Hello 12", 2, temperature=0)
+        if model.tokenizer.chat_template is not None:
+            encode_chat(model.tokenizer, MESSAGES)
 
 
 # -- mutations --------------------------------------------------------------------------------
@@ -309,15 +423,44 @@ JINJA_SNIPPETS = [
     "{% endfor %}", "{{ ''.__class__ }}", "{{ raise_exception('x') }}", "{{ messages|tojson }}",
     "{{ (messages|first).content.replace('', 'ab' * 99999) }}", "{% if %}", "{{",
 ]  # fmt: skip
+# template_filters: expressions built from a large value and 1 to 3 growing steps
+LARGE_VALUES = [
+    "([1] * 4000000)", "('ab' * 2000000)", "([messages] * 1000)", "(range(100000)|list)",
+    "('\\n' * 1000000)", "({'k': 'v' * 1000000})", "([[1, 2]] * 100000)", "messages",
+    "([('x' * 1000)] * 4000)", "(tools * 10000)",
+]  # fmt: skip
+GROWING_STEPS = [
+    "|sum(start=[])", "|tojson", "|tojson(indent=1000000)", "|string", "|join", "|pprint",
+    "|join('ab' * 1000)", "|indent(1000000)", "|indent('\\t' * 100000, true)", "|wordwrap(1)",
+    "|center(4000000)", "|upper", "|e", "|list", "|map('string')|join", "|unique|list",
+    "|sort", "|format", "|batch(3)|list", "|replace('a', 'aa' * 1000)", " * 30", " ~ 'x'",
+    " + [1]", "|map('tojson')|list", "|dictsort", "|items|list", "|slice(1000)|list",
+]  # fmt: skip
+WRAPPERS = [
+    "'%*s' % (4000000, {})", "'{{:>4000000}}'.format({})", "'%s%s' % ({}, {})",
+    "[{}] * 30", "({}|string).expandtabs(100000)", "'x'.join({})", "{} * 1000",
+]  # fmt: skip
 
 
 def mutate(inp: Input, corpus: list[Input], rng: random.Random) -> Input:
     out = dict(inp)
     name = rng.choice(list(out))
+    if len(out) > 1 and rng.random() < 0.1:  # a folder: a file dropped, or the other seed's
+        other = rng.choice(corpus)
+        if name in other and rng.random() < 0.5:
+            out[name] = other[name]
+        else:
+            del out[name]
+        return out
     data = out[name]
     for _ in range(rng.choice((1, 1, 1, 2, 4))):
         if name.endswith(".json") and rng.random() < 0.6:
             data = _mutate_json(data, rng)
+        elif name == "filters.jinja" and rng.random() < 0.7:
+            at = rng.randrange(len(data) + 1)
+            data = data[:at] + _growing_expression(rng).encode() + data[at:]
+        elif name == "tokenizer.json" and rng.random() < 0.3:
+            data = _mutate_pre_tokenizer(data, rng)
         elif name.endswith(".jinja") and rng.random() < 0.5:
             at = rng.randrange(len(data) + 1)
             data = data[:at] + rng.choice(JINJA_SNIPPETS).encode() + data[at:]
@@ -325,6 +468,51 @@ def mutate(inp: Input, corpus: list[Input], rng: random.Random) -> Input:
             data = _mutate_bytes(data, corpus, name, rng)
     out[name] = data
     return out
+
+
+def _growing_expression(rng: random.Random) -> str:
+    """`{{ ... }}` of a large value through 1 to 3 steps that grow it, maybe in a wrapper."""
+    expr = rng.choice(LARGE_VALUES)
+    for _ in range(rng.randint(1, 3)):
+        expr = f"({expr}{rng.choice(GROWING_STEPS)})"
+    if rng.random() < 0.3:
+        expr = rng.choice(WRAPPERS).replace("{}", expr)
+    return "{{ " + expr + " }}"
+
+
+HOSTILE_REGEXES = [
+    "(a|aa)+$", "(a+)+b", "(\\p{L}|\\p{Ll})+$", "(?:\\s*\\d)*x", "a{1000}", "a{1001}",
+    "(?<=a{0,100})b", "\\p{N}", ".", "", "(", "(?P<x>a)(?P=x)+$", "[^\\s]+", "(?:(?:a*)*)*$",
+    "(.*)*!", "\\X+", "(?r)\\w+", "(?V1)[[a-z]--[aeiou]]+", "a" * 3000,
+]  # fmt: skip
+
+
+def _mutate_pre_tokenizer(data: bytes, rng: random.Random) -> bytes:
+    """A tokenizer.json's pre-tokenizer changed: a Split regex swapped for a hostile one, a step
+    added, or many added tokens."""
+    try:
+        tree = json.loads(data)
+        steps = tree["pre_tokenizer"]["pretokenizers"]
+        vocab = tree["model"]["vocab"]
+    except (ValueError, RecursionError, KeyError, TypeError):
+        return data
+    if not isinstance(steps, list) or not isinstance(vocab, dict):
+        return data
+    op = rng.randrange(3)
+    split = {"type": "Split", "pattern": {"Regex": rng.choice(HOSTILE_REGEXES)},
+             "behavior": "Isolated"}  # fmt: skip
+    if op == 0 and steps:
+        steps[rng.randrange(len(steps))] = split
+    elif op == 1:
+        steps.insert(rng.randrange(len(steps) + 1), rng.choice([
+            split, {"type": "Digits", "individual_digits": rng.random() < 0.5}
+        ]))  # fmt: skip
+    elif isinstance(tree.get("added_tokens") or [], list):
+        count = rng.choice((10, 1000, 10_000))  # 100k: ~2 s a matcher (robustness.md)
+        added = [{"id": len(vocab) + i, "content": f"a{i}" * rng.randint(1, 3),
+                  "special": rng.random() < 0.5} for i in range(count)]  # fmt: skip
+        tree["added_tokens"] = (tree.get("added_tokens") or []) + added
+    return json.dumps(tree).encode()
 
 
 def _mutate_bytes(data: bytes, corpus: list[Input], name: str, rng: random.Random) -> bytes:
@@ -486,7 +674,7 @@ def _save(out: Path, target: str, n: int, inp: Input, finding: str) -> None:
 
 
 TARGETS = ["gguf", "safetensors", "pickle", "tokenizer_json", "vocab_merges", "config",
-           "chat_template"]  # fmt: skip
+           "chat_template", "template_filters", "pre_tokenizer", "load"]  # fmt: skip
 
 
 def main() -> None:

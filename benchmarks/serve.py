@@ -4,6 +4,7 @@ chat that resends its history, with and without the prompt cache.
     python -m benchmarks.serve [--model smollm2] [--clients 1,4,8] [--rounds 2] [--tokens 64]
     python -m benchmarks.serve --turns 10 [--turn-chars 1200] [--tokens 32]
     python -m benchmarks.serve --grammar [--rounds 4] [--tokens 64]
+    python -m benchmarks.serve --soak 600 [--clients 8]     # benchmarks/soak.py
 
 The server runs in its own process on 127.0.0.1 (a free port), so the clients here do not
 share its interpreter. Each client sends `--rounds` streaming completions one after another
@@ -258,7 +259,12 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=0, help="run the multi-turn chat instead")
     parser.add_argument("--turn-chars", type=int, default=1200, help="characters a user turn")
     parser.add_argument("--grammar", action="store_true", help="the JSON schema's cost instead")
+    parser.add_argument("--soak", type=float, default=0, help="seconds of a soak (soak.py)")
     args = parser.parse_args()
+    if args.soak:
+        from benchmarks.soak import soak
+
+        return soak(args)
     if args.turns:
         return multi_turn(args)
     if args.grammar:

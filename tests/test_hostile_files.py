@@ -22,7 +22,7 @@ import pytest
 import torch
 from hostile import assert_refused, run_cases, tiny_gpt2_weights
 
-from tinyformers.errors import CheckpointError, GGUFError
+from tinyformers.errors import CheckpointError, GGUFError, TokenizerError
 
 GPT2 = {"model_type": "gpt2", "vocab_size": 8, "n_positions": 16, "n_embd": 8, "n_layer": 1}
 GPT2["n_head"] = 2
@@ -35,6 +35,12 @@ LLAMA = {
     "num_attention_heads": 2,
 }
 GEMMA3 = LLAMA | {"model_type": "gemma3_text", "num_key_value_heads": 1, "head_dim": 4}
+GGUF_TOKENIZER = {
+    "tokenizer.ggml.model": "gpt2",
+    "tokenizer.ggml.pre": "gpt-2",
+    "tokenizer.ggml.tokens": [*"abcdefg", "ab"],
+    "tokenizer.ggml.merges": ["a b"],
+}
 
 
 def _folder(root: Path, name: str, config: str | dict | None = None) -> Path:
@@ -106,10 +112,18 @@ def _zip_bomb(path: Path) -> None:
                 z.writestr(name, data)
 
 
-def _gguf_llama(path: Path, block_count: int) -> None:
+def _gguf_llama(path: Path, block_count: int, metadata: dict | None = None) -> None:
+    """A Llama GGUF of 2 tensors (too few to load), with `metadata` added."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (metadata or {}).items():
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_uint32(key, value)
     writer.add_block_count(block_count)
     writer.add_vocab_size(8)
     writer.add_embedding_length(8)
@@ -122,6 +136,11 @@ def _gguf_llama(path: Path, block_count: int) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _safetensors(path: Path, header: bytes | dict, data: bytes = b"") -> None:
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
 
 
 def _build(root: Path) -> dict[str, tuple[str, type, str]]:
@@ -197,7 +216,7 @@ def _build(root: Path) -> dict[str, tuple[str, type, str]]:
     case(
         "config_with_10^5_layers", folder, "asks for 100000 layers, the weights hold tensors for 1"
     )
-    _gguf_llama(root / "layers.gguf", 100_000)
+    _gguf_llama(root / "layers.gguf", 100_000, GGUF_TOKENIZER)
     case("gguf_with_10^5_layers", root / "layers.gguf", "asks for 100000 layers")
     # a per-layer list built from the config (Gemma 3's layer kinds) before the weights are
     # counted: the fuzzer's 2^31 layers made one of 16 GB
@@ -214,11 +233,59 @@ def _build(root: Path) -> dict[str, tuple[str, type, str]]:
     _tiny_gpt2_weights(folder)
     case("llama_config_with_head_dim_5x10^8", folder, "missing tensor")
 
+    # -- issue 26: bulk parsing bounded by counts, the format's rules, no traceback ----------
+    _safetensors(root / "tiny_tensors.safetensors", b"{" + b",".join(
+        b'"%d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}' % i for i in range(10**6)
+    ) + b"}")  # fmt: skip
+    read_st = "from tinyformers.loading.safetensors import load_safetensors\nload_safetensors({!r})"
+    case("safetensors_10^6_tiny_tensors", root / "tiny_tensors.safetensors",
+         "header lists over 65536 tensors", code=read_st)  # fmt: skip
+    _safetensors(root / "shape.safetensors", {"w": {"dtype": "F32", "shape": [2**70, 0],
+                                                    "data_offsets": [0, 0]}})  # fmt: skip
+    case("safetensors_shape_2^70", root / "shape.safetensors", "bad shape", code=read_st)
+    w = b'{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+    _safetensors(root / "twice.safetensors", b'{"w": %s, "w": %s}' % (w, w), bytes(4))
+    case("safetensors_duplicate_key", root / "twice.safetensors", "'w' appears twice",
+         code=read_st)  # fmt: skip
+    _safetensors(root / "gap.safetensors", {"w": {"dtype": "F32", "shape": [1],
+                                                  "data_offsets": [4, 8]}}, bytes(8))  # fmt: skip
+    case("safetensors_gap", root / "gap.safetensors", "leaves a gap", code=read_st)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    _safetensors(root / "utf16.safetensors", header.encode("utf-16"), bytes(4))
+    case("safetensors_utf16_header", root / "utf16.safetensors", "not UTF-8", code=read_st)
+    torch.save(_OrderedDictWithValues(), root / "values.bin")
+    case("pickle_ordered_dict_values_1", root / "values.bin", r"refused: .*\{'values': 1\}",
+         code=read)  # fmt: skip
+    strings = struct.pack("<Q", 1) + b"a" + struct.pack("<IIQ", 9, 8, 10**7) + bytes(8 * 10**7)
+    (root / "strings.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + strings)
+    read_gguf = "from tinyformers.loading.gguf import read_gguf\nread_gguf({!r})"
+    case("gguf_10^7_empty_strings", root / "strings.gguf", "array of 10000000 elements is over",
+         GGUFError, read_gguf)  # fmt: skip
+
+    # -- issue 26: the small files before the first weight byte ---------------------------
+    _gguf_llama(root / "bos.gguf", 1, GGUF_TOKENIZER | {"tokenizer.ggml.bos_token_id": 10**6})
+    case("gguf_bos_outside_vocab_before_weights", root / "bos.gguf",
+         "bos token id 1000000 is outside", TokenizerError)  # fmt: skip
+    _gguf_llama(root / "template.gguf", 1, GGUF_TOKENIZER | {"tokenizer.chat_template": [1, 2]})
+    case("gguf_template_not_string_before_weights", root / "template.gguf",
+         "chat template is not a string", TokenizerError)  # fmt: skip
+    folder = _folder(root, "bos_folder", GPT2)
+    nan = tiny_gpt2_weights(8, GPT2["n_embd"], n_positions=16) | {
+        "wte.weight": torch.full((8, 8), torch.nan)
+    }  # noqa: E501
+    from safetensors.torch import save_file
+
+    save_file(nan, folder / "model.safetensors")  # the weights would fail: NaN
+    (folder / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate("abcdefgh")}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<nope>"}))
+    case("folder_bos_not_in_vocab_before_weights", folder, "bos_token '<nope>' is not in",
+         TokenizerError)  # fmt: skip
+
     # -- silent acceptance: a Q4_K tensor with no elements ----------------------------------
     name = b"blk.0.ffn_down.weight"
     info = struct.pack("<Q", len(name)) + name + struct.pack("<I2QIQ", 2, 256, 0, 12, 0)
     (root / "empty_q4k.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + info)
-    read_gguf = "from tinyformers.loading.gguf import read_gguf\nread_gguf({!r})"
     case("gguf_q4_k_with_no_elements", root / "empty_q4k.gguf", "Q4_K tensor with no elements",
          GGUFError, read_gguf)  # fmt: skip
 
@@ -282,6 +349,14 @@ class _RunsCode:
         return print, ("this must never print",)
 
 
+class _OrderedDictWithValues:
+    """Pickles as an OrderedDict of one tensor whose BUILD sets `values` = 1: shadowing the
+    dict method made the reader fail with a TypeError traceback."""
+
+    def __reduce__(self):
+        return OrderedDict, (), {"values": 1}, None, iter([("w", torch.zeros(2))])
+
+
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory) -> dict[str, tuple[dict, type, str]]:
     cases = _build(tmp_path_factory.mktemp("hostile"))
@@ -298,6 +373,10 @@ CASES = [
     "config_with_10^5_layers", "gguf_with_10^5_layers", "gemma3_config_with_2^31_layers",
     "qwen2_config_with_2^31_layers", "llama_config_with_head_dim_5x10^8",
     "gguf_q4_k_with_no_elements", "config_n_head_0",
+    "safetensors_10^6_tiny_tensors", "safetensors_shape_2^70", "safetensors_duplicate_key",
+    "safetensors_gap", "safetensors_utf16_header", "pickle_ordered_dict_values_1",
+    "gguf_10^7_empty_strings", "gguf_bos_outside_vocab_before_weights",
+    "gguf_template_not_string_before_weights", "folder_bos_not_in_vocab_before_weights",
     "config_n_layer_true", "config_eps_nan", "config_flag_string_false",
     "config_rope_theta_0", "config_rope_scaling_string", "config_rope_scaling_no_factor",
     "config_context_10^13", "config_odd_head_dim", "config_no_head_dim", "config_required_missing",

@@ -202,6 +202,20 @@ def _build(root: Path) -> tuple[str, dict[str, tuple[str, type | None, str]]]:
          "tiny.generate('a b ' * 2_500_000, 5, truncate=True)", None)  # fmt: skip
     case("kv_cache_of_10^9_tokens", "huge.generate_ids([1, 2, 3], 10**9)", ContextLengthError,
          "GiB of KV cache")  # fmt: skip
+    # issue 26: 2^31 positions and -n 2e8 passed a check of the cache alone (13 GB) and died
+    # allocating it; run as on a 24 GiB machine (ulimit -v), whatever memory this one has
+    case("kv_cache_2^31_context_n_2e8", """
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        size = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read())[1]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (size + 24 * 2**30, hard))
+        try:
+            huge.generate_ids([1, 2, 3], 2 * 10**8)
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    """, ContextLengthError, "GiB of KV cache")  # fmt: skip
+    case("explain_10MB_prompt", "explain(tiny, 'a' * 10**7)", ContextLengthError,
+         "10000000 characters, more than 64 tokens can hold")  # fmt: skip
     case("seed_2^64", "SamplingParams(seed=2**64)", ParameterError, "seed must be an integer")
     case("repetition_penalty_1e-300", "SamplingParams(repetition_penalty=1e-300)",
          ParameterError, "repetition_penalty must be in")  # fmt: skip
@@ -209,8 +223,9 @@ def _build(root: Path) -> tuple[str, dict[str, tuple[str, type | None, str]]]:
     case("repetition_penalty_1e-6", "tiny.generate('hello', 5, repetition_penalty=1e-6)", None)
 
     setup = f"""
-        import json
+        import json, re
         from tinyformers.chat import render_chat
+        from tinyformers.explain import explain
         from tinyformers.generation.params import SamplingParams
         from tinyformers.tokenizers import from_gguf_metadata, load_tokenizer
         tiny = tinyformers.load({str(_tiny_gpt2(root / "tiny"))!r})
@@ -238,6 +253,7 @@ CASES = [
     "side_file_eos_list_of_strings",
     *(f"template_{name}" for name in TEMPLATES),
     "generate_10MB_prompt", "generate_10MB_prompt_truncated", "kv_cache_of_10^9_tokens",
+    "kv_cache_2^31_context_n_2e8", "explain_10MB_prompt",
     "seed_2^64", "repetition_penalty_1e-300", "temperature_1e-45", "repetition_penalty_1e-6",
 ]  # fmt: skip
 

@@ -214,4 +214,6 @@ def test_loading_124m_peaks_under_1_5x_weights(tmp_path):
     ).stdout.split()
     weights_mb, extra_mb = float(out[0]), float(out[1])
     print(f"weights {weights_mb:.0f} MiB, peak extra RSS {extra_mb:.0f} MiB")
-    assert extra_mb < 1.5 * weights_mb  # the issue's bound
+    # the issue's bound, plus the tokenizer (~35 MB for GPT-2's), which `load` now reads and
+    # checks first and holds while the weights load (issue 26: small files before weights)
+    assert extra_mb < 1.5 * weights_mb + 50

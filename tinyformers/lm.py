@@ -594,12 +594,20 @@ def _address_space_room() -> int | None:
 
 
 def _tokenizer_for(path: Path):
-    """The checkpoint's tokenizer, or None for a folder that ships weights only."""
-    from tinyformers.tokenizers import load_tokenizer
+    """The checkpoint's tokenizer, or None for a folder that ships weights only, a GGUF file
+    with no tokenizer metadata, or a file `load_model` will refuse."""
+    from tinyformers.tokenizers import from_gguf_metadata, load_tokenizer
 
-    has_files = path.is_file() or any(
-        (path / f).is_file() for f in ("tokenizer.json", "vocab.json")
-    )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            return None
+        from tinyformers.loading.gguf import read_gguf
+
+        with read_gguf(path) as gguf:
+            if "tokenizer.ggml.model" not in gguf.metadata:
+                return None
+            return from_gguf_metadata(gguf.metadata, str(path))
+    has_files = any((path / f).is_file() for f in ("tokenizer.json", "vocab.json"))
     return load_tokenizer(path) if has_files else None
 
 

@@ -17,6 +17,7 @@ is one TemplateError naming the model.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -34,6 +35,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import generate_lorem_ipsum, pass_environment
 
 from tinyformers.errors import TemplateError, TinyformersError
+from tinyformers.tokenizers.bpe import literal_pattern
 
 MAX_SECONDS = 0.5  # real templates render in about a millisecond
 MAX_CHARS = 4 * 2**20  # of any one string or list the template builds, and of the output
@@ -136,7 +138,7 @@ def encode_chat(
     )
     # re.split with one group gives [text, marked token, text, ...]; a marker the template cut
     # off its token gives None there. Both kinds still split the text, as Hugging Face does.
-    pieces = _marked_pattern(control).split(text)
+    pieces = _MARKED.split(text)
     ids: list[int] = []
     for i, piece in enumerate(pieces):
         if piece:
@@ -144,7 +146,7 @@ def encode_chat(
     return ids
 
 
-def _mark(value, control: regex.Pattern):
+def _mark(value, control: re.Pattern):
     """Wrap each control token in the strings of `value` with the markers (dropping forged
     ones), inside lists and dicts too: a tool's schema or a call's arguments are the user's."""
     if isinstance(value, list):
@@ -158,14 +160,14 @@ def _mark(value, control: regex.Pattern):
 
 
 @lru_cache
-def _control_pattern(tokens: frozenset[str]) -> regex.Pattern:
-    longest_first = sorted(tokens, key=len, reverse=True)  # "<|im_start|>" before a prefix of it
-    return regex.compile("|".join(map(regex.escape, longest_first)) or "(?!)")
+def _control_pattern(tokens: frozenset[str]) -> re.Pattern:
+    """The control tokens, longest first ("<|im_start|>" before a prefix of it)."""
+    return literal_pattern(tokens) or re.compile("(?!)")
 
 
-@lru_cache
-def _marked_pattern(control: regex.Pattern) -> regex.Pattern:
-    return regex.compile(f"{_START}({control.pattern}){_END}|[{_START}{_END}]")
+# A marked piece, or a marker the template cut off its token (or wrote itself): the text
+# between two markers is the user's, encoded as plain text, whatever it holds.
+_MARKED = re.compile(f"{_START}([^{_START}{_END}]*){_END}|[{_START}{_END}]")
 
 
 class _LimitError(jinja2.TemplateError):
@@ -218,31 +220,55 @@ def _check_sizes(args, kwargs) -> None:
             raise _LimitError(f"argument {v} passes the {MAX_CHARS} size limit")
 
 
-def _check_text(*values, extra: int = 0) -> None:
+def _check_text(values: Iterable, extra: int = 0) -> None:
     """Refuse, before it is built, the text of `values` (str() of each, plus `extra`
     characters) if it would pass MAX_CHARS.
 
     subtle: str() of `[l] * 30`, l a list of 4M items, is 360M characters built in C, where
     the deadline cannot look. A lower bound on the length (a string its length, a list its
-    brackets and separators) is summed while walking; the walk stops at the limit, so it
-    costs at most a few million steps however large or self-sharing the value is.
+    brackets and separators, anything else 1) is summed while walking; the walk stops at the
+    limit, so it costs at most a few million steps however large or self-sharing the value
+    is, and a flat list of strings or numbers is counted in C.
     """
-    size, stack = extra, list(values)
-    while stack:
-        value = stack.pop()
-        if isinstance(value, str):
+    size, stack = extra, []
+    if (flat := _flat_size(values)) is not None:
+        size += flat
+    else:
+        stack.append(iter(values))
+    while stack and size <= MAX_CHARS:
+        value = next(stack[-1], _END_OF_ITEMS)
+        if value is _END_OF_ITEMS:
+            stack.pop()
+        elif isinstance(value, str):
             size += len(value)
-        elif isinstance(value, list | tuple | set | frozenset | dict):
-            size += 0 if isinstance(value, dict) else 2 * len(value)  # brackets, ", "
+        elif isinstance(value, dict):
+            stack.append(iter(value.items()))  # each (k, v) as a pair: ": " and ", "
+        elif isinstance(value, list | tuple | set | frozenset):
+            size += 2 * len(value)  # brackets and ", "
             if size > MAX_CHARS:
                 break
-            stack += value.items() if isinstance(value, dict) else value  # (k, v): ": ", ", "
+            if (flat := _flat_size(value)) is not None:
+                size += flat
+            else:
+                stack.append(iter(value))
         else:
             size += 1
-        if size > MAX_CHARS:
-            break
     if size > MAX_CHARS:
         raise _LimitError(f"a text of over {MAX_CHARS} characters")
+
+
+_END_OF_ITEMS = object()
+
+
+def _flat_size(values) -> int | None:
+    """The text length of a flat list of strings (or at least of numbers), counted in C;
+    None for anything else."""
+    if not isinstance(values, list | tuple | set | frozenset):
+        return None
+    kinds = set(map(type, values))
+    if kinds <= {str}:
+        return sum(map(len, values))
+    return len(values) if kinds <= {int, float, bool, type(None)} else None
 
 
 def _check_format(spec, args: Iterable = ()) -> None:
@@ -257,7 +283,7 @@ def _check_format(spec, args: Iterable = ()) -> None:
     widths = sum(map(int, numbers)) + sum(
         abs(a) for a in args if isinstance(a, int) and not isinstance(a, bool)
     )
-    _check_text(*args, extra=len(spec) + widths)
+    _check_text(args, extra=len(spec) + widths)
 
 
 def _format_args(right) -> list:
@@ -280,7 +306,7 @@ def _check_str_method(text: str, name: str, args: tuple, kwargs: dict) -> None:
     elif name in ("format", "format_map"):
         _check_format(text, [*args, *kwargs.values()])
     elif name == "join" and args and isinstance(args[0], list | tuple):
-        _check_text(*args[0], extra=len(text) * len(args[0]))
+        _check_text(args[0], extra=len(text) * len(args[0]))
     elif name == "expandtabs":
         width = args[0] if args else kwargs.get("tabsize", 8)
         if isinstance(width, int):
@@ -342,7 +368,7 @@ def _limited_filter(name: str, f):
         value, params = (args[first], args[first + 1 :]) if len(args) > first else (None, ())
         _check_sizes(params, kwargs)
         if name not in _STRUCTURAL_FILTERS and name != "join":
-            _check_text(value)
+            _check_text([value])
         if name == "format":
             _check_format(value, [*params, *kwargs.values()])
         elif name == "replace":
@@ -352,7 +378,8 @@ def _limited_filter(name: str, f):
         elif name == "wordwrap":
             _check_wordwrap(value, *params, **kwargs)
         elif name == "join":
-            value = list(value)  # may be a generator (`map`): the check and the join read it
+            if not isinstance(value, str | list | tuple):  # a generator (`map`): read it once
+                value = list(value)
             _check_joined(args[0], value, *params, **kwargs)
             args = (*args[:first], value, *params)
         return _check_size(f(*args, **kwargs))
@@ -373,11 +400,16 @@ def _check_wordwrap(text, width=79, long_words=True, wrapstring=None, *_, **kwar
         _check_length(len(str(text)) * (1 + len(wrapstring)))
 
 
-def _check_joined(eval_ctx, items: list, separator: str = "", attribute=None) -> None:
+def _check_joined(eval_ctx, items, separator: str = "", attribute=None) -> None:
     """The text `join` builds: each item's (or its `attribute`'s) text, and the separators."""
+    extra = len(str(separator)) * max(len(items) - 1, 0)
+    if isinstance(items, str):  # its characters, joined
+        _check_length(len(items) + extra)
+        return
     if attribute is not None:
-        items = list(map(make_attrgetter(eval_ctx.environment, attribute), items))
-    _check_text(*items, extra=len(str(separator)) * len(items))
+        items = map(make_attrgetter(eval_ctx.environment, attribute), items)
+    _check_length(extra)
+    _check_text(items, extra)
 
 
 @pass_environment
@@ -407,13 +439,13 @@ def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str
 
 def _concat(values) -> str:
     """Jinja's `~`, with the result's size checked before it is built."""
-    _check_text(*values)
+    _check_text(values)
     return "".join([str(v) for v in values])
 
 
 def _finalize(value):
     """Every `{{ value }}` goes through here before Jinja's str(): check the text it makes."""
-    _check_text(value)
+    _check_text([value])
     return value
 
 

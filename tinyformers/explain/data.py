@@ -52,10 +52,17 @@ def explain(model, text: str, top_k: int = 10, layers: list[int] | None = None) 
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise TinyformersError(f"{model.source}: no tokenizer files: explain needs text")
+    limit = min(MAX_TOKENS, model.config.context_length)
+    # subtle: a token holds at most `max_token_bytes` bytes and a character at least one, so a
+    # longer text can never fit: refused before tokenizing it (10 MB took 656 MB to tokenize)
+    if len(text) > limit * tokenizer.max_token_bytes:
+        raise ContextLengthError(
+            f"the prompt is {len(text)} characters, more than {limit} tokens can hold; explain "
+            f"takes at most {limit} tokens (a table column and a heat-map row per token)"
+        )
     ids = prompt_ids(tokenizer, text)  # as generation reads it: BOS where the tokenizer asks
     if not ids:
         raise TinyformersError("the prompt is empty and the model has no BOS token to start from")
-    limit = min(MAX_TOKENS, model.config.context_length)
     if len(ids) > limit:
         raise ContextLengthError(
             f"the prompt is {len(ids)} tokens; explain takes at most {limit} "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,16 @@ def read_text(path: Path, error: type[TinyformersError] = CheckpointError) -> st
         raise error(f"{path}: not UTF-8 text (byte {e.start})") from e
 
 
-def parse_json(text: str | bytes, where: str, error: type[TinyformersError]) -> Any:
-    """`text` parsed as JSON under the digit and depth limits; `where` names it in errors."""
+def parse_json(
+    text: str | bytes,
+    where: str,
+    error: type[TinyformersError],
+    object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None,
+) -> Any:
+    """`text` parsed as JSON under the digit and depth limits; `where` names it in errors.
+    `object_pairs_hook` as in json.loads (a ValueError it raises names the problem)."""
     try:
-        return json.loads(text, parse_int=_int)
+        return json.loads(text, parse_int=_int, object_pairs_hook=object_pairs_hook)
     except RecursionError as e:
         raise error(f"{where}: JSON nested too deeply") from e
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError

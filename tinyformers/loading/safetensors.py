@@ -16,6 +16,7 @@ import mmap
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,18 +37,32 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 MAX_HEADER = 100 * 2**20  # the reference implementation's own limit
+MAX_TENSORS = 1 << 16  # per file; the largest real ones (unfused MoE experts) hold ~20K
 CHUNK = 16 * 2**20
 
 
 def read_header(path: Path, size: int, f) -> tuple[dict, int]:
-    """The JSON header (metadata removed) and where the data starts, checked against the file."""
+    """The JSON header (metadata removed) and where the data starts, checked against the file.
+
+    As the format requires (and the reference reader checks): UTF-8 JSON with no key twice,
+    tensors that tile the data exactly, with no gap, no overlap and nothing after the last.
+    """
     head = f.read(8)
     if len(head) < 8:
         raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
     (n,) = struct.unpack("<Q", head)
     if n > MAX_HEADER or 8 + n > size:
         raise CheckpointError(f"{path}: header length {n} does not fit the file ({size} bytes)")
-    header = parse_json(f.read(n), f"{path}: header", CheckpointError)
+    raw = f.read(n)
+    # subtle: every tensor is a JSON object, so counting "{" bounds the tensors before the
+    # parse, which for a 100 MB header of 1M tiny tensors took 20 s and 1.8 GB
+    if raw.count(b"{") > MAX_TENSORS + 2:
+        raise CheckpointError(f"{path}: header lists over {MAX_TENSORS} tensors")
+    try:
+        text = raw.decode("utf-8")  # json.loads would guess UTF-16 or UTF-32 from the bytes
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: header is not UTF-8 (byte {e.start})") from e
+    header = parse_json(text, f"{path}: header", CheckpointError, _no_duplicate_keys)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     header.pop("__metadata__", None)
@@ -58,23 +73,41 @@ def read_header(path: Path, size: int, f) -> tuple[dict, int]:
         if not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name}: unsupported dtype {info.get('dtype')!r}")
         shape = info.get("shape")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise CheckpointError(f"{path}: tensor {name}: bad shape {shape!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**63 for d in shape):
+            raise CheckpointError(
+                f"{path}: tensor {name}: bad shape {shape!r:.80} (expected sizes 0 to 2^63 - 1)"
+            )
         expected = math.prod(shape) * DTYPES[info["dtype"]].itemsize
         if stop - begin != expected:
             raise CheckpointError(
                 f"{path}: tensor {name}: {stop - begin} bytes for shape {shape} "
                 f"{info['dtype']} (expected {expected})"
             )
-        if begin < end:
-            raise CheckpointError(f"{path}: tensor {name}: overlaps the tensor before it")
+        if begin != end:
+            problem = "overlaps the tensor before it" if begin < end else "leaves a gap before it"
+            raise CheckpointError(f"{path}: tensor {name}: {problem} (byte {begin}, not {end})")
         if stop > data_size:
             raise CheckpointError(
                 f"{path}: tensor {name} ends at byte {data_start + stop}, past the end of the "
                 f"file ({size} bytes): truncated?"
             )
         end = stop
+    if end != data_size:
+        raise CheckpointError(
+            f"{path}: {data_size - end} bytes after the last tensor (the tensors must cover "
+            "the data exactly)"
+        )
     return header, data_start
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict; a key given twice is refused (json.loads keeps the last)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {twice!r:.80} appears twice")
+    return obj
 
 
 def _offsets(path: Path, item: tuple[str, dict]) -> tuple[int, int]:

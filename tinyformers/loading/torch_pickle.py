@@ -106,7 +106,25 @@ class _Inspector(pickle._Unpickler):
             raise CheckpointError(f"{self.path}: pickle truncated (a bytearray of {n} bytes)")
         self.append(bytearray(data))
 
-    dispatch = {**pickle._Unpickler.dispatch, pickle.BYTEARRAY8[0]: load_bytearray8}
+    def load_build(self) -> None:
+        """subtle: BUILD sets attributes from any dict it is given; torch gives one only to an
+        OrderedDict, its `_metadata`. Any other (`{"values": 1}`) would shadow a dict method
+        where the state dict is read, and end in a TypeError there."""
+        state, target = self.stack[-1], self.stack[-2]
+        if not (
+            isinstance(target, _Dict) and isinstance(state, dict) and state.keys() <= {"_metadata"}
+        ):
+            raise CheckpointError(
+                f"{self.path}: refused: the pickle sets {state!r:.80} on a "
+                f"{type(target).__name__} (only an OrderedDict's _metadata)"
+            )
+        super().load_build()
+
+    dispatch = {
+        **pickle._Unpickler.dispatch,
+        pickle.BYTEARRAY8[0]: load_bytearray8,
+        pickle.BUILD[0]: load_build,
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED:

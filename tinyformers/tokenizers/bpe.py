@@ -12,6 +12,7 @@ them comes from the source file, never from constants here:
 from __future__ import annotations
 
 import codecs
+import gc
 import heapq
 import math
 import re
@@ -375,11 +376,18 @@ def literal_pattern(tokens: Set[str]) -> re.Pattern | None:
         node[""] = {}  # a token ends here
     if not root:
         return None
+    # subtle: compiling makes ~10 objects a node, and with torch loaded each collection the
+    # garbage collector runs meanwhile walks a large heap: without it, 3x faster (100k: ~1 s)
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         return re.compile(_trie_pattern(root))
     except RecursionError:  # a trie hundreds of branchings deep ("a", "aa", "aaa" ...)
         longest_first = sorted(set(tokens), key=len, reverse=True)
         return re.compile("|".join(map(re.escape, longest_first)))
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _trie_pattern(node: dict) -> str:
