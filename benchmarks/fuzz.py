@@ -425,7 +425,7 @@ JINJA_SNIPPETS = [
 ]  # fmt: skip
 # template_filters: expressions built from a large value and 1 to 3 growing steps
 LARGE_VALUES = [
-    "([1] * 4000000)", "('ab' * 2000000)", "([messages] * 1000)", "(range(100000)|list)",
+    "([1] * 1000000)", "('ab' * 2000000)", "([messages] * 1000)", "(range(100000)|list)",
     "('\\n' * 1000000)", "({'k': 'v' * 1000000})", "([[1, 2]] * 100000)", "messages",
     "([('x' * 1000)] * 4000)", "(tools * 10000)",
 ]  # fmt: skip

@@ -105,14 +105,14 @@ TEMPLATES = {
     "type_error": "{{ 'a' + 1 }}",
     "raise_exception": "{{ raise_exception('no system role') }}",
     # what a filter or operator builds is bounded before it is built (issue 26)
-    "sum_start_list": "{% set l = [1] * 4000000 %}{{ ([l] * 30)|sum(start=[]) }}",
-    "tojson_big_list": "{% set l = [1] * 4000000 %}{{ ([l] * 30)|tojson }}",
-    "string_big_list": "{% set l = [1] * 4000000 %}{{ ([l] * 30)|string }}",
-    "join_big_list": "{% set l = [1] * 4000000 %}{{ ([l] * 30)|join }}",
+    "sum_start_list": "{% set l = [1] * 1000000 %}{{ ([l] * 30)|sum(start=[]) }}",
+    "tojson_big_list": "{% set l = [1] * 1000000 %}{{ ([l] * 30)|tojson }}",
+    "string_big_list": "{% set l = [1] * 1000000 %}{{ ([l] * 30)|string }}",
+    "join_big_list": "{% set l = [1] * 1000000 %}{{ ([l] * 30)|join }}",
     "indent_4M_lines": "{% set s = '\\n' * 4000000 %}{{ s|indent(4000000) }}",
     "percent_width_10^9": "{{ '%999999999s' % 'a' }}",
     "percent_precisions": "{{ ('%.999999f' * 100) % ((1.0,) * 100) }}",
-    "print_big_list": "{% set l = [1] * 4000000 %}{{ [l] * 30 }}",
+    "print_big_list": "{% set l = [1] * 1000000 %}{{ [l] * 30 }}",
 }
 
 

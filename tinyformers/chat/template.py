@@ -8,10 +8,11 @@ A template is a program from a stranger. Jinja's sandbox stops it reaching Pytho
 `_LimitedSandbox` also bounds what it may cost: rendering stops after `MAX_SECONDS` (checked
 on every template line and Python call), strings and lists built by `*`, `+`, `~`, `%`, `**`,
 size arguments (`center(10**9)`, `replace`) and the filters that build text or lists (`sum`,
-`join`, `tojson`, `indent`, `string` ...) stay under `MAX_CHARS`, and so does the output. The
-size of what an operation will build is checked before it is built: C code (str() of a list,
-json.dumps) runs where the deadline cannot look. Every failure, whatever Python raised inside,
-is one TemplateError naming the model.
+`join`, `tojson`, `indent`, `string` ...) stay under `MAX_CHARS` characters (lists under
+`MAX_ITEMS` items), and so does the output. The size of what an operation will build is
+checked before it is built: C code (str() of a list, json.dumps) runs where the deadline
+cannot look. Every failure, whatever Python raised inside, is one TemplateError naming the
+model.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ from tinyformers.errors import TemplateError, TinyformersError
 from tinyformers.tokenizers.bpe import literal_pattern
 
 MAX_SECONDS = 0.5  # real templates render in about a millisecond
-MAX_CHARS = 4 * 2**20  # of any one string or list the template builds, and of the output
+MAX_CHARS = 4 * 2**20  # of any one string the template builds, and of the output
+# of any one list: its items may each be a new object (str of an int: ~50 bytes), so 4M of
+# them would be ~200 MB where 4M characters are 4-16 MB
+MAX_ITEMS = 2**20
+MAX_PPRINT_CHARS = 2**16  # pprint wraps line by line in Python, where the deadline cannot look
 MAX_TEMPLATE_CHARS = 2**17  # real templates, tool use included, are under 20K characters
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": text}
@@ -201,15 +206,17 @@ def _deadline(deadline: float) -> Iterator[None]:
         sys.settrace(previous)
 
 
-def _check_length(n: int) -> None:
-    if n > MAX_CHARS:
-        raise _LimitError(f"a value of {n} items passes the {MAX_CHARS} limit")
+def _check_length(n: int, limit: int = MAX_CHARS) -> None:
+    if n > limit:
+        raise _LimitError(f"a value of {n} items passes the {limit} limit")
 
 
 def _check_size(value):
-    """`value` if it is not a string or list over MAX_CHARS."""
-    if isinstance(value, str | list | tuple | bytes):
+    """`value` if it is not a string over MAX_CHARS or a list over MAX_ITEMS."""
+    if isinstance(value, str | bytes):
         _check_length(len(value))
+    elif isinstance(value, list | tuple):
+        _check_length(len(value), MAX_ITEMS)
     return value
 
 
@@ -220,9 +227,9 @@ def _check_sizes(args, kwargs) -> None:
             raise _LimitError(f"argument {v} passes the {MAX_CHARS} size limit")
 
 
-def _check_text(values: Iterable, extra: int = 0) -> None:
+def _check_text(values: Iterable, extra: int = 0, limit: int = MAX_CHARS) -> None:
     """Refuse, before it is built, the text of `values` (str() of each, plus `extra`
-    characters) if it would pass MAX_CHARS.
+    characters) if it would pass `limit`.
 
     subtle: str() of `[l] * 30`, l a list of 4M items, is 360M characters built in C, where
     the deadline cannot look. A lower bound on the length (a string its length, a list its
@@ -235,7 +242,7 @@ def _check_text(values: Iterable, extra: int = 0) -> None:
         size += flat
     else:
         stack.append(iter(values))
-    while stack and size <= MAX_CHARS:
+    while stack and size <= limit:
         value = next(stack[-1], _END_OF_ITEMS)
         if value is _END_OF_ITEMS:
             stack.pop()
@@ -245,7 +252,7 @@ def _check_text(values: Iterable, extra: int = 0) -> None:
             stack.append(iter(value.items()))  # each (k, v) as a pair: ": " and ", "
         elif isinstance(value, list | tuple | set | frozenset):
             size += 2 * len(value)  # brackets and ", "
-            if size > MAX_CHARS:
+            if size > limit:
                 break
             if (flat := _flat_size(value)) is not None:
                 size += flat
@@ -253,8 +260,8 @@ def _check_text(values: Iterable, extra: int = 0) -> None:
                 stack.append(iter(value))
         else:
             size += 1
-    if size > MAX_CHARS:
-        raise _LimitError(f"a text of over {MAX_CHARS} characters")
+    if size > limit:
+        raise _LimitError(f"a text of over {limit} characters")
 
 
 _END_OF_ITEMS = object()
@@ -325,9 +332,9 @@ class _LimitedSandbox(ImmutableSandboxedEnvironment):
         if operator == "*":
             for n, seq in ((left, right), (right, left)):
                 if isinstance(n, int) and isinstance(seq, str | list | tuple):
-                    _check_length(n * len(seq))
+                    _check_length(n * len(seq), MAX_CHARS if isinstance(seq, str) else MAX_ITEMS)
         if operator == "+" and isinstance(left, str | list | tuple) and hasattr(right, "__len__"):
-            _check_length(len(left) + len(right))
+            _check_length(len(left) + len(right), MAX_CHARS if isinstance(left, str) else MAX_ITEMS)
         if operator == "%":
             _check_format(left, _format_args(right))
         return _check_size(super().call_binop(context, operator, left, right))
@@ -377,6 +384,8 @@ def _limited_filter(name: str, f):
             _check_indent(value, *params, **kwargs)
         elif name == "wordwrap":
             _check_wordwrap(value, *params, **kwargs)
+        elif name == "pprint":
+            _check_text([value], limit=MAX_PPRINT_CHARS)
         elif name == "join":
             if not isinstance(value, str | list | tuple):  # a generator (`map`): read it once
                 value = list(value)
@@ -427,7 +436,7 @@ def _sum(environment, iterable, attribute=None, start=0):
     items = list(iterable)
     if wrong := next((item for item in items if not isinstance(item, kind)), None):
         raise TypeError(f"sum: cannot add {type(wrong).__name__} to {kind.__name__}")
-    _check_length(len(start) + sum(map(len, items)))
+    _check_length(len(start) + sum(map(len, items)), MAX_ITEMS)
     return kind(chain(start, *items))
 
 
