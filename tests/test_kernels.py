@@ -455,8 +455,10 @@ def test_fused_ops_are_not_used_off_the_cpu_fast_path(monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["f32", "bf16", "int8", "q4"])
 def test_one_call_for_every_layer_equals_the_layer_by_layer_path(fmt, monkeypatch):
-    """fused.llama_layers runs the same ops as Block.forward's fast path, so decode steps give
-    the same bits; with q/k/v biases (Qwen2), a window on one layer and head_dim 80 (> 64)."""
+    """fused.llama_layers runs the same ops as the fused modules (kernels/swap.py), so decode
+    steps give the same bits; with q/k/v biases (Qwen2), a window on one layer and head_dim 80
+    (> 64)."""
+    from tinyformers.kernels import swap
     from tinyformers.kernels.modules import pack_model
     from tinyformers.models import set_fast_path
     from tinyformers.models.llama import Llama, LlamaConfig
@@ -479,7 +481,7 @@ def test_one_call_for_every_layer_equals_the_layer_by_layer_path(fmt, monkeypatc
 
     def decode(one_call: bool) -> list[torch.Tensor]:
         if not one_call:
-            monkeypatch.setattr(Llama, "_packed", lambda *args: None)
+            monkeypatch.setattr(swap.Llama, "_packed", lambda *args: None)
         cache = net.make_cache(2, 8)
         with torch.inference_mode():
             logits = [net(ids, padding, cache=cache, input_pos=torch.arange(5))]
@@ -489,6 +491,6 @@ def test_one_call_for_every_layer_equals_the_layer_by_layer_path(fmt, monkeypatc
         monkeypatch.undo()
         return logits
 
-    assert net._packed(torch.ones(2, 1, 160), net.make_cache(2, 8), torch.tensor([5]))
+    assert net._packed(torch.ones(2, 1, 160), net.make_cache(2, 8))
     for fused_all, by_layer in zip(decode(True), decode(False), strict=True):
         assert torch.equal(fused_all, by_layer)

@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import hf_logits, left_padded_batch
 
-from tinyformers.kernels.modules import PackedLinear, pack_model
+from tinyformers.kernels.modules import PackedLinear, RowSlice, pack_model
 from tinyformers.loading.loader import build
 from tinyformers.models import ARCHITECTURES, get_architecture, set_fast_path
 
@@ -241,11 +241,11 @@ def test_packed_and_stacked_matrices_equal_the_checkpoints_own(name, cached):
     reference = run(net, ids, mask, cached)
     packed = pack_model(copy.deepcopy(net), "f32")
     set_fast_path(packed, True)
-    if ARCHITECTURES[CASES[name].model_type] == "llama":  # q, k, v (gate, up) stacked at packing
+    if ARCHITECTURES[CASES[name].model_type] != "gpt2":  # q, k, v (gate, up) stacked at packing
         attn, mlp = packed.layers[0].self_attn, packed.layers[0].mlp
-        assert isinstance(attn.qkv_proj, PackedLinear) and not hasattr(attn, "q_proj")
-        assert isinstance(mlp.gate_up_proj, PackedLinear) and not hasattr(mlp, "up_proj")
-        assert hasattr(net.layers[0].self_attn, "q_proj")  # the model itself keeps them apart
+        assert isinstance(attn.qkv_proj, PackedLinear) and isinstance(attn.q_proj, RowSlice)
+        assert isinstance(mlp.gate_up_proj, PackedLinear) and isinstance(mlp.up_proj, RowSlice)
+        assert isinstance(net.layers[0].self_attn.q_proj, torch.nn.Linear)  # the model's own
     # The kernels' f32 dot products sum in 16-wide lanes, another order again: 1e-5 of the
     # largest logit.
     error = (run(packed, ids, mask, cached) - reference).abs().max()
@@ -262,7 +262,7 @@ def test_a_mixed_kind_group_stays_apart():
     q4 = quantize_q4(attn.k_proj.weight.detach())  # Q4_1 blocks: (values, scales, mins)
     blocks = {"layers.0.self_attn.q_proj": q8, "layers.0.self_attn.k_proj": q4}
     pack_model(net, "f32", quantized=blocks)
-    assert attn.qkv_proj is None
+    assert not hasattr(attn, "qkv_proj")
     assert [attn.q_proj.weight.fmt, attn.k_proj.weight.fmt, attn.v_proj.weight.fmt] == [
         "int8",
         "q4",

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from tinyformers.kernels.modules import RowSlice
 from tinyformers.kernels.packed import PackedWeight
 from tinyformers.models import gemma3, gpt2
 
@@ -460,25 +461,24 @@ def _dense(module: nn.Module) -> Tensor:
 
 
 def _linear(module: nn.Module) -> tuple[Tensor, Tensor]:
-    """(weight [out, in], bias [out]) of a Linear, packed or not; a zero bias where the model
-    has none, as TransformerLens gives b_* for every model."""
+    """(weight [out, in], bias [out]) of a Linear, packed or not, or of a packed model's
+    q/k/v or gate/up (rows of the stacked matrix); a zero bias where the model has none, as
+    TransformerLens gives b_* for every model."""
+    if isinstance(module, RowSlice):
+        w, b = _linear(module.stacked.linear)
+        return w[module.rows], b[module.rows]
     w = _dense(module)
     return w, w.new_zeros(w.shape[0]) if module.bias is None else module.bias.detach()
 
 
 def _projection(block: nn.Module, i: int) -> tuple[Tensor, Tensor]:
     """Weight [heads * hs, C] and bias of q (i=0), k (1) or v (2), however they are stored:
-    GPT-2's c_attn, Llama's q/k/v_proj, or those three packed as one qkv_proj."""
+    GPT-2's c_attn, or Llama's and Gemma's q/k/v_proj."""
     attn = _attention(block)
-    nh, nkv, hs = attn.n_head, getattr(attn, "n_kv_head", attn.n_head), _head_size(attn)
-    if hasattr(attn, "c_attn"):
-        stacked, sizes = attn.c_attn, [nh * hs] * 3
-    elif attn.qkv_proj is not None:
-        stacked, sizes = attn.qkv_proj, [nh * hs, nkv * hs, nkv * hs]
-    else:
+    if not hasattr(attn, "c_attn"):
         return _linear((attn.q_proj, attn.k_proj, attn.v_proj)[i])
-    w, b = _linear(stacked)  # rows of q, then k, then v
-    return w.split(sizes)[i], b.split(sizes)[i]
+    w, b = _linear(attn.c_attn)  # rows of q, then k, then v
+    return w.chunk(3)[i], b.chunk(3)[i]
 
 
 def _heads(block: nn.Module, i: int) -> tuple[Tensor, Tensor]:
@@ -502,13 +502,10 @@ def _out(block: nn.Module) -> tuple[Tensor, Tensor]:
 
 def _mlp_in(block: nn.Module) -> tuple[Tensor | None, Tensor, Tensor]:
     """(W_gate, W_in, b_in) as [out, in] and [out]: GPT-2's c_fc (no gate), or the gated
-    MLP's gate and up (Llama, Gemma 3), packed as one gate_up_proj or apart."""
+    MLP's gate and up (Llama, Gemma 3)."""
     mlp = block.mlp
     if hasattr(mlp, "c_fc"):
         return None, *_linear(mlp.c_fc)
-    if mlp.gate_up_proj is not None:
-        w, b = _linear(mlp.gate_up_proj)  # rows of gate, then up
-        return w.chunk(2)[0], w.chunk(2)[1], b.chunk(2)[1]
     return _linear(mlp.gate_proj)[0], *_linear(mlp.up_proj)
 
 

@@ -15,24 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from tinyformers import lens
-from tinyformers.errors import ContextLengthError, TinyformersError
-from tinyformers.generation.generate import (
-    GenerationStats,
-    fit_context,
-    generate_tokens,
-    stream_text,
-)
+from tinyformers.errors import CheckpointError, TinyformersError
+from tinyformers.generation.budget import check_cache_memory, encode_within, fit_context
+from tinyformers.generation.generate import GenerationStats, generate_tokens, stream_text
 from tinyformers.generation.params import SamplingParams
-from tinyformers.kernels.modules import (
-    PackedEmbedding,
-    PackedLinear,
-    PackedWeight,
-    prefill_kernels,
-)
+from tinyformers.kernels.describe import describe
+from tinyformers.kernels.prepare import check_quantize, prepare
+from tinyformers.loading.gguf_model import native_blocks
 from tinyformers.loading.hub import resolve
 from tinyformers.loading.json_file import read_json
-from tinyformers.loading.loader import load_model
-from tinyformers.models import set_fast_path
+from tinyformers.loading.loader import is_gguf, load_model
 from tinyformers.tokenizers import prompt_ids
 
 
@@ -83,19 +75,12 @@ class LanguageModel:
     def dtype(self) -> torch.dtype:
         """The floating-point type of the matrices, as `load(dtype=)` asked; quantized ones
         (int8, q4) compute in float32. `info()` says how each group of tensors is stored."""
-        for module in self.net.modules():
-            if isinstance(module, nn.Linear):
-                return module.weight.dtype
-            if fmt := getattr(getattr(module, "weight", None), "fmt", None):  # packed
-                return torch.bfloat16 if fmt == "bf16" else torch.float32
-        return next(self.net.parameters()).dtype
+        return describe(self.net).dtype
 
     def num_parameters(self) -> int:
         """Weights the model computes with, tied ones once, packed or quantized ones counted
         as the matrices they stand for (what HF's `num_parameters()` says of the checkpoint)."""
-        params = {p.data_ptr(): p.numel() for p in self.net.parameters()}
-        packed = {id(m): m.n * m.k for m in self.net.modules() if isinstance(m, PackedWeight)}
-        return sum(params.values()) + sum(packed.values())
+        return describe(self.net).parameters
 
     def info(self) -> dict[str, str | int]:
         """What was loaded and how it runs: the storage of each group of tensors, the dtype of
@@ -103,11 +88,12 @@ class LanguageModel:
         context and the file."""
         attention = [m.fast for m in self.net.modules() if hasattr(m, "fast")]
         world = getattr(self.net, "world", None)  # under tensor parallel (parallel/mirror.py)
-        prefill = prefill_kernels(self.net)  # None unless packed for the kernels on the CPU
+        weights = describe(self.net)
+        prefill = weights.prefill  # None unless packed for the kernels on the CPU
         return {
             "architecture": type(self.net).__name__,
-            "parameters": self.num_parameters(),
-            **{f"weights: {group}": fmt for group, fmt in weight_formats(self.net).items()},
+            "parameters": weights.parameters,
+            **{f"weights: {group}": fmt for group, fmt in weights.formats.items()},
             "activations": str(self._activation_dtype()).removeprefix("torch."),
             "attention": "fused (SDPA)" if all(attention) else "written out",
             **({"prefill matmuls": prefill} if prefill else {}),
@@ -159,15 +145,25 @@ class LanguageModel:
         return texts[0] if isinstance(prompt, str) else texts
 
     def stream(
-        self, prompt: str | list[int], max_new_tokens: int = 256, **options
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 256,
+        *,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repetition_penalty: float = 1.0,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        truncate: bool = False,
     ) -> Iterator[str]:
         """The continuation of `prompt` (text, or token ids such as a rendered chat) as text
         deltas, each as soon as it is complete UTF-8.
 
         Takes the same options as `generate`; the deltas concatenate to what it returns.
         """
-        stop, truncate = options.pop("stop", None), options.pop("truncate", False)
-        params = SamplingParams(**options)
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         for _, delta in self._stream([prompt], max_new_tokens, params, stop, truncate):
             yield delta
 
@@ -175,15 +171,21 @@ class LanguageModel:
         self,
         input_ids: list[int] | list[list[int]] | Tensor,
         max_new_tokens: int = 256,
-        **options,
+        *,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        truncate: bool = False,
     ) -> list[int] | list[list[int]]:
         """New token ids for prompt ids (one list, or a batch of lists of any lengths).
 
         Each row ends after its EOS token (included) or max_new_tokens. Options as `generate`,
         except `stop` (stop strings need text: use `generate`).
         """
-        truncate = options.pop("truncate", False)
-        params = SamplingParams(**options)
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         if isinstance(input_ids, Tensor):
             input_ids = input_ids.tolist()
         single = bool(input_ids) and isinstance(input_ids[0], int)
@@ -230,39 +232,13 @@ class LanguageModel:
             self.decode,
         )
 
-    def _encode(self, prompt: str, max_new_tokens: int = 0, truncate: bool = False) -> list[int]:
-        # subtle: a token holds at most `max_token_bytes` bytes (and a character at least one),
-        # so a prompt of more characters than that times the room left can never fit: refuse
-        # it before tokenizing megabytes, or with `truncate` tokenize only a tail that still
-        # overfills the room twice (fit_context then keeps the latest tokens, far from the cut)
-        room = self.config.context_length - max_new_tokens
-        most = room * self.tokenizer.max_token_bytes
-        if max_new_tokens > 0 and room > 0 and len(prompt) > most:
-            if not truncate:
-                raise ContextLengthError(
-                    f"prompt of {len(prompt)} characters + {max_new_tokens} new tokens exceeds "
-                    f"the model's context of {self.config.context_length} tokens (a token holds "
-                    f"{self.tokenizer.max_token_bytes} bytes at most); use --truncate "
-                    "(truncate=True) or fewer new tokens"
-                )
-            prompt = prompt[-2 * most :]
-        return prompt_ids(self.tokenizer, prompt)  # BOS first where the tokenizer asks for it
+    def _encode(self, prompt: str, max_new_tokens: int, truncate: bool) -> list[int]:
+        context = self.config.context_length
+        return encode_within(self.tokenizer, prompt, context, max_new_tokens, truncate)
 
     def _fit(self, prompt: list[int], max_new_tokens: int, truncate: bool) -> list[int]:
         prompt = fit_context(prompt, max_new_tokens, self.config.context_length, truncate)
-        # The KV cache for prompt + new tokens is allocated whole, beside int64 rows of the
-        # same length (mask, history, positions): check they fit in what memory is free, with
-        # room to spare, first (a config may claim a context of 2^31 tokens; -n 2e8 with one
-        # 8-wide layer is 13 GB of cache and 10 more of bookkeeping, and must not crash).
-        per_token = sum(c.k.nbytes + c.v.nbytes for c in self.net.make_cache(1, 1))
-        per_token += _BOOKKEEPING_BYTES
-        need, free = (len(prompt) + max_new_tokens) * per_token, _free_memory(self.device)
-        if need > 0.75 * free:
-            raise ContextLengthError(
-                f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens needs "
-                f"{need / 2**30:.1f} GiB of KV cache; {free / 2**30:.1f} GiB is free (at most "
-                "3/4 of it is used)"
-            )
+        check_cache_memory(self.net, len(prompt), max_new_tokens, self.device)
         return prompt
 
     def hook_names(self) -> list[str]:
@@ -402,37 +378,11 @@ class LanguageModel:
 
     def __repr__(self) -> str:
         """What was loaded, in one line, then the layer tree of `model.net` as PyTorch prints it."""
-        formats = weight_formats(self.net)
+        weights = describe(self.net)
         return (
-            f"LanguageModel({type(self.net).__name__}, {self.num_parameters() / 1e6:.0f}M params, "
-            f"matrices {formats['matrices']}, {self.source})\n{self.net!r}"
+            f"LanguageModel({type(self.net).__name__}, {weights.parameters / 1e6:.0f}M params, "
+            f"matrices {weights.formats['matrices']}, {self.source})\n{self.net!r}"
         )
-
-
-def weight_formats(net: nn.Module) -> dict[str, str]:
-    """How each group of a model's tensors is stored: dtype, or the kernels' packed format."""
-    named = {
-        "f32": "float32 packed for the CPU kernels",
-        "bf16": "bfloat16 packed for the CPU kernels",
-        "int8": "int8 (a scale per 32) packed for the CPU kernels",
-        "q4": "4-bit GGUF blocks packed for the CPU kernels",
-    }
-    groups: dict[str, set[str]] = {"matrices": set(), "embeddings": set(), "norms": set()}
-    for name, module in net.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, PackedWeight):
-            fmt = named[weight.fmt]
-        elif isinstance(weight, Tensor):
-            fmt = str(weight.dtype).removeprefix("torch.")
-        else:
-            continue
-        if isinstance(module, (nn.Embedding, PackedEmbedding)):
-            groups["embeddings"].add(fmt)
-        elif isinstance(module, (nn.Linear, PackedLinear)):
-            groups["matrices" if name != "lm_head" else "embeddings"].add(fmt)
-        elif not isinstance(module, PackedWeight):
-            groups["norms"].add(fmt)
-    return {group: " and ".join(sorted(fmts)) for group, fmts in groups.items() if fmts}
 
 
 def load(
@@ -475,6 +425,8 @@ def load(
         raise ValueError(f"quantize {quantize} computes in float32: leave dtype unset, not {dtype}")
     if quantize and not fast:
         raise ValueError(f"quantize {quantize} runs on the CPU kernels: it needs fast=True")
+    if quantize:
+        check_quantize(quantize, torch.device(device or "cpu"))
     if adapter is not None and (quantize == "gguf" or tensor_parallel):
         option = "quantize gguf" if quantize else "tensor parallel"
         raise ValueError(f"an adapter is merged into dense weights: not with {option}")
@@ -483,25 +435,22 @@ def load(
     # The small files first: a bad tokenizer, special token or chat template fails here,
     # before the first weight byte is read (which takes minutes for a large model).
     path = resolve(name_or_path)
+    if quantize == "gguf" and not is_gguf(path):
+        raise CheckpointError(f"{path}: quantize gguf keeps a GGUF file's blocks: not a GGUF file")
     tokenizer = _tokenizer_for(path)
     shard = link = None
     if tensor_parallel:
         from tinyformers import parallel
 
         shard, link = parallel.join(torch.device(device or "cpu"))
-    if quantize == "gguf":
-        _kernels_or_error(quantize, torch.device(device or "cpu"))
-        net, path = load_model(path, dtype, device, native_gguf=True, shard=shard)
-    else:
-        net, path = load_model(path, dtype, device, shard=shard)
-        if adapter is not None:
-            from tinyformers.training.lora import apply_adapter
+    net, path = load_model(path, dtype, device, shard=shard)
+    if adapter is not None:
+        from tinyformers.training.lora import apply_adapter
 
-            apply_adapter(net, adapter)
-        if fast:
-            _use_kernels(net, quantize)
-    set_fast_path(net, fast)
-    _half_cache_beside_16_bit_weights(net)
+        apply_adapter(net, adapter)
+    if fast:  # the one step that makes it fast (kernels/prepare.py)
+        blocks = native_blocks(path, net.config, shard) if quantize == "gguf" else None
+        prepare(net, quantize, blocks)
     if shard is not None:  # on ranks other than 0 this serves rank 0, then exits
         net = parallel.start(net, shard, link, shard.model_config)
     eos_ids = _eos_ids(net.config, tokenizer, path)
@@ -533,64 +482,6 @@ def _checked_threads(threads: int) -> int:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     return threads
-
-
-_BOOKKEEPING_BYTES = 64  # per token of the cache: generation's int64 rows and temporaries
-
-
-def _free_memory(device: torch.device) -> int:
-    """Bytes that can still be allocated on `device`: for the CPU the least of MemAvailable,
-    the room under this process's cgroup limit and under its address-space limit (ulimit -v),
-    any of which may be far below the machine's free memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    rooms = [_meminfo("/proc/meminfo", "MemAvailable:"), _cgroup_room(), _address_space_room()]
-    known = [room for room in rooms if room is not None]
-    if known:
-        return min(known)
-    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:  # not Linux
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return 1 << 62
-
-
-def _meminfo(path: str, key: str) -> int | None:
-    """A "Key: N kB" line of a /proc file, in bytes; None where there is none."""
-    try:
-        with open(path) as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
-
-
-def _cgroup_room() -> int | None:
-    """The cgroup's memory limit less its use (v2, else v1); None without a limit."""
-    for limit, usage in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        (
-            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-        ),
-    ):
-        try:
-            cap, used = Path(limit).read_text().strip(), Path(usage).read_text().strip()
-        except OSError:
-            continue
-        if cap.isdigit() and used.isdigit() and int(cap) < 1 << 60:  # v1 "no limit" is ~2^63
-            return max(0, int(cap) - int(used))
-    return None
-
-
-def _address_space_room() -> int | None:
-    """Room under RLIMIT_AS (ulimit -v) for this process; None when unlimited."""
-    try:
-        import resource
-    except ImportError:  # not Unix
-        return None
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    size = _meminfo("/proc/self/status", "VmSize:")
-    if soft == resource.RLIM_INFINITY or size is None:
-        return None
-    return max(0, soft - size)
 
 
 def _tokenizer_for(path: Path):
@@ -626,37 +517,3 @@ def _eos_ids(config, tokenizer, path: Path) -> set[int]:
     for value in declared:
         ids.update(value if isinstance(value, list) else [] if value is None else [value])
     return ids
-
-
-def _use_kernels(net: nn.Module, quantize: str | None) -> None:
-    """Pack the model's matrices for our CPU kernels when they can run here."""
-    from tinyformers import kernels
-    from tinyformers.kernels.modules import pack_model
-
-    param = next(net.parameters())
-    if quantize:
-        _kernels_or_error(quantize, param.device)
-        pack_model(net, "int8")
-        return
-    fmt = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(param.dtype)
-    if fmt is not None and param.device.type == "cpu" and kernels.available():
-        pack_model(net, fmt)  # else float16 or CUDA: torch's own kernels are the fast path
-
-
-def _half_cache_beside_16_bit_weights(net: nn.Module) -> None:
-    """A float16 KV cache where the kernels run bfloat16 or quantized matrices (a model with
-    `cache_dtype`: Llama's fused attention reads float16): llama.cpp's default, and half the
-    bytes a decode step reads at long context. Float32 matrices keep a float32 cache (parity)."""
-    formats = {m.fmt for m in net.modules() if isinstance(m, PackedWeight)}
-    if hasattr(net, "cache_dtype") and formats - {"f32"}:
-        net.cache_dtype = torch.float16
-
-
-def _kernels_or_error(quantize: str, device: torch.device) -> None:
-    from tinyformers import kernels
-
-    if device.type != "cpu":
-        raise ValueError(f"quantize {quantize} runs on the CPU kernels: use device cpu")
-    if not kernels.available():
-        reason = kernels.unavailable_reason()
-        raise TinyformersError(f"quantize {quantize} needs the CPU kernels: {reason}")

@@ -14,29 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tinyformers.errors import ContextLengthError, ParameterError
+from tinyformers.errors import ParameterError
 from tinyformers.generation.params import MAX_STOP
 from tinyformers.generation.sampling import SamplingParams, next_tokens
-
-
-def fit_context(
-    prompt: list[int], max_new_tokens: int, context_length: int, truncate: bool
-) -> list[int]:
-    """The prompt if it fits the context with the new tokens; with `truncate`, its latest tokens."""
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
-    if not prompt:
-        raise ValueError("the prompt is empty: nothing to continue from")
-    room = context_length - max_new_tokens
-    if len(prompt) <= room:
-        return prompt
-    if truncate and room > 0:
-        return prompt[-room:]
-    raise ContextLengthError(
-        f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the model's "
-        f"context of {context_length} tokens"
-        + ("" if room <= 0 else "; use --truncate (truncate=True) or fewer new tokens")
-    )
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """Put a loaded model on the kernels: every nn.Linear becomes a PackedLinear.
 
-A tied input embedding (GPT-2's wte, SmolLM2's embed_tokens) reads its rows from the packed
-lm_head, so the model keeps one copy of that matrix, as before packing. Passes of more than
-`fused.ATTEND_ROWS` rows (prefill) run torch's matmul instead where it measured faster at load
-(choose.py); only those weights keep a second, dense copy.
+Projections that read the same input (q, k, v; gate, up) are stacked into one packed matrix,
+and the model's own names for them become `RowSlice`s of it, so the model file's lines run
+unchanged and the stacked matmul runs once per input. Then the fused modules are swapped in
+(swap.py). A tied input embedding (GPT-2's wte, SmolLM2's embed_tokens) reads its rows from
+the packed lm_head, so the model keeps one copy of that matrix, as before packing. Passes of
+more than `fused.ATTEND_ROWS` rows (prefill) run torch's matmul instead where it measured
+faster at load (choose.py); only those weights keep a second, dense copy.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from torch import Tensor, nn
 from .choose import Choice, choose, mode, torch_linear
 from .fused import ATTEND_ROWS
 from .packed import PackedWeight, linear, pack, pack_quantized
+from .swap import swap_in
+
+# name of the stacked matrix -> the projections stacked in it, by rows, in this order
+STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class PackedLinear(nn.Module):
@@ -45,6 +52,43 @@ class PackedLinear(nn.Module):
         return linear(x, self.weight, self.bias)
 
 
+class Stacked:
+    """A stacked PackedLinear and the sizes of its parts: the first part asked for runs the
+    matmul for all of them, the others are handed out from it (one pass over x, as before the
+    split). Not a module: the PackedLinear is registered once, under its stacked name."""
+
+    def __init__(self, linear: PackedLinear, sizes: list[int]) -> None:
+        self.linear, self.sizes = linear, sizes
+        self._input: Tensor | None = None
+        self._parts: list[Tensor | None] = []
+
+    def part(self, x: Tensor, i: int) -> Tensor:
+        """Part i of linear(x) on the last dim (a view): x [..., K] -> [..., sizes[i]]."""
+        if self._input is not x or self._parts[i] is None:
+            self._input, self._parts = x, list(self.linear(x).split(self.sizes, dim=-1))
+        y, self._parts[i] = self._parts[i], None
+        if all(p is None for p in self._parts):  # every part handed out: hold nothing
+            self._input = None
+        return y
+
+
+class RowSlice(nn.Module):
+    """One projection of a stacked matrix, under its own name (q_proj, k_proj, ...): rows
+    `start:stop` of the stacked output."""
+
+    def __init__(self, stacked: Stacked, i: int) -> None:
+        super().__init__()
+        self.stacked, self.i = stacked, i
+        start = sum(stacked.sizes[:i])
+        self.rows = slice(start, start + stacked.sizes[i])
+
+    def extra_repr(self) -> str:
+        return f"rows {self.rows.start}:{self.rows.stop} of the stacked matrix"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.stacked.part(x, self.i)
+
+
 class PackedEmbedding(nn.Module):
     """Embedding lookup from a PackedWeight [V, C]: row i of the matrix is token i's vector."""
 
@@ -63,16 +107,17 @@ def pack_model(
     and a tied embedding by a PackedEmbedding over the same packed matrix.
 
     `quantized` gives a GGUF file's own blocks by module name, as `pack_quantized` takes them
-    (values, scales[, mins]): those are packed as stored, never requantised. Projections that
-    a module lists in `FUSED` (Llama's q, k, v) are stacked into one packed matrix, so one
-    pass over x computes them all; a group whose members are not all of one kind (a GGUF
-    mixing Q8_0 and Q4 blocks) stays apart.
+    (values, scales[, mins]): those are packed as stored, never requantised. The projections
+    of a `STACKED` group (q, k, v; gate, up) are stacked into one packed matrix, so one pass
+    over x computes them all, and each keeps its name as a `RowSlice`; a group whose members
+    are not all of one kind (a GGUF mixing Q8_0 and Q4 blocks) stays apart.
 
     Everything else (norms, biases, position embeddings, so activations and the KV cache)
     becomes float32: the kernels compute in float32 anyway, these tensors are a few percent of
     the bytes, and torch's CPU attention is several times slower in bfloat16.
 
-    Last, each PackedLinear's prefill kernel is chosen (`choose_prefill`).
+    Last, each PackedLinear's prefill kernel is chosen (`choose_prefill`), and the fused
+    modules are swapped in (`swap.swap_in`).
     """
     how = mode()  # checked first: a bad TINYFORMERS_PREFILL fails before seconds of packing
     quantized = quantized or {}
@@ -88,10 +133,10 @@ def pack_model(
     for parent_name, parent in net.named_modules():
         prefix = f"{parent_name}.".lstrip(".")
         grouped: set[str] = set()
-        for fused, members in getattr(parent, "FUSED", {}).items():
+        for stacked, members in STACKED.items():
             kinds = {_kind(getattr(parent, m, None), quantized.get(prefix + m)) for m in members}
             if len(kinds) == 1 and None not in kinds:
-                jobs.append((parent, prefix, fused, members))
+                jobs.append((parent, prefix, stacked, members))
                 grouped.update(members)
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear) and name not in grouped:
@@ -111,16 +156,21 @@ def pack_model(
             setattr(owner, attr, PackedEmbedding(packed))
         biases = [lin.bias for lin in linears]
         bias = None if biases[0] is None else _rows([b.detach() for b in biases])
+        sizes = [lin.out_features for lin in linears]
         for m in members:
             delattr(parent, m)
         setattr(parent, name, PackedLinear(packed, bias))
+        if len(members) > 1:
+            stacked = Stacked(getattr(parent, name), sizes)
+            for i, m in enumerate(members):
+                setattr(parent, m, RowSlice(stacked, i))
         del linears, biases
         _return_freed_memory()
     for p in net.parameters():
         p.data = p.data.float()
     reuse_freed_memory()  # before the timings below, which should see what a prefill will
     choose_prefill([m for m in net.modules() if isinstance(m, PackedLinear)], how)
-    return net
+    return swap_in(net)
 
 
 def choose_prefill(linears: list[PackedLinear], how: str) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from tinyformers.errors import TinyformersError
 from tinyformers.loading.atomic import write_atomic
-from tinyformers.loading.loader import build_meta
+from tinyformers.loading.build import build_meta
 from tinyformers.loading.safetensors import save_safetensors
 
 

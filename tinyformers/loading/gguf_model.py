@@ -1,4 +1,5 @@
-"""A model from a GGUF file: config from its metadata, weights dequantized to the chosen dtype.
+"""A model from a GGUF file: config from its metadata, weights dequantized to the chosen dtype;
+and the file's own quantized blocks, for `quantize="gguf"` to run as stored.
 
 Every tensor name and shape is checked against the architecture before any weight is decoded,
 so a file that does not fit fails at once, naming the tensor.
@@ -15,20 +16,17 @@ import torch
 from torch import nn
 
 from tinyformers.errors import CheckpointError
+from tinyformers.loading.build import build, build_meta
 from tinyformers.loading.ggml_quants import GGMLType, q4_split, q8_0_split
 from tinyformers.loading.gguf import GGUFFile, read_gguf
 from tinyformers.loading.gguf_arch import gguf_architecture, metadata_of
-from tinyformers.loading.loader import build, build_meta
 from tinyformers.models import check_layer_count, get_architecture
 
 
-def load_gguf_model(
-    path: Path, dtype: torch.dtype, device: torch.device, native: bool = False, shard=None
-) -> nn.Module:
-    """The model of a GGUF file; `native`: its Q8_0/Q4_0/Q4_1 matrices stay in their blocks
-    and run on our CPU kernels (as llama.cpp computes), the rest is dequantized to `dtype`
-    (one line on stderr names the block kinds that run dense). `shard`: a `parallel.Shard`,
-    this rank's shard only, dequantized from the blocks that hold its slices."""
+def load_gguf_model(path: Path, dtype: torch.dtype, device: torch.device, shard=None) -> nn.Module:
+    """The model of a GGUF file, every matrix dequantized to `dtype`. `shard`: a
+    `parallel.Shard`, this rank's shard only, dequantized from the blocks that hold its
+    slices."""
     with read_gguf(path) as gguf:
         architecture = gguf.metadata.get("general.architecture")
         try:
@@ -75,19 +73,25 @@ def load_gguf_model(
                 for n, info in gguf.tensors.items()
             }
         weights = fmt.sanitize(weights, config)
-        model = build(arch.Model, config, weights, dtype, device, source=path)
-        if native:
-            from tinyformers.kernels.modules import pack_model
+        return build(arch.Model, config, weights, dtype, device, source=path)
 
-            blocks = _native_blocks(gguf, fmt, config, names, shard)
-            pack_model(model, "f32", quantized=blocks)
-            if dense := _dense_kinds(gguf):
-                print(
-                    f"tinyformers: {path.name}: {dense} matrices run dense "
-                    "(our kernels run Q8_0, Q4_0, Q4_1)",
-                    file=sys.stderr,
-                )
-        return model
+
+def native_blocks(path: Path, config, shard=None) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The file's Q8_0 / Q4_0 / Q4_1 matrices in their blocks, by module name, for
+    `quantize="gguf"` to compute on as stored (as llama.cpp does); one line on stderr names
+    the block kinds that run dense. `config`: the loaded model's (this rank's, under
+    `shard`)."""
+    with read_gguf(path) as gguf:
+        architecture = gguf.metadata.get("general.architecture")
+        fmt = gguf_architecture(architecture)
+        blocks = _native_blocks(gguf, fmt, config, fmt.names(config), shard)
+        if dense := _dense_kinds(gguf):
+            print(
+                f"tinyformers: {path.name}: {dense} matrices run dense "
+                "(our kernels run Q8_0, Q4_0, Q4_1)",
+                file=sys.stderr,
+            )
+    return blocks
 
 
 NATIVE = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1)  # the block kinds our kernels compute on

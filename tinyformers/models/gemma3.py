@@ -141,8 +141,6 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # stacked by kernels.pack_model
-
     def __init__(self, config: Gemma3Config, i: int, hooks: Hooks) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = (
@@ -164,7 +162,6 @@ class Attention(nn.Module):
         self.scale = config.query_pre_attn_scalar**-0.5
         self.hook = HookPoint(hooks, f"blocks.{i}.attn.")
         self.fast = False  # set at load: SDPA's fused kernel in place of the written-out math
-        self.qkv_proj: nn.Module | None = None  # set when packing: q, k, v rows in one matrix
 
     def forward(
         self,
@@ -177,10 +174,7 @@ class Attention(nn.Module):
     ) -> Tensor:
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
-        if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B,T,nh*hs), 2x(B,T,nkv*hs)
-        else:  # packed for the kernels: one pass over x for the three (modules.pack_model)
-            q, k, v = self.qkv_proj(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B,T,nh*hs), 2x(B,T,nkv*hs)
         q = self.q_norm(self.hook("hook_q", q.view(B, T, nh, hs))).transpose(1, 2)  # (B,nh,T,hs)
         k = self.k_norm(self.hook("hook_k", k.view(B, T, nkv, hs))).transpose(1, 2)  # (B,nkv,T,hs)
         v = self.hook("hook_v", v.view(B, T, nkv, hs)).transpose(1, 2)  # (B, nkv, T, hs)
@@ -197,8 +191,6 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """GeGLU (Shazeer, 2020): down(gelu(gate(x)) * up(x)), GELU in its tanh approximation."""
 
-    FUSED = {"gate_up_proj": ("gate_proj", "up_proj")}  # stacked by kernels.pack_model
-
     def __init__(self, config: Gemma3Config, i: int, hooks: Hooks) -> None:
         super().__init__()
         C, H = config.hidden_size, config.intermediate_size
@@ -206,13 +198,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(C, H, bias=False)
         self.down_proj = nn.Linear(H, C, bias=False)
         self.hook = HookPoint(hooks, f"blocks.{i}.mlp.")
-        self.gate_up_proj: nn.Module | None = None  # set when packing: gate and up rows stacked
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gate_up_proj is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, C) -> 2 x (B, T, H)
-        else:  # packed for the kernels: one pass over x for both
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, C) -> 2 x (B, T, H)
         gate = self.hook("hook_pre", gate)  # (B, T, H)
         post = self.hook("hook_post", F.gelu(gate, approximate="tanh") * up)
         return self.down_proj(post)  # (B, T, H) -> (B, T, C)

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tinyformers.kernels import fused
 from tinyformers.models import check_value, config_fields, prefixed
 from tinyformers.models.attention import attention, check_layer_types
 from tinyformers.models.hooks import HookPoint, Hooks
@@ -139,19 +138,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.hook = HookPoint(hooks, name)
-        self.fast = False  # set at load: the same line in one C++ pass (kernels/fused.py)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fast and few_rows(x) and fused.usable(x) and not self.hook.listening:
-            return fused.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # rms 1 per token
         return self.weight * self.hook("hook_normalized", x32.to(x.dtype))
 
 
 class Attention(nn.Module):
-    FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # stacked by kernels.pack_model
-
     def __init__(self, config: LlamaConfig, i: int, hooks: Hooks) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = (
@@ -169,7 +163,6 @@ class Attention(nn.Module):
         self.dropout_p = config.attention_dropout  # of the pattern, in training only
         self.hook = HookPoint(hooks, f"blocks.{i}.attn.")
         self.fast = False  # set at load: SDPA's fused kernel in place of the written-out math
-        self.qkv_proj: nn.Module | None = None  # set when packing: q, k, v rows in one matrix
 
     def forward(
         self,
@@ -182,16 +175,7 @@ class Attention(nn.Module):
     ) -> Tensor:
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
-        if self.fast and self._fused(x, cache, input_pos):
-            # The lines below in two C++ ops (kernels/fused.py): rotate q and k, write k and v
-            # into the cache, then attention over the cache with each kv head read once.
-            q = fused.rope_cache(self.qkv_proj(x), cos, sin, cache, input_pos, nh)  # (B,nh,T,hs)
-            z = fused.attend(q, cache, mask, self.scale, input_pos)  # (B, T, nh*hs)
-            return self.o_proj(z)  # (B, T, nh*hs) -> (B, T, C)
-        if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B,T,nh*hs), 2x(B,T,nkv*hs)
-        else:  # packed for the kernels: one pass over x for the three (modules.pack_model)
-            q, k, v = self.qkv_proj(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B,T,nh*hs), 2x(B,T,nkv*hs)
         q = self.hook("hook_q", q.view(B, T, nh, hs)).transpose(1, 2)  # (B, nh, T, hs)
         k = self.hook("hook_k", k.view(B, T, nkv, hs)).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.hook("hook_v", v.view(B, T, nkv, hs)).transpose(1, 2)  # (B, nkv, T, hs)
@@ -206,21 +190,9 @@ class Attention(nn.Module):
         z = self.hook("hook_z", z.transpose(1, 2))  # (B, T, nh, hs)
         return self.o_proj(z.reshape(B, T, nh * hs))  # (B, T, nh*hs) -> (B, T, C)
 
-    def _fused(self, x: Tensor, cache: KVCache | None, input_pos: Tensor) -> bool:
-        """Whether the fused ops can run this call: packed q/k/v, a cache, float32 on the CPU,
-        and no hook asking for the values between."""
-        return (
-            self.qkv_proj is not None
-            and cache is not None
-            and fused.usable(x)
-            and not self.hook.listening
-        )
-
 
 class MLP(nn.Module):
     """SwiGLU (Shazeer, 2020): down(silu(gate(x)) * up(x))."""
-
-    FUSED = {"gate_up_proj": ("gate_proj", "up_proj")}  # stacked by kernels.pack_model
 
     def __init__(self, config: LlamaConfig, i: int, hooks: Hooks) -> None:
         super().__init__()
@@ -229,17 +201,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(C, H, bias=bias)
         self.down_proj = nn.Linear(H, C, bias=bias)
         self.hook = HookPoint(hooks, f"blocks.{i}.mlp.")
-        self.gate_up_proj: nn.Module | None = None  # set when packing: gate and up rows stacked
-        self.fast = False  # set at load: silu(gate) * up in one C++ pass (kernels/fused.py)
 
     def forward(self, x: Tensor) -> Tensor:
-        fast = self.fast and self.gate_up_proj is not None and not self.hook.listening
-        if fast and few_rows(x) and fused.usable(x):  # the lines below in one C++ pass
-            return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
-        if self.gate_up_proj is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, C) -> 2 x (B, T, H)
-        else:  # packed for the kernels: one pass over x for both
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, C) -> 2 x (B, T, H)
         gate = self.hook("hook_pre", gate)  # (B, T, H)
         post = self.hook("hook_post", F.silu(gate) * up)  # the gate opens or shuts each unit
         return self.down_proj(post)  # (B, T, H) -> (B, T, C)
@@ -262,14 +226,6 @@ class Block(nn.Module):
         mlp_out = self.hook("hook_mlp_out", self.mlp(self.post_attention_layernorm(x)))
         return self.hook("hook_resid_post", x + mlp_out)
 
-    def packed_weights(self) -> tuple[list, list[int]] | None:
-        """This layer's tensors for `fused.llama_layers` (`fused.layer_weights`), or None when
-        one of its matrices is not packed for the kernels."""
-        attn, mlp = self.self_attn, self.mlp
-        norms = (self.input_layernorm, self.post_attention_layernorm)
-        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        return fused.layer_weights(norms, linears)
-
 
 class Llama(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
@@ -287,7 +243,6 @@ class Llama(nn.Module):
         self.hook = HookPoint(self.hooks, "")
         # One angle per (position, pair of dimensions), shared by every layer (models/rope.py).
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)
-        self.packed: tuple | None = None  # (layer 0's q/k/v data, every layer's packed_weights)
         # set at load: float16 beside bfloat16 or quantized matrices, as llama.cpp keeps its
         # cache (half the bytes a long-context decode step reads); else the weights' dtype
         self.cache_dtype: torch.dtype | None = None
@@ -330,45 +285,25 @@ class Llama(nn.Module):
         cos, sin = self.rotary(positions, n_keys, x.dtype)  # (B, 1, T, hs): for every head
         windows = [self.config.layer_window(i) for i in range(len(self.layers))]
         masks = [local if w else mask for w in windows]  # (B, 1, T, S) for each layer
-        if (packed := self._packed(x, cache, input_pos)) is not None:
-            # Every layer's Block.forward in one C++ call for decode's few query rows
-            # (kernels/fused.py): norms, packed matmuls, rotary, cache writes, attention.
-            attn, eps = self.layers[0].self_attn, self.config.rms_norm_eps
-            x = fused.llama_layers(
-                x, packed, cos, sin, cache, input_pos, masks, attn.n_head, eps, attn.scale
-            )
-        else:
-            for i, layer in enumerate(self.layers):
-                x = layer(x, cos, sin, masks[i], cache[i] if cache is not None else None, input_pos)
+        x = self.run_layers(x, cos, sin, masks, cache, input_pos)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         return self.unembed(x)
 
-    def _packed(self, x: Tensor, cache: list[KVCache] | None, input_pos: Tensor):
-        """Every layer's `packed_weights`, flattened, when `fused.llama_layers` can run this
-        call: at most `fused.ATTEND_ROWS` query rows, what `Attention._fused` asks, every
-        matrix packed for the kernels, not under torch.compile; else None."""
-        attn = self.layers[0].self_attn
-        if cache is None or x.shape[1] > fused.ATTEND_ROWS or not attn.fast:
-            return None
-        if torch.compiler.is_compiling():  # torch.compile traces (and fuses) the layers' ops
-            return None
-        if not (self.layers[0].mlp.fast and attn._fused(x, cache[0], input_pos)):
-            return None
-        key = getattr(attn.qkv_proj, "weight", None)
-        key = key._buffers.get("data") if isinstance(key, nn.Module) else key
-        # subtle: looked up once, again when layer 0's matrix changes or `_apply` (.to()) runs
-        if self.packed is None or self.packed[0] is not key:
-            layers = [block.packed_weights() for block in self.layers]
-            flat = None
-            if all(layer is not None for layer in layers):
-                flat = [t for w, _ in layers for t in w], [v for _, m in layers for v in m]
-            self.packed = (key, flat)
-        return self.packed[1]
-
-    def _apply(self, fn, *args, **kwargs):
-        self.packed = None  # .to(), .float(), ...: the tensors may be new ones
-        return super()._apply(fn, *args, **kwargs)
+    def run_layers(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        masks: list[Tensor],
+        cache: list[KVCache] | None,
+        input_pos: Tensor,
+    ) -> Tensor:
+        """The residual stream (B, T, C) through every block in turn. A replaceable step: the
+        CPU kernels run all of them in one call for decode (kernels/swap.py)."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, masks[i], cache[i] if cache is not None else None, input_pos)
+        return x
 
     def unembed(self, x: Tensor) -> Tensor:
         """Residual stream (B, T, C) -> float32 logits (B, T, V): final norm, then lm_head."""
@@ -420,15 +355,6 @@ def hf_config(config: LlamaConfig) -> dict:
         d["use_sliding_window"] = True
         d.setdefault("max_window_layers", 0)
     return {"architectures": [HF_CLASSES[config.model_type]], **d}
-
-
-def few_rows(x: Tensor) -> bool:
-    """Decode's few query rows (up to fused.ATTEND_ROWS, as `fused.attend`): there the fused
-    rms_norm and silu_mul run; a prefill keeps the written-out math. Their last-bit roundings
-    differ, and in the int8 and q4 modes any 1-ulp change re-rolls the int8 roundings of the
-    activations: SmolLM2's perplexity on benchmarks/perplexity.txt moves by 0.3% (one sd),
-    so prefill keeps the bits it had before the fused ops (docs/kernels.md)."""
-    return x.dim() < 2 or x.shape[-2] <= fused.ATTEND_ROWS
 
 
 # The names the registry (models/__init__.py) looks up in every architecture file.

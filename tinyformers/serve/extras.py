@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from tinyformers.chat import encode_chat
 from tinyformers.errors import TinyformersError
+from tinyformers.generation.budget import most_chars
 from tinyformers.lens import final_norm, listening
 from tinyformers.serve.app import Server
 from tinyformers.serve.metrics import add_metrics
@@ -220,7 +221,7 @@ def _input_ids(model, inputs: list[str | list[int]], context: int) -> list[list[
     for i, x in enumerate(inputs):
         param = "input" if len(inputs) == 1 else f"input[{i}]"
         if isinstance(x, str):
-            if len(x) > context * model.tokenizer.max_token_bytes:  # before tokenizing it
+            if len(x) > most_chars(model.tokenizer, context):  # before tokenizing it
                 raise APIError(
                     400,
                     f"{param}: {len(x)} characters cannot fit the {context}-token context",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from tinyformers.chat import encode_chat
 from tinyformers.errors import TinyformersError
+from tinyformers.generation.budget import most_chars
 from tinyformers.generation.params import SamplingParams
 from tinyformers.serve import guided
 from tinyformers.serve.engine import Request as Job
@@ -50,9 +51,8 @@ def completion_ids(model, prompt: str | list[int], context: int) -> list[int]:
 
 
 def check_length(chars: int, tokenizer, context: int, param: str) -> None:
-    """Refuse text that cannot fit before tokenizing it: a token holds at most
-    `max_token_bytes` bytes and a character at least one."""
-    if chars > context * tokenizer.max_token_bytes:
+    """Refuse text that cannot fit before tokenizing it (generation/budget.py)."""
+    if chars > most_chars(tokenizer, context):
         raise APIError(
             400,
             f"{param}: {chars} characters cannot fit the {context}-token context",
