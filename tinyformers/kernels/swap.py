@@ -9,9 +9,10 @@ so parameters, hooks and names stay where they were.
 
 - Llama: RMSNorm and SwiGLU in one pass each, q/k rotation and the cache write in one op,
   attention over the cache, and every layer of a decode step in one call (`Llama.run_layers`).
-- Gemma 3: the stacked q/k/v, its q/k norms as the C++ rms_norm with gain (1 + weight), then
-  the same rotation, cache write and attention ops. Its sandwich norms and GeGLU have no op of
-  their own: they run written out, on the stacked gate/up.
+- Gemma 3: its norms, x / rms(x) * (1 + weight), as the C++ rms_norm with the gain
+  1 + weight (the q/k norms too, inside the fused attention); the stacked q/k/v, then the same
+  rotation, cache write and attention ops. GeGLU has no op of its own: it runs written out,
+  on the stacked gate/up (one matmul).
 """
 
 from __future__ import annotations
@@ -121,6 +122,17 @@ def _layer_weights(block: llama.Block) -> tuple[list, list[int]] | None:
     return fused.layer_weights(norms, linears)
 
 
+class Gemma3RMSNorm(gemma3.RMSNorm):
+    fast = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        # (B, T, C) of a decode step only: the q/k norms see (B, T, heads, hs) in the
+        # written-out attention, where T may be a prefill's
+        if x.dim() == 3 and few_rows(x) and fits(self, x):
+            return _gemma_norm(self, x)
+        return super().forward(x)
+
+
 class Gemma3Attention(gemma3.Attention):
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | None, input_pos
@@ -149,6 +161,7 @@ FUSED: dict[type, tuple[type, str]] = {
     llama.MLP: (LlamaMLP, "gate_up_proj"),
     llama.Attention: (LlamaAttention, "qkv_proj"),
     llama.Llama: (Llama, ""),
+    gemma3.RMSNorm: (Gemma3RMSNorm, ""),
     gemma3.Attention: (Gemma3Attention, "qkv_proj"),
 }
 
