@@ -51,7 +51,7 @@ class Link:
             self.group = dist.ProcessGroupNCCL(store, rank, world, options)
         else:
             self.group = dist.ProcessGroupGloo(store, rank, world, _gloo_options(after))
-        self.held: tuple = ()  # the last collective's tensors (see _gloo_options)
+        self.held: tuple = ()  # the last collective's tensors and work (see _gloo_options)
         self.phase = "prefill"
         self.seconds: Counter[tuple[str, str]] = Counter()
         self.calls: Counter[tuple[str, str]] = Counter()
@@ -101,9 +101,10 @@ class Link:
 
     def _run(self, kind: str, op, *args) -> None:
         start = time.perf_counter()
-        self.held = args
         try:
-            op(*args).wait()
+            work = op(*args)
+            self.held = (args, work)
+            work.wait()
         except RuntimeError as e:  # gloo raises RuntimeError, NCCL its subclass DistBackendError
             raise LinkError(str(e)) from e
         self.seconds[self.phase, kind] += time.perf_counter() - start
@@ -118,8 +119,8 @@ def _gloo_options(timeout: timedelta) -> dist.ProcessGroupGloo._Options:
     returns; where that reference is the last, it must take the GIL, and a thread that tries
     once the interpreter finalizes aborts the process ("terminate called without an active
     exception"). With one worker, each collective's references are gone before the next one
-    runs, and `Link.held` keeps the last one's (the STOP message) alive to the end. Our
-    collectives run one at a time anyway, so a second worker would sit idle."""
+    runs, and `Link.held` keeps the last one's (the STOP message, and its work) alive to the
+    end. Our collectives run one at a time anyway, so a second worker would sit idle."""
     options = dist.ProcessGroupGloo._Options()
     options._timeout, options._threads = timeout, 1
     names = [name for name in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if name]
