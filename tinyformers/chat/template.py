@@ -36,7 +36,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import generate_lorem_ipsum, pass_environment
 
 from tinyformers.errors import TemplateError, TinyformersError
-from tinyformers.tokenizers.bpe import literal_pattern
+from tinyformers.tokenizers.bpe import Literals
 
 MAX_SECONDS = 0.5  # real templates render in about a millisecond
 MAX_CHARS = 4 * 2**20  # of any one string the template builds, and of the output
@@ -131,14 +131,14 @@ def encode_chat(
             "chat_template in tokenizer_config.json); this looks like a base model: use "
             "`tinyformers generate`"
         )
-    control = _control_pattern(frozenset(tokenizer.special_tokens))
+    literals = tokenizer.literals
     text = render_chat(
         tokenizer.chat_template,
-        _mark(messages, control),
+        _mark(messages, literals),
         add_generation_prompt=add_generation_prompt,
         bos_token=tokenizer.bos_token,
         eos_token=tokenizer.eos_token,
-        tools=None if tools is None else _mark(tools, control),
+        tools=None if tools is None else _mark(tools, literals),
         source=tokenizer.source,
     )
     # re.split with one group gives [text, marked token, text, ...]; a marker the template cut
@@ -151,23 +151,21 @@ def encode_chat(
     return ids
 
 
-def _mark(value, control: re.Pattern):
+def _mark(value, literals: Literals):
     """Wrap each control token in the strings of `value` with the markers (dropping forged
     ones), inside lists and dicts too: a tool's schema or a call's arguments are the user's."""
     if isinstance(value, list):
-        return [_mark(v, control) for v in value]
+        return [_mark(v, literals) for v in value]
     if isinstance(value, dict):
-        return {_mark(k, control): _mark(v, control) for k, v in value.items()}
+        return {_mark(k, literals): _mark(v, literals) for k, v in value.items()}
     if not isinstance(value, str):
         return value
     value = value.replace(_START, "").replace(_END, "")
-    return control.sub(lambda m: _START + m.group() + _END, value)
-
-
-@lru_cache
-def _control_pattern(tokens: frozenset[str]) -> re.Pattern:
-    """The control tokens, longest first ("<|im_start|>" before a prefix of it)."""
-    return literal_pattern(tokens) or re.compile("(?!)")
+    parts, start = [], 0
+    for begin, end in literals.find(value, literals.special, added=False):
+        parts += [value[start:begin], _START, value[begin:end], _END]
+        start = end
+    return "".join(parts) + value[start:]
 
 
 # A marked piece, or a marker the template cut off its token (or wrote itself): the text

@@ -17,7 +17,7 @@ import heapq
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Set
+from collections.abc import Callable, Iterable, Iterator, Set
 from itertools import pairwise
 from typing import Literal
 
@@ -119,7 +119,7 @@ class Tokenizer:
         self._split = [_compile_split(p, source) for p in split_patterns]
         self._cache: dict[str, list[int]] = {}
         self._merge_arrays = None  # `_ranks_of_pairs`' tables, built on the first long piece
-        self._matchers: dict[frozenset[str], re.Pattern | None] = {}
+        self.literals = Literals(self.added_tokens, self.special_tokens)
         roles = {"bos": bos_token_id, "eos": eos_token_id, "pad": pad_token_id, "unk": unk_token_id}
         for name, i in roles.items():
             if i is not None and not (_is_int(i) and 0 <= i < self.vocab_size):
@@ -157,27 +157,18 @@ class Tokenizer:
             [50256]
         """
         text = _without_lone_surrogates(text)
-        allowed = self.special_tokens.keys() if allowed_special == "all" else allowed_special
-        matcher = self._token_matcher(frozenset(allowed))
+        spans = self.literals.find(text, self.literals.allowed(allowed_special, self.source))
         # subtle: one time budget for the whole call, however many pieces the added tokens and
         # the earlier split patterns cut the text into (a budget per piece is no budget)
         deadline = time.monotonic() + _SPLIT_SECONDS + 1e-6 * len(text)
         return encode_around(
-            text, matcher, self._literal_ids, lambda part: self._encode_ordinary(part, deadline)
+            text, spans, self._literal_ids, lambda part: self._encode_ordinary(part, deadline)
         )
 
     def encode_batch(
         self, texts: Iterable[str], *, allowed_special: Set[str] | Literal["all"] = frozenset()
     ) -> list[list[int]]:
         return [self.encode(t, allowed_special=allowed_special) for t in texts]
-
-    def _token_matcher(self, allowed: frozenset[str]) -> re.Pattern | None:
-        """A regex for the added tokens plus the allowed specials, longest first."""
-        if allowed not in self._matchers:
-            if unknown := allowed - self.special_tokens.keys():
-                raise ValueError(f"not special tokens of {self.source}: {sorted(unknown)}")
-            self._matchers[allowed] = literal_pattern(allowed | self.added_tokens.keys())
-        return self._matchers[allowed]
 
     def _encode_ordinary(self, text: str, deadline: float = math.inf) -> list[int]:
         ids: list[int] = []
@@ -360,28 +351,70 @@ def join_token_bytes(id_to_bytes: list[bytes], ids: Iterable[int], source: str) 
     return b"".join([id_to_bytes[i] for i in ids])
 
 
-def literal_pattern(tokens: Set[str]) -> re.Pattern | None:
-    """A regex that finds `tokens` in text, the longest where several start at one place (as
-    an alternation sorted longest first would); None for no tokens.
+class Literals:
+    """Finds a tokenizer's added and special tokens in text, each where it starts leftmost, the
+    longest of those allowed where several start at one place (as an alternation sorted
+    longest first would).
 
-    subtle: written as a trie, each node's branches split in halves behind a lookahead of
-    their first characters, because `re` tries an alternation's branches one by one: 100k
-    added tokens as one alternation took 10 s to compile and scanned text branch by branch.
+    subtle: one regex for all of them, written as a trie (each wide node split in halves
+    behind a lookahead of their first characters, since `re` tries an alternation's branches
+    one by one), compiled once on first use: 100k added tokens as an alternation per set of
+    allowed specials took 10 s to compile. Where the longest token found is not allowed (a
+    special the caller did not allow), the longest allowed one is one of its prefixes.
     """
-    root: dict = {}
-    for token in tokens:
-        node = root
-        for char in token:
-            node = node.setdefault(char, {})
-        node[""] = {}  # a token ends here
-    if not root:
-        return None
-    # subtle: compiling makes ~10 objects a node, and with torch loaded each collection the
-    # garbage collector runs meanwhile walks a large heap: without it, 3x faster (100k: ~1 s)
+
+    def __init__(self, added: Iterable[str], special: Iterable[str]) -> None:
+        self.added, self.special = frozenset(added), frozenset(special)
+        self._pattern: re.Pattern | None = None
+
+    def allowed(self, allowed_special: Set[str] | Literal["all"], source: str) -> Set[str]:
+        """The specials `encode(allowed_special=...)` may match, checked against ours."""
+        if allowed_special == "all":
+            return self.special
+        if unknown := set(allowed_special) - self.special:
+            raise ValueError(f"not special tokens of {source}: {sorted(unknown)}")
+        return allowed_special
+
+    def find(self, text: str, specials: Set[str], added: bool = True) -> Iterator[tuple[int, int]]:
+        """(start, end) of each token found: the added ones (unless `added` is False) and
+        the `specials`. The regex is compiled here, not when the spans are first read."""
+        if not (specials or (added and self.added)):
+            return iter(())
+        return self._spans(self._compiled(), text, specials, added)
+
+    def _spans(self, pattern: re.Pattern, text: str, specials: Set[str], added: bool):
+        pos = 0
+        while (m := pattern.search(text, pos)) is not None:
+            token = m.group()
+            while token and not (token in specials or (added and token in self.added)):
+                token = token[:-1]  # rare: special-token text the caller did not allow
+            if not token:
+                pos = m.start() + 1
+                continue
+            yield m.start(), m.start() + len(token)
+            pos = m.start() + len(token)
+
+    def _compiled(self) -> re.Pattern:
+        if self._pattern is None:
+            self._pattern = literal_pattern(self.added | self.special)
+        return self._pattern
+
+
+def literal_pattern(tokens: Set[str]) -> re.Pattern:
+    """A regex that finds `tokens` in text, the longest where several start at one place."""
+    # subtle: the trie and the compiled regex make ~10 objects a node, and with torch loaded
+    # each collection the garbage collector runs meanwhile walks a large heap: without it,
+    # 3x faster (100k tokens: ~1 s)
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return re.compile(_trie_pattern(root))
+        root: dict = {}
+        for token in tokens:
+            node = root
+            for char in token:
+                node = node.setdefault(char, {})
+            node[""] = {}  # a token ends here
+        return re.compile(_trie_pattern(root) or "(?!)")
     except RecursionError:  # a trie hundreds of branchings deep ("a", "aa", "aaa" ...)
         longest_first = sorted(set(tokens), key=len, reverse=True)
         return re.compile("|".join(map(re.escape, longest_first)))
@@ -417,20 +450,18 @@ def _split_branches(branches: list[tuple[str, dict]]) -> str:
 
 def encode_around(
     text: str,
-    matcher: re.Pattern | None,
+    spans: Iterable[tuple[int, int]],
     literal_ids: dict[str, int],
     encode: Callable[[str], list[int]],
 ) -> list[int]:
-    """`encode` the text between the literal tokens `matcher` finds, each of which is its own
-    id (`literal_ids`); no matcher: `encode` the whole text."""
-    if matcher is None:
-        return encode(text)
+    """`encode` the text between the literal tokens at `spans` (from `Literals.find`), each
+    of which is its own id (`literal_ids`)."""
     ids: list[int] = []
     start = 0
-    for m in matcher.finditer(text):
-        ids += encode(text[start : m.start()])
-        ids.append(literal_ids[m.group()])
-        start = m.end()
+    for begin, end in spans:
+        ids += encode(text[start:begin])
+        ids.append(literal_ids[text[begin:end]])
+        start = end
     return ids + encode(text[start:])
 
 

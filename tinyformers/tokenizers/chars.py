@@ -12,7 +12,12 @@ from collections.abc import Iterable, Set
 from typing import Literal
 
 from tinyformers.errors import TokenizerError
-from tinyformers.tokenizers.bpe import StreamDecoder, _without_lone_surrogates, join_token_bytes
+from tinyformers.tokenizers.bpe import (
+    Literals,
+    StreamDecoder,
+    _without_lone_surrogates,
+    join_token_bytes,
+)
 
 
 class CharTokenizer:
@@ -45,6 +50,7 @@ class CharTokenizer:
         # The roles the other tokenizers fill; nanoGPT's character vocabulary has none of them.
         self.special_tokens: dict[str, int] = {}
         self.added_tokens: dict[str, int] = {}
+        self.literals = Literals((), ())
         self.bos_token_id: int | None = None
         self.eos_token_id: int | None = None
         self.pad_token_id: int | None = None

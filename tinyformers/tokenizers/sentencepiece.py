@@ -21,11 +21,11 @@ from typing import Literal
 from tinyformers.errors import TokenizerError
 from tinyformers.tokenizers.bpe import (
     MAX_VOCAB,
+    Literals,
     StreamDecoder,
     _without_lone_surrogates,
     encode_around,
     join_token_bytes,
-    literal_pattern,
 )
 
 SPACE = "\u2581"  # ▁, SentencePiece's visible space
@@ -87,7 +87,7 @@ class SentencePieceTokenizer:
         self.special_tokens = {t: _lookup(self._ids, t, source) for t in special_tokens}
         self.added_tokens = {t: _lookup(self._ids, t, source) for t in added_tokens}
         self._literal_ids = {**self.special_tokens, **self.added_tokens}
-        self._matchers: dict[frozenset[str], re.Pattern | None] = {}
+        self.literals = Literals(self.added_tokens, self.special_tokens)
         self._id_to_bytes = [_token_bytes(t) for t in tokens]
         self.max_token_bytes = max(map(len, self._id_to_bytes))  # bounds the tokens of a text
         self._byte_ids = [_byte_id(self._ids, b, unk_token_id) for b in range(256)]
@@ -137,22 +137,13 @@ class SentencePieceTokenizer:
         (user-defined) tokens are always matched, as in llama.cpp and HF.
         """
         text = _without_lone_surrogates(text)
-        allowed = self.special_tokens.keys() if allowed_special == "all" else allowed_special
-        matcher = self._literal_matcher(frozenset(allowed))
-        return encode_around(text, matcher, self._literal_ids, self._encode_fragment)
+        spans = self.literals.find(text, self.literals.allowed(allowed_special, self.source))
+        return encode_around(text, spans, self._literal_ids, self._encode_fragment)
 
     def encode_batch(
         self, texts: Iterable[str], *, allowed_special: Set[str] | Literal["all"] = frozenset()
     ) -> list[list[int]]:
         return [self.encode(t, allowed_special=allowed_special) for t in texts]
-
-    def _literal_matcher(self, allowed: frozenset[str]) -> re.Pattern | None:
-        """A regex for the added tokens plus the allowed specials, longest first."""
-        if allowed not in self._matchers:
-            if unknown := allowed - self.special_tokens.keys():
-                raise ValueError(f"not special tokens of {self.source}: {sorted(unknown)}")
-            self._matchers[allowed] = literal_pattern(allowed | self.added_tokens.keys())
-        return self._matchers[allowed]
 
     def _encode_fragment(self, text: str) -> list[int]:
         """Text between literal tokens: every such fragment gets the space prefix when the
