@@ -248,7 +248,7 @@ def test_every_view_links_its_chapter_and_the_lines_that_compute_it(page):
             source.goto(page.url.removesuffix("/lab") + href)
             assert text in source.locator("tr:target").text_content(), (view, href)
     gpt2 = (Path(tinyformers.__file__).parent / "models" / "gpt2.py").read_text().splitlines()
-    line = next(n for n, text in enumerate(gpt2, 1) if 'self.hook("hook_pattern"' in text)
+    line = next(n for n, text in enumerate(gpt2, 1) if "z = attention(q, k, v, mask" in text)
     code = page.locator(".links[data-view='attention'] a").nth(1).text_content()
     assert code == f"tinyformers/models/gpt2.py:{line}"
     source.close()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from torch import nn
 
+from tinyformers.models import architecture_of
+
 PACKAGE = Path(__file__).resolve().parents[1]  # tinyformers/
 COURSE = PACKAGE.parent / "docs" / "learn"  # in a checkout; a wheel carries the package only
 MODEL = "MODEL"  # stands for the file of the model's architecture (models/gpt2.py, ...)
@@ -31,7 +33,7 @@ CHAPTERS = {
 CODE = {
     "tokens": [("tokenizers/__init__.py", "def prompt_ids(")],
     "embeddings": [(MODEL, 'self.hook("hook_embed"')],
-    "attention": [(MODEL, 'self.hook("hook_pattern"')],
+    "attention": [(MODEL, "z = attention(q, k, v, mask")],  # the pattern: models/attention.py
     "ablation": [(MODEL, 'self.hook("hook_z"'), ("lab/compute.py", "def zero_head(")],
     "next": [
         (MODEL, "def unembed("),
@@ -44,7 +46,7 @@ CODE = {
 def view_links(net: nn.Module) -> dict[str, dict[str, list[list[str]]]]:
     """{view: {"course": [[label, url], ...], "code": [[file:line, url], ...]}}; a line whose
     text is no longer in its file is left out rather than pointing at the wrong place."""
-    model_file = Path(inspect.getsourcefile(type(net))).resolve().relative_to(PACKAGE)
+    model_file = Path(inspect.getsourcefile(architecture_of(net))).resolve().relative_to(PACKAGE)
     links = {}
     for view, chapters in CHAPTERS.items():
         code = []

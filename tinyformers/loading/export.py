@@ -10,7 +10,6 @@ Tokenizer files are written by `tokenizers/save.py`, not here.
 from __future__ import annotations
 
 import json
-from importlib import import_module
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from tinyformers.errors import TinyformersError
 from tinyformers.loading.atomic import write_atomic
 from tinyformers.loading.build import build_meta
 from tinyformers.loading.safetensors import save_safetensors
+from tinyformers.models import architecture_of
 
 
 def save_pretrained(
@@ -38,7 +38,7 @@ def save_pretrained(
         save_pretrained(tinyformers.load("smollm2", fast=False).net, Path("smollm2-hf"))
     """
     folder = Path(folder)
-    arch = import_module(type(net).__module__)  # models/<architecture>.py
+    arch = architecture_of(net)  # models/<architecture>.py
     state = net.state_dict() if state is None else state
     _check_unpacked(net, state, folder)
     hf = arch.to_hf(state, net.config)

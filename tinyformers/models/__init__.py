@@ -33,6 +33,13 @@ def get_architecture(model_type: str) -> ModuleType:
     return import_module(f"tinyformers.models.{ARCHITECTURES[model_type]}")
 
 
+def architecture_of(net) -> ModuleType:
+    """The architecture file of a built model, also where kernels/ swapped in a subclass of
+    its class from outside (the first class of its MRO defined in models/)."""
+    cls = next(c for c in type(net).__mro__ if c.__module__.startswith(f"{__name__}."))
+    return import_module(cls.__module__)
+
+
 def config_fields(cls: type, d: dict) -> dict:
     """The entries of a checkpoint's config dict that are fields of the dataclass `cls`, each
     checked against the field's type (unknown keys ignored, None taken as absent).
