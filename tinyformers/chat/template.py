@@ -372,6 +372,7 @@ def _limited_filter(name: str, f):
     def limited(*args, **kwargs):
         value, params = (args[first], args[first + 1 :]) if len(args) > first else (None, ())
         _check_sizes(params, kwargs)
+        sized = hasattr(value, "__len__")
         if name not in _STRUCTURAL_FILTERS and name != "join":
             _check_text([value])
         if name == "format":
@@ -382,6 +383,10 @@ def _limited_filter(name: str, f):
             _check_indent(value, *params, **kwargs)
         elif name == "wordwrap":
             _check_wordwrap(value, *params, **kwargs)
+        elif name in ("batch", "slice") and params and isinstance(params[0], int) and sized:
+            # as many lists as they make, checked before each is made (1.3M batches of 3: 1 s)
+            count = params[0] if name == "slice" else len(value) // max(params[0], 1)
+            _check_length(count, MAX_ITEMS)
         elif name == "pprint":
             _check_text([value], limit=MAX_PPRINT_CHARS)
         elif name == "join":
