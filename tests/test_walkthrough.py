@@ -54,17 +54,17 @@ def test_every_code_link_holds_its_fragment(name):
 def test_a_stale_link_fails_the_check_and_relink_repoints_it(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "tinyformers").symlink_to(ROOT / "tinyformers")
-    source = (ROOT / "tinyformers/models/gpt2.py").read_text().splitlines()
+    source = (ROOT / "tinyformers/models/attention.py").read_text().splitlines()
     line = 1 + next(i for i, s in enumerate(source) if "scores = q @ k.transpose" in s)
     doc = tmp_path / "docs" / "page.md"
-    fragment = "scores = q @ k.transpose(-2, -1) * self.scale"
-    doc.write_text(f"see [`{fragment}`](../tinyformers/models/gpt2.py#L{line - 3})\n")
+    fragment = "scores = q @ k.transpose(-2, -1) * scale"
+    doc.write_text(f"see [`{fragment}`](../tinyformers/models/attention.py#L{line - 3})\n")
 
     stale = relink("--check", str(doc))
     assert stale.returncode == 1 and f"is at #L{line}" in stale.stderr
 
     assert relink(str(doc)).returncode == 0
-    assert doc.read_text() == f"see [`{fragment}`](../tinyformers/models/gpt2.py#L{line})\n"
+    assert doc.read_text() == f"see [`{fragment}`](../tinyformers/models/attention.py#L{line})\n"
     assert relink("--check", str(doc)).returncode == 0
 
 
