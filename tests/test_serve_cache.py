@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 import torch
-from test_serve import CHATML, free_port, running_server, wait_ready
+from test_serve import chat_dir, free_port, running_server, wait_ready  # noqa: F401  (chat_dir: a fixture)
 
 import tinyformers
 from tinyformers.models.kv_cache import KVCache
@@ -89,16 +89,7 @@ def test_eviction_takes_the_least_recently_used_leaf():
 
 
 @pytest.fixture(scope="module")
-def chat_dir(gpt2_small_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gpt2-chat-cache")
-    for f in gpt2_small_dir.iterdir():
-        (folder / f.name).symlink_to(f)
-    (folder / "chat_template.jinja").write_text(CHATML)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def clients(chat_dir):
+def clients(chat_dir):  # noqa: F811
     """(with the prompt cache, without it): two servers on copies of one model."""
     with (
         running_server(lambda: tinyformers.load(chat_dir), max_batch=4, context=512) as (a, _),
