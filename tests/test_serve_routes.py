@@ -287,6 +287,19 @@ def test_cors_answers_the_allowed_origin_and_no_other(http):
     assert "access-control-allow-origin" not in http.get("/v1/models").headers  # no Origin
 
 
+def test_a_bug_is_a_json_500_that_carries_cors_and_is_counted(http, monkeypatch):
+    def broken(net, rows):
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(extras, "embed", broken)
+    answer = http.post("/v1/embeddings", json={"input": "a"}, headers={"Origin": ORIGIN})
+    assert error(answer, 500)["type"] == "server_error" and "secret" not in answer.text
+    # Starlette's catch-all answered outside CORS: a browser saw a network error instead
+    assert answer.headers["access-control-allow-origin"] == ORIGIN
+    counted = http.get("/metrics").text
+    assert 'tinyformers_requests_total{route="/v1/embeddings",status="500"} 1.0' in counted
+
+
 def test_no_cors_origin_no_cors(model):
     app = create_app(Settings(name="tiny"), lambda: model)
     add_extras(app)

@@ -194,9 +194,34 @@ def _add_error_handlers(app: FastAPI) -> None:
         message = f"{request.method} {request.url.path}: {e.detail}"
         return JSONResponse(APIError(e.status_code, message, code=kind).body(), e.status_code)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request, e: Exception):  # a bug: uvicorn logs it, never sent
-        return JSONResponse(APIError(500, "internal server error", "server_error").body(), 500)
+    app.add_middleware(InternalErrors)
+
+
+class InternalErrors:
+    """A bug's 500 as the API's JSON error, answered inside the other middleware: Starlette's
+    own catch-all sits outside them all, so its 500 went out without CORS headers (a browser
+    sees a network error, not the answer) and uncounted by /metrics. The traceback is logged,
+    never sent. An error after the answer has started is the stream's own `error` event."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        started = False
+
+        async def send_and_note(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception:
+            if started or scope["type"] != "http":
+                raise
+            log.exception("internal error in %s %s", scope["method"], scope["path"])
+            body = APIError(500, "internal server error", "server_error").body()
+            await JSONResponse(body, 500)(scope, receive, send)
 
 
 def _model_entry(server: Server) -> dict:
