@@ -53,12 +53,15 @@ TEXT = Path(__file__).resolve().parents[1] / "tests/data/shakespeare/alls_well_t
 
 
 def start_server(
-    model: str, port: int, max_batch: int, threads: int | None, *flags: str
+    model: str, port: int, max_batch: int, threads: int | None, *flags: str, log=None
 ) -> subprocess.Popen:
+    """A `tinyformers serve` on `port`, once /health answers; its stderr goes to `log` (an open
+    file), else nowhere."""
     command = [sys.executable, "-m", "tinyformers", "serve", "--model", model, "--port", str(port)]
     command += ["--max-batch", str(max_batch)] + (["--threads", str(threads)] if threads else [])
     command += flags
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = log or subprocess.DEVNULL
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:

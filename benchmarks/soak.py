@@ -13,8 +13,9 @@ seconds, every request one of these kinds, drawn at random:
 A request of the first kinds that does not end as expected is lost; so is a 4xx or 5xx where
 a 200 was due, or an error where a 4xx was. The server's resident memory (VmRSS) is read after
 a warm-up, every 30 s and at the end, after the clients stop and the server has drained.
-Prints one JSON line: requests by kind and outcome, lost requests (and why), RSS start, end,
-every 30 s sample in MB, and the machine.
+Prints one JSON line: requests by kind and outcome, lost requests (and why, with the time),
+RSS start, end, every 30 s sample in MB, the machine, and the server's log (its stderr, kept
+in the temp folder) with the count of its ERROR and Traceback lines.
 
 The server runs with `--cache-tokens 0`: the prompt cache grows by design up to its bound
 (--max-batch x --context tokens of keys and values, ~3 GB for SmolLM2 at 8 rows), which would
@@ -28,7 +29,9 @@ import asyncio
 import json
 import os
 import random
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
@@ -97,7 +100,8 @@ async def client_loop(url: str, seed: int, stop_at: float, tally: dict, lost: li
             try:
                 outcome = await one_request(client, url, kind, rng)
             except (httpx.HTTPError, ValueError, KeyError) as e:
-                outcome = f"{kind}: {type(e).__name__}: {e}"
+                cause = e.__cause__ or e.__context__  # httpx's ReadError says nothing itself
+                outcome = f"{kind}: {type(e).__name__}: {e} ({cause!r}) at {time.ctime()}"
             key = f"{kind} {'ok' if outcome == 'ok' else 'lost'}"
             tally[key] = tally.get(key, 0) + 1
             if outcome != "ok":
@@ -141,14 +145,20 @@ def soak(args: argparse.Namespace) -> None:
     """Start a server, warm it up, soak it for `args.soak` seconds; print the JSON summary."""
     clients = int(args.clients.split(",")[-1]) if "," in args.clients else int(args.clients)
     port = free_port()
-    server = start_server(args.model, port, clients, args.threads, "--cache-tokens", "0")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        warm = asyncio.run(run_soak(url, server.pid, clients, 20))  # first-call costs, caches
-        summary = asyncio.run(run_soak(url, server.pid, clients, args.soak))
-    finally:
-        server.terminate()
-        server.wait(30)
+    log_path = Path(tempfile.gettempdir()) / f"soak-server-{port}.log"
+    with log_path.open("w") as log:
+        flags = ("--cache-tokens", "0")
+        server = start_server(args.model, port, clients, args.threads, *flags, log=log)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            warm = asyncio.run(run_soak(url, server.pid, clients, 20))  # first-call costs, caches
+            summary = asyncio.run(run_soak(url, server.pid, clients, args.soak))
+        finally:
+            server.terminate()
+            server.wait(30)
+    lines = log_path.read_text().splitlines()
+    errors = [ln for ln in lines if ln.startswith(("ERROR", "Traceback"))]
     summary |= {"warm_up_lost": warm["lost"], "model": args.model, "cpu": cpu_name(),
-                "cpus": os.cpu_count()}  # fmt: skip
+                "cpus": os.cpu_count(), "server_log": str(log_path),
+                "server_errors": len(errors)}  # fmt: skip
     print(json.dumps(summary))
