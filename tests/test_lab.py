@@ -315,7 +315,9 @@ def test_serve_has_the_lab_on_a_copy_of_its_model(peaked_dir, model):
         ran = httpx.post(f"{url}/lab/api/run", json={"prompt": PROMPT}, headers=key, timeout=60)
         logits = model(torch.tensor([model.tokenizer.encode(PROMPT)]))[0, -1]
         assert ran.json()["next"]["logits"] == pytest.approx(logits.tolist(), abs=1e-4)
-        # the lab's hooks are set on its own copy, never on the model the engine runs
+        # the lab's hooks are set on the server's one listening copy (/v1/embeddings runs it
+        # too), never on the model the engine runs
+        assert app.state.lab.lab.model is app.state.server.listening_copy()
         assert app.state.lab.lab.model.net is not app.state.server.model.net
         completion = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0}
         text = httpx.post(f"{url}/v1/completions", json=completion, headers=key, timeout=60)

@@ -42,16 +42,17 @@ class Lab:
     """One model seen through the page. Requests take turns: a hook is set on the model
     itself while it runs, so two forward passes at once would see each other's hooks."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, lock: threading.Lock | None = None) -> None:
         if model.tokenizer is None:
             raise LabError(f"{model.source}: no tokenizer files; the lab needs text", 500)
         if getattr(model.net, "world", None):
             raise LabError("the lab does not run under tensor parallel", 501)
         self.model = model
-        self.lock = threading.Lock()
+        self.lock = lock or threading.Lock()  # shared with other users of the model's hooks
         self.n_layer = model.config.layer_count
         # the pattern of one token says how many query heads there are, whatever the config
-        _, cache = model.run_with_cache([0], names=[act_name("pattern", 0)])
+        with self.lock:
+            _, cache = model.run_with_cache([0], names=[act_name("pattern", 0)])
         self.n_head = cache["pattern", 0].shape[1]
         self.embedding = token_embedding(model.net)
         self.unit_rows: Tensor | None = None  # (V, C) the embedding's rows scaled to length 1

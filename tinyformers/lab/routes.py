@@ -14,7 +14,6 @@ thread, so the server keeps answering while it computes.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import threading
@@ -44,11 +43,11 @@ MAX_BODY = 64 * 2**10  # bytes of a request body: a prompt of MAX_CHARS fits man
 
 class LabHost:
     """The Lab, built on first use from the model `get_model()` returns (None while it
-    loads). `private` makes it compute on its own copy of the model: the hooks the lab sets
-    live on the model, and under `serve` the engine generates with that model meanwhile."""
+    loads), its runs taking turns on `lock` (under `serve`, the lock of the copy of the model
+    that /v1/embeddings also runs)."""
 
-    def __init__(self, get_model: Callable, private: bool) -> None:
-        self.get_model, self.private = get_model, private
+    def __init__(self, get_model: Callable, lock: threading.Lock | None) -> None:
+        self.get_model, self.model_lock = get_model, lock or threading.Lock()
         self.lab: Lab | None = None
         self.lock = threading.Lock()
 
@@ -58,10 +57,7 @@ class LabHost:
                 model = self.get_model()
                 if model is None:
                     raise LabError("the model is loading; try again in a moment", 503)
-                if self.private:
-                    model = copy.copy(model)  # the LanguageModel; its net copied below
-                    model.net = copy.deepcopy(model.net)
-                self.lab = Lab(model)
+                self.lab = Lab(model, self.model_lock)
             return self.lab
 
 
@@ -69,12 +65,12 @@ def add_lab(
     app: FastAPI,
     get_model: Callable,
     authorized: Callable[[Request], None] = lambda request: None,
-    private: bool = False,
+    lock: threading.Lock | None = None,
 ) -> None:
     """Mount the lab on `app`. `get_model()` returns the LanguageModel (None while it loads);
-    `authorized(request)` raises when the API wants a key the request lacks; `private` as in
-    LabHost."""
-    host = app.state.lab = LabHost(get_model, private)  # app.state.lab: for tests
+    `authorized(request)` raises when the API wants a key the request lacks; `lock`, held
+    around each run, is shared with whatever else runs that model with hooks."""
+    host = app.state.lab = LabHost(get_model, lock)  # app.state.lab: for tests
     app.mount("/lab/static", StaticFiles(directory=STATIC), name="lab-static")
 
     @app.get("/lab", include_in_schema=False)

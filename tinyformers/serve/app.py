@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import threading
 import time
@@ -63,6 +64,18 @@ class Server:
         self.settings, self.load, self.on_error = settings, load, on_error
         self.model = self.engine = self.error = None
         self.root, self.created = "", 0
+        self.copy_lock = threading.Lock()  # held by whoever runs the listening copy
+        self._copy, self._copying = None, threading.Lock()
+
+    def listening_copy(self):
+        """The one copy of the model for the routes that set hooks (the lab, /v1/embeddings),
+        made at the first such request (None while the model loads): the hooks live on the
+        model, and the engine generates with `model` meanwhile. Run it holding `copy_lock`."""
+        with self._copying:
+            if self._copy is None and self.model is not None:
+                self._copy = copy.copy(self.model)  # the LanguageModel; its net copied below
+                self._copy.net = copy.deepcopy(self.model.net)
+            return self._copy
 
     def start(self) -> None:
         threading.Thread(target=self._load, name="tinyformers-load", daemon=True).start()
@@ -178,8 +191,8 @@ def create_app(settings: Settings, load: Callable, on_error: Callable = lambda e
         app.add_api_route(prefix + "/models/{model_id:path}", model, methods=["GET"])
         app.add_api_route(prefix + "/chat/completions", chat, methods=["POST"])
         app.add_api_route(prefix + "/completions", completions, methods=["POST"])
-    # The page of `tinyformers lab`, on a copy of the model: the engine generates meanwhile.
-    add_lab(app, lambda: server.model, authorized, private=True)
+    # The page of `tinyformers lab`, on the listening copy: the engine generates meanwhile.
+    add_lab(app, server.listening_copy, authorized, lock=server.copy_lock)
     return app
 
 

@@ -14,8 +14,6 @@ The tokenizer routes take vLLM's shapes, so clients written for vLLM (lm-eval) f
 from __future__ import annotations
 
 import base64
-import copy
-import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -258,20 +256,16 @@ def _encoded(vector: Tensor, encoding_format: str) -> list[float] | str:
 
 
 class Embedder:
-    """`embed` on a copy of the server's model, made at the first request: the hooks it
-    listens with live on the model, and the engine generates with the server's copy
-    meanwhile. One request at a time: the hooks are the copy's."""
+    """`embed` on the server's listening copy of the model (Server.listening_copy, which the
+    lab also runs): the hooks it listens with live on the model, and the engine generates
+    with the server's own meanwhile. One run at a time, on the copy's lock."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.net: nn.Module | None = None
-        self.lock = threading.Lock()
 
     def __call__(self, rows: list[list[int]]) -> Tensor:
-        with self.lock:
-            if self.net is None:
-                self.net = copy.deepcopy(self.server.model.net)
-            return embed(self.net, rows)
+        with self.server.copy_lock:
+            return embed(self.server.listening_copy().net, rows)
 
 
 def embed(net: nn.Module, rows: list[list[int]]) -> Tensor:
