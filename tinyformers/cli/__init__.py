@@ -1,4 +1,5 @@
-"""The `tinyformers` command: one module per subcommand, each with `add_parser(subparsers)`.
+"""The `tinyformers` command: one module per subcommand, each with its `HELP` line, its
+docstring and `EXAMPLES` for `--help`, `add_arguments(parser)` and `run(args)`.
 
 Errors reach the user as one line on stderr: exit 2 for a bad flag (argparse's convention),
 1 for anything else we can name (a missing file, a broken checkpoint, a prompt too long).
@@ -51,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"tinyformers {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name in COMMANDS:
-        import_module(f"tinyformers.cli.{name}").add_parser(subparsers)
+        command = import_module(f"tinyformers.cli.{name}")
+        p = subparsers.add_parser(
+            name, help=command.HELP, description=command.__doc__, epilog=command.EXAMPLES
+        )
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
     args = parser.parse_args(argv)
     if args.command is None:  # a bare `tinyformers`: say what it takes
         parser.print_usage(sys.stderr)

@@ -25,7 +25,7 @@ from tinyformers.cli.options import (
 )
 from tinyformers.errors import TinyformersError
 
-HELP = """\
+SLASH_COMMANDS = """\
 /reset        forget the conversation (the system message stays)
 /system TEXT  set the system message and start over (/system alone: the template's default)
 /stats        token counts and speed of the last answer
@@ -34,6 +34,7 @@ HELP = """\
 \"\"\"         start a message of several lines; a line ending with \"\"\" ends it
 Ctrl-C stops an answer; what was shown of it stays in the conversation."""
 
+HELP = "talk with an instruct model"
 EXAMPLES = """\
 examples:
   tinyformers chat
@@ -47,14 +48,10 @@ PASTE_ON, PASTE_OFF = "\x1b[?2004h", "\x1b[?2004l"
 PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "chat", help="talk with an instruct model", description=__doc__, epilog=EXAMPLES
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_sampling_arguments(p, max_new_tokens=512)
     p.add_argument("--system", "-s", help="system message (default: the chat template's, if any)")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -179,7 +176,7 @@ def _command(line: str, chat: Conversation, model) -> bool:
         else:
             print("no answer yet", file=sys.stderr)
     elif name in ("/help", "/?"):
-        print(HELP, file=sys.stderr)
+        print(SLASH_COMMANDS, file=sys.stderr)
     else:
         print(f"unknown command {name}; /help lists them", file=sys.stderr)
     return False

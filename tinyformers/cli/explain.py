@@ -24,6 +24,7 @@ from tinyformers.cli.options import (
     typed,
 )
 
+HELP = "look inside the model: tokens, next-token odds, logit lens, attention"
 EXAMPLES = """\
 examples:
   tinyformers explain "The capital of France is"
@@ -33,13 +34,7 @@ examples:
 """
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "explain",
-        help="look inside the model: tokens, next-token odds, logit lens, attention",
-        description=__doc__,
-        epilog=EXAMPLES,
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", nargs="?", default="-", help="the prompt; - or absent reads stdin")
     add_model_arguments(p, compile=False)
     index = typed(int, lambda v: v >= 0, "an integer >= 0")
@@ -56,7 +51,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--head", type=index, metavar="H", help="with --layer: of head H only")
     p.add_argument("--out", type=Path, metavar="DIR", help="write layer_NN.png and attention.html")
     p.add_argument("--verbose", "-v", action="store_true", help="the model and timings on stderr")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

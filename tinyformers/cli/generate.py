@@ -20,6 +20,7 @@ from tinyformers.cli.options import (
     stop_string,
 )
 
+HELP = "continue a prompt"
 EXAMPLES = """\
 examples:
   tinyformers generate "Once upon a time" -n 50
@@ -29,10 +30,7 @@ examples:
 """
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "generate", help="continue a prompt", description=__doc__, epilog=EXAMPLES
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", default="-", help="the prompt; - or absent reads stdin")
     add_model_arguments(p)
     add_sampling_arguments(p, max_new_tokens=256)
@@ -53,7 +51,6 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--verbose", "-v", action="store_true", help="the model, threads and timings on stderr"
     )
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

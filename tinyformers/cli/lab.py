@@ -22,6 +22,7 @@ from tinyformers.errors import TinyformersError
 # tinyformers/data/shakespeare/ (4 layers of 4 heads: every head fits on the screen).
 DEFAULT_MODEL = "shakespeare"
 
+HELP = "a live page that shows inside the model as you type"
 EXAMPLES = """\
 examples:
   tinyformers lab                                 then open the URL it prints
@@ -30,13 +31,7 @@ examples:
 """
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "lab",
-        help="a live page that shows inside the model as you type",
-        description=__doc__,
-        epilog=EXAMPLES,
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, compile=False)
     for action in p._actions:
         if action.dest == "model":
@@ -46,7 +41,7 @@ def add_parser(subparsers) -> None:
     port = typed(int, lambda v: 0 <= v <= 65535, "a port number from 0 to 65535")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=port, default=8000, help="port to listen on (0: any free one)")
-    p.set_defaults(run=run, model=DEFAULT_MODEL)
+    p.set_defaults(model=DEFAULT_MODEL)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import os
 from tinyformers.cli.options import add_threads_argument, typed
 from tinyformers.errors import TinyformersError
 
+HELP = "the course's exercises: start a chapter, check it"
 EXAMPLES = """\
 examples:
   tinyformers learn                  the chapters and their exercises
@@ -25,11 +26,7 @@ examples:
 CHAPTER = typed(int, lambda n: 1 <= n <= 8, "a chapter from 1 to 8")
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "learn", help="the course's exercises: start a chapter, check it",
-        description=__doc__, epilog=EXAMPLES,
-    )  # fmt: skip
+def add_arguments(p: argparse.ArgumentParser) -> None:
     actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
     start = actions.add_parser("start", help="write learn/chNN.py, the chapter's template")
     start.add_argument("chapter", type=CHAPTER, help="1 to 8")
@@ -37,7 +34,6 @@ def add_parser(subparsers) -> None:
     check.add_argument("chapter", type=CHAPTER, help="1 to 8")
     check.add_argument("file", nargs="?", help="the file to check (default: learn/chNN.py)")
     add_threads_argument(p, note="; the checks that load a model use them")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 from tinyformers.cli.options import add_model_arguments, load_from_args, typed
 from tinyformers.errors import TinyformersError
 
+HELP = "measure perplexity on a text file"
 EXAMPLES = """\
 examples:
   tinyformers perplexity benchmarks/perplexity.txt
@@ -24,13 +25,7 @@ examples:
 """
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "perplexity",
-        help="measure perplexity on a text file",
-        description=__doc__,
-        epilog=EXAMPLES,
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", type=Path, help="a UTF-8 text file")
     add_model_arguments(p, compile=False)
     p.add_argument(
@@ -46,7 +41,6 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="score only the second half of each window, as llama-perplexity does",
     )
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from tinyformers.cli.options import (
 )
 from tinyformers.errors import TinyformersError
 
+HELP = "an OpenAI-compatible HTTP server"
 EXAMPLES = """\
 examples:
   tinyformers serve
@@ -34,10 +35,7 @@ examples:
 """
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "serve", help="an OpenAI-compatible HTTP server", description=__doc__, epilog=EXAMPLES
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, compile=False)
     add_sampling_arguments(p, max_new_tokens=None)
     for action in p._actions:
@@ -81,7 +79,6 @@ def add_parser(subparsers) -> None:
         help="let browser pages from ORIGIN (http://localhost:3000; * for any) call the API; "
         "repeatable (default: none)",
     )
-    p.set_defaults(run=run)
 
 
 def api_key(args: argparse.Namespace) -> str | None:

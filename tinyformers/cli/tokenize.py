@@ -12,6 +12,7 @@ import argparse
 from tinyformers.cli.options import add_threads_argument, read_stdin
 from tinyformers.tokenizers import Tokenizer, load_tokenizer
 
+HELP = "show the tokens of a text"
 EXAMPLES = """\
 examples:
   tinyformers tokenize "Hello world"
@@ -21,10 +22,7 @@ examples:
 """
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "tokenize", help="show the tokens of a text", description=__doc__, epilog=EXAMPLES
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", nargs="?", default="-", help="the text; - or absent reads stdin")
     p.add_argument(
         "--model",
@@ -39,7 +37,6 @@ def add_parser(subparsers) -> None:
         "(by default it is plain text)",
     )
     add_threads_argument(p, note="; tokenizing itself runs on one")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 from tinyformers.cli.options import add_threads_argument, launched_by_torchrun, typed
 from tinyformers.errors import TinyformersError
 
+HELP = "train from scratch or fine-tune"
 EXAMPLES = """\
 examples:
   tinyformers train --data shakespeare.txt --out shakespeare-char
@@ -52,10 +53,7 @@ FRACTION = typed(float, lambda v: 0 <= v < 1, "a number from 0 to below 1")
 ALPHA = typed(float, lambda v: 0 < v <= 1e6, "a number > 0")
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "train", help="train from scratch or fine-tune", description=__doc__, epilog=EXAMPLES
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="a UTF-8 text file, or .jsonl")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="the output folder")
     what = p.add_argument_group("what to train")
@@ -113,7 +111,6 @@ def add_parser(subparsers) -> None:
     run_group.add_argument(
         "--overwrite", action="store_true", help="start over in a DIR that holds a run"
     )
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
