@@ -170,6 +170,23 @@ def test_the_library_refuses_past_the_limits_the_cli_and_server_share(model):
         SamplingParams(repetition_penalty=params.MAX_PENALTY * 2)
 
 
+def test_options_are_checked_as_keyword_parameters(model):
+    """generate, stream and generate_ids take one TypedDict of options (lm.py): a misspelt
+    or foreign keyword fails as it would on a parameter list, before any token is made."""
+    with pytest.raises(TypeError, match=r"generate\(\) got an unexpected keyword argument 'temp'"):
+        model.generate("Hi", 2, temp=0)
+    with pytest.raises(TypeError, match=r"stream\(\) got an unexpected keyword argument 'stop_'"):
+        next(model.stream("Hi", 2, stop_="x"))
+    with pytest.raises(
+        TypeError, match=r"generate_ids\(\) got an unexpected keyword argument 'stop'"
+    ):
+        model.generate_ids([1, 2], 2, stop="x")  # stop strings need text
+    with pytest.raises(ValueError, match="temperature must be"):
+        model.generate_ids([1, 2], 2, temperature=-1)
+    text = model.generate("Hi", 3, temperature=0, truncate=True, stop=None, seed=None)
+    assert text == model.generate("Hi", 3, **GREEDY)  # every option accepted; greedy both times
+
+
 # Stopping and streaming -----------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,36 @@ from tinyformers.loading.hub import resolve
 from tinyformers.loading.json_file import read_json
 from tinyformers.loading.loader import is_gguf, load_model
 from tinyformers.tokenizers import prompt_ids
+
+
+class SamplingOptions(TypedDict, total=False):
+    """The keywords of `generate_ids`, `generate` and `stream`: SamplingParams' fields, with
+    its defaults (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, repetition_penalty 1,
+    seed None), and `truncate` (default False: a prompt too long for the context raises)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    seed: int | None
+    truncate: bool
+
+
+class TextOptions(SamplingOptions, total=False):
+    """`generate` and `stream` also stop at any of the `stop` strings (cut from the text)."""
+
+    stop: str | list[str] | None
+
+
+def _sampling(options: SamplingOptions, kind: type, caller: str) -> tuple[SamplingParams, bool]:
+    """SamplingParams and `truncate` from the keywords of a call to `caller`; an unknown
+    keyword (`stop` where `kind` has none) is the TypeError Python raises for a parameter."""
+    for key in options:
+        if key not in kind.__optional_keys__:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {key!r}")
+    sampling = {k: v for k, v in options.items() if k not in ("stop", "truncate")}
+    return SamplingParams(**sampling), options.get("truncate", False)
 
 
 class LanguageModel:
@@ -117,75 +148,44 @@ class LanguageModel:
             return self.net(input_ids, attention_mask)
 
     def generate(
-        self,
-        prompt: str | list[str],
-        max_new_tokens: int = 256,
-        *,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repetition_penalty: float = 1.0,
-        stop: str | list[str] | None = None,
-        seed: int | None = None,
-        truncate: bool = False,
+        self, prompt: str | list[str], max_new_tokens: int = 256, **options: Unpack[TextOptions]
     ) -> str | list[str]:
         """The continuation of `prompt` (a list of prompts gives a list, generated as one batch).
 
-        temperature 0 is greedy; top_k 0, top_p 1, min_p 0 and repetition_penalty 1 are off.
-        Generation ends at an EOS token, a `stop` string (cut from the text) or max_new_tokens.
-        A prompt that does not fit the context with max_new_tokens raises ContextLengthError,
-        unless `truncate` keeps its most recent tokens.
+        Options (`TextOptions`): temperature 0 is greedy; top_k 0, top_p 1, min_p 0 and
+        repetition_penalty 1 are off. Generation ends at an EOS token, a `stop` string (cut
+        from the text) or max_new_tokens. A prompt that does not fit the context with
+        max_new_tokens raises ContextLengthError, unless `truncate` keeps its most recent tokens.
         """
-        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         texts = [""] * len(prompts)
-        for row, delta in self._stream(prompts, max_new_tokens, params, stop, truncate):
+        for row, delta in self._stream(prompts, max_new_tokens, options, "generate"):
             texts[row] += delta
         return texts[0] if isinstance(prompt, str) else texts
 
     def stream(
-        self,
-        prompt: str | list[int],
-        max_new_tokens: int = 256,
-        *,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repetition_penalty: float = 1.0,
-        stop: str | list[str] | None = None,
-        seed: int | None = None,
-        truncate: bool = False,
+        self, prompt: str | list[int], max_new_tokens: int = 256, **options: Unpack[TextOptions]
     ) -> Iterator[str]:
         """The continuation of `prompt` (text, or token ids such as a rendered chat) as text
         deltas, each as soon as it is complete UTF-8.
 
         Takes the same options as `generate`; the deltas concatenate to what it returns.
         """
-        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        for _, delta in self._stream([prompt], max_new_tokens, params, stop, truncate):
+        for _, delta in self._stream([prompt], max_new_tokens, options, "stream"):
             yield delta
 
     def generate_ids(
         self,
         input_ids: list[int] | list[list[int]] | Tensor,
         max_new_tokens: int = 256,
-        *,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        truncate: bool = False,
+        **options: Unpack[SamplingOptions],
     ) -> list[int] | list[list[int]]:
         """New token ids for prompt ids (one list, or a batch of lists of any lengths).
 
         Each row ends after its EOS token (included) or max_new_tokens. Options as `generate`,
         except `stop` (stop strings need text: use `generate`).
         """
-        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        params, truncate = _sampling(options, SamplingOptions, "generate_ids")
         if isinstance(input_ids, Tensor):
             input_ids = input_ids.tolist()
         single = bool(input_ids) and isinstance(input_ids[0], int)
@@ -208,7 +208,9 @@ class LanguageModel:
                     out[row].append(token)
         return out[0] if single else out
 
-    def _stream(self, prompts, max_new_tokens, params, stop, truncate):
+    def _stream(self, prompts: list, max_new_tokens: int, options: TextOptions, caller: str):
+        params, truncate = _sampling(options, TextOptions, caller)
+        stop = options.get("stop")
         if self.tokenizer is None:
             raise TinyformersError(
                 f"{self.source}: no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
