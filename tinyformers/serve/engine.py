@@ -135,6 +135,9 @@ class Engine:
         self.work = threading.Condition()
         self.closing = False
         self.steps = 0  # decode steps run, for tests and stats
+        # Callables watch(requests) -> on_event(index, event), called for every accepted
+        # submit and then beside each of its events (the engine's thread): /metrics' feed.
+        self.watchers: list[Callable[[list[Request]], Callable[[int, Event], None]]] = []
         self.thread = threading.Thread(target=self._run, name="tinyformers-engine", daemon=True)
         self.thread.start()
 
@@ -148,8 +151,15 @@ class Engine:
                     f"fit a row of {self.context} tokens"
                 )
         device = self.model.device
+        watching: list[Callable[[int, Event], None]] = []
+
+        def emit_watched(i: int, event: Event) -> None:
+            for on_event in watching:
+                on_event(i, event)
+            emit(i, event)
+
         seqs = [
-            Sequence(r, lambda e, i=i: emit(i, e), self.model.tokenizer, device)
+            Sequence(r, lambda e, i=i: emit_watched(i, e), self.model.tokenizer, device)
             for i, r in enumerate(requests)
         ]
         with self.work:
@@ -159,6 +169,7 @@ class Engine:
                 raise QueueFull(
                     f"{len(self.waiting)} requests are waiting (at most {self.max_queue})"
                 )
+            watching.extend(watch(requests) for watch in self.watchers)
             self.waiting.extend(seqs)
             self.work.notify()
         return seqs

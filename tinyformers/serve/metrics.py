@@ -3,8 +3,8 @@
 Measured from outside the engine and the routes, so neither carries metrics code:
 - an ASGI middleware counts every answer by route and status, and reads the
   `usage.prompt_tokens_details.cached_tokens` of the completions it sends (the prompt cache);
-- the engine's `submit` is wrapped once it exists: each sequence's prompt tokens, generated
-  tokens, time to first text and time per output token come from the events it emits;
+- a watcher joins the engine's `watchers` once it exists: each sequence's prompt tokens,
+  generated tokens, time to first text and time per output token come from its events;
 - the queue depth and batch size are read from the engine when Prometheus scrapes.
 
 Each app has its own registry, so two servers in one process (the tests) do not collide.
@@ -27,7 +27,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from tinyformers.serve.engine import Delta, Engine, Finished
+from tinyformers.serve.engine import Delta, Engine, Event, Finished, Request
 
 # Seconds; a CPU answers a short prompt's first token in ~0.1-1 s and decodes at 10-200 ms a token.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80)
@@ -78,33 +78,30 @@ class Metrics:
         batch.set_function(lambda: e.running() if (e := self.get_engine()) else 0)
 
     def watch(self) -> None:
-        """Wrap the engine's `submit` once it exists (the model loads after the app starts)."""
+        """Join the engine's watchers once it exists (the model loads after the app starts)."""
         engine = self.get_engine()
         if engine is None or engine is self.watched:
             return
         self.watched = engine
-        submit = engine.submit
+        engine.watchers.append(self.on_submit)
 
-        def observed_submit(requests, emit):
-            start = time.perf_counter()
-            first: dict[int, float] = {}  # sequence index -> time of its first text
+    def on_submit(self, requests: list[Request]) -> Callable[[int, Event], None]:
+        """Count an accepted submit's prompt tokens; time its sequences' events."""
+        self.prompt_tokens.inc(sum(len(r.prompt) for r in requests))
+        start = time.perf_counter()
+        first: dict[int, float] = {}  # sequence index -> time of its first text
 
-            def observed_emit(index: int, event) -> None:  # the engine's thread
-                now = time.perf_counter()
-                if isinstance(event, Delta | Finished) and index not in first:
-                    first[index] = now
-                    self.ttft.observe(now - start)
-                if isinstance(event, Finished):
-                    self.generation_tokens.inc(event.completion_tokens)
-                    if event.completion_tokens > 1:
-                        self.tpot.observe((now - first[index]) / (event.completion_tokens - 1))
-                emit(index, event)
+        def on_event(index: int, event: Event) -> None:  # the engine's thread
+            now = time.perf_counter()
+            if isinstance(event, Delta | Finished) and index not in first:
+                first[index] = now
+                self.ttft.observe(now - start)
+            if isinstance(event, Finished):
+                self.generation_tokens.inc(event.completion_tokens)
+                if event.completion_tokens > 1:
+                    self.tpot.observe((now - first[index]) / (event.completion_tokens - 1))
 
-            seqs = submit(requests, observed_emit)  # QueueFull: nothing was submitted
-            self.prompt_tokens.inc(sum(len(r.prompt) for r in requests))
-            return seqs
-
-        engine.submit = observed_submit
+        return on_event
 
     def read_usage(self, body: bytes) -> None:
         """Count `cached_tokens` in a completion's JSON body or in its stream's usage event."""
