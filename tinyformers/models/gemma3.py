@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tinyformers.models import check_value, config_fields, prefixed
-from tinyformers.models.attention import LAYER_TYPES, attention, check_layer_types
+from tinyformers.models import check_value, config_fields, llama, prefixed
+from tinyformers.models.attention import LAYER_TYPES, check_layer_types
 from tinyformers.models.hooks import HookPoint, Hooks
 from tinyformers.models.kv_cache import KVCache, per_layer
-from tinyformers.models.masks import positions_and_mask, sliding_window
-from tinyformers.models.rope import Rotary, check_rope_scaling, rotate
+from tinyformers.models.masks import sliding_window, slots_and_mask
+from tinyformers.models.rope import Rotary, check_rope_scaling
 
 GLOBAL, LOCAL = LAYER_TYPES  # full attention, or a sliding window
 
@@ -59,6 +59,11 @@ class Gemma3Config:
     use_bidirectional_attention: bool = False  # EmbeddingGemma: refused, we are causal
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    attention_dropout: float = 0.0  # of the attention pattern, in training only
+    # What the Llama modules that Gemma's build on read, fixed for Gemma 3 (not fields: never
+    # read from a config.json nor written to one): no Qwen2 biases on q/k/v, none in the MLP.
+    model_type = "gemma3_text"
+    mlp_bias = False
 
     @classmethod
     def from_dict(cls, d: dict) -> Gemma3Config:
@@ -111,16 +116,11 @@ class Gemma3Config:
             return self.layer_types[i]
         return GLOBAL if (i + 1) % self.sliding_window_pattern == 0 else LOCAL
 
-    @property
-    def context_length(self) -> int:
-        return self.max_position_embeddings
-
-    @property
-    def layer_count(self) -> int:
-        return self.num_hidden_layers
+    context_length = llama.LlamaConfig.context_length  # Llama's names, read the same way
+    layer_count = llama.LlamaConfig.layer_count
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(llama.RMSNorm):
     """x / rms(x) * (1 + weight): Gemma stores the gain minus 1, so a zero weight is the identity.
 
     subtle: the gain multiplies in float32 before the cast back, as HF's Gemma3RMSNorm does
@@ -128,10 +128,8 @@ class RMSNorm(nn.Module):
     """
 
     def __init__(self, dim: int, eps: float, hooks: Hooks, name: str) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
-        self.hook = HookPoint(hooks, name)
+        super().__init__(dim, eps, hooks, name)
+        self.weight.data.zero_()  # the gain 1 + 0
 
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
@@ -140,64 +138,33 @@ class RMSNorm(nn.Module):
         return (x32 * (1.0 + self.weight.float())).to(x.dtype)
 
 
-class Attention(nn.Module):
+class Attention(llama.Attention):
+    """Llama's grouped-query attention with rotary positions (its projections, hooks and
+    `fast`), with each head's q and k RMS-normalized before the rotation (QK-norm, Dehghani et
+    al. 2023): it bounds the scores, and took the place of Gemma 2's tanh soft-capping."""
+
     def __init__(self, config: Gemma3Config, i: int, hooks: Hooks) -> None:
-        super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = (
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            config.head_dim,
-        )
-        C, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=bias)
-        # Each head's q and k are RMS-normalized before the rotation (QK-norm, Dehghani et al.
-        # 2023): it bounds the scores, and took the place of Gemma 2's tanh soft-capping.
+        super().__init__(config, i, hooks)
         eps = config.rms_norm_eps
         self.q_norm = RMSNorm(self.head_dim, eps, hooks, f"blocks.{i}.attn.q_norm.")
         self.k_norm = RMSNorm(self.head_dim, eps, hooks, f"blocks.{i}.attn.k_norm.")
         # 1 / sqrt(query_pre_attn_scalar): head_dim for most sizes, hidden / heads for 27B
         self.scale = config.query_pre_attn_scalar**-0.5
-        self.hook = HookPoint(hooks, f"blocks.{i}.attn.")
-        self.fast = False  # set at load: SDPA's fused kernel in place of the written-out math
 
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Tensor,
-        cache: KVCache | None,
-        input_pos: Tensor,
-    ) -> Tensor:
+    def forward(self, x, cos, sin, mask, cache, input_pos) -> Tensor:
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B,T,nh*hs), 2x(B,T,nkv*hs)
         q = self.q_norm(self.hook("hook_q", q.view(B, T, nh, hs))).transpose(1, 2)  # (B,nh,T,hs)
         k = self.k_norm(self.hook("hook_k", k.view(B, T, nkv, hs))).transpose(1, 2)  # (B,nkv,T,hs)
         v = self.hook("hook_v", v.view(B, T, nkv, hs)).transpose(1, 2)  # (B, nkv, T, hs)
-        # Positions enter here, as rotations of q and k (the local or global angles of this layer).
-        q = self.hook("hook_rot_q", rotate(q, cos, sin).transpose(1, 2)).transpose(1, 2)
-        k = self.hook("hook_rot_k", rotate(k, cos, sin).transpose(1, 2)).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(input_pos, k, v)  # (B, nkv, S, hs)
-        z = attention(q, k, v, mask, self.scale, self.hook, self.fast)  # (B, nh, T, hs)
-        z = self.hook("hook_z", z.transpose(1, 2))  # (B, T, nh, hs)
-        return self.o_proj(z.reshape(B, T, nh * hs))  # (B, T, nh*hs) -> (B, T, C)
+        # then as Llama's: rotated (by the local or global angles of this layer), cached, attended
+        return self.attend(q, k, v, cos, sin, mask, cache, input_pos)  # (B, T, C)
 
 
-class MLP(nn.Module):
-    """GeGLU (Shazeer, 2020): down(gelu(gate(x)) * up(x)), GELU in its tanh approximation."""
-
-    def __init__(self, config: Gemma3Config, i: int, hooks: Hooks) -> None:
-        super().__init__()
-        C, H = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(C, H, bias=False)
-        self.up_proj = nn.Linear(C, H, bias=False)
-        self.down_proj = nn.Linear(H, C, bias=False)
-        self.hook = HookPoint(hooks, f"blocks.{i}.mlp.")
+class MLP(llama.MLP):
+    """GeGLU (Shazeer, 2020): down(gelu(gate(x)) * up(x)), GELU in its tanh approximation;
+    Llama's gated MLP (its projections) with GELU for SiLU."""
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, C) -> 2 x (B, T, H)
@@ -208,14 +175,17 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Sandwich norms: each sublayer's input is normalized (ln1, ln2) and so is its output
-    (ln1_post, ln2_post) before it joins the residual stream."""
+    (ln1_post, ln2_post) before it joins the residual stream.
+
+    subtle: HF calls ln1_post `post_attention_layernorm`, the name Llama gives its ln2.
+    """
 
     def __init__(self, config: Gemma3Config, i: int, hooks: Hooks) -> None:
         super().__init__()
         C, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm(C, eps, hooks, f"blocks.{i}.ln1.")
         self.self_attn = Attention(config, i, hooks)
-        self.post_attention_layernorm = RMSNorm(C, eps, hooks, f"blocks.{i}.ln1_post.")
+        self.post_attention_layernorm = RMSNorm(C, eps, hooks, f"blocks.{i}.ln1_post.")  # not ln2
         self.pre_feedforward_layernorm = RMSNorm(C, eps, hooks, f"blocks.{i}.ln2.")
         self.mlp = MLP(config, i, hooks)
         self.post_feedforward_layernorm = RMSNorm(C, eps, hooks, f"blocks.{i}.ln2_post.")
@@ -230,20 +200,9 @@ class Block(nn.Module):
         return self.hook("hook_resid_post", x + self.hook("hook_mlp_out", mlp_out))
 
 
-class Gemma3(nn.Module):
+class Gemma3(llama.Decoder):
     def __init__(self, config: Gemma3Config) -> None:
-        super().__init__()
-        self.config = config
-        self.hooks = Hooks()  # the named activations of this model (models/hooks.py)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            Block(config, i, self.hooks) for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.hooks, "ln_final.")
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        self.hook = HookPoint(self.hooks, "")
+        super().__init__(config, Block, RMSNorm)  # Llama's stack, Gemma's blocks and norms
         # Two sets of angles, each shared by the layers of its kind (models/rope.py): local
         # layers turn with base 10k, global ones with base 1M (and linear scaling on 4B+).
         self.rotary = {
@@ -267,17 +226,15 @@ class Gemma3(nn.Module):
         input_pos: Tensor | None = None,
         last_only: bool = False,
     ) -> Tensor:
-        """Logits (B, T, V) in float32; arguments as `GPT2.forward`."""
-        B, T = input_ids.shape
-        if input_pos is None:
-            input_pos = torch.arange(T, device=input_ids.device)
-        n_keys = cache[0].k.shape[2] if cache is not None else T
-        positions, mask = positions_and_mask(attention_mask, input_pos, n_keys, B)
+        """Logits (B, T, V) in float32; arguments as `GPT2.forward`. Each layer reads the
+        mask and the angles of its kind: local (windowed, base 10k) or global."""
+        input_pos, positions, mask = slots_and_mask(input_ids, attention_mask, input_pos, cache)
         masks = {GLOBAL: mask, LOCAL: sliding_window(mask, input_pos, self.config.sliding_window)}
         x = self.embed_tokens(input_ids)  # (B, T, C)
         # sqrt(C) rounded to the model's dtype first, as HF does (25.25, not 25.30, in bf16)
         x = self.hook("hook_embed", x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype))
-        angles = {kind: rotary(positions, n_keys, x.dtype) for kind, rotary in self.rotary.items()}
+        S = mask.shape[-1]  # key slots
+        angles = {kind: rotary(positions, S, x.dtype) for kind, rotary in self.rotary.items()}
         for i, layer in enumerate(self.layers):
             kind = self.config.layer_kind(i)
             cos, sin = angles[kind]  # (B, 1, T, hs) each: for every head
@@ -286,10 +243,6 @@ class Gemma3(nn.Module):
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         return self.unembed(x)
-
-    def unembed(self, x: Tensor) -> Tensor:
-        """Residual stream (B, T, C) -> float32 logits (B, T, V): final norm, then lm_head."""
-        return self.lm_head(self.norm(x)).float()
 
 
 # Checkpoint layout -----------------------------------------------------------------------------
@@ -301,16 +254,14 @@ _IMAGE_PARTS = ("vision_tower.", "multi_modal_projector.")  # the image encoder:
 
 
 def sanitize(weights: dict[str, Tensor], config: Gemma3Config) -> dict[str, Tensor]:
-    """HF Gemma3ForCausalLM / Gemma3ForConditionalGeneration tensors -> our names."""
-    out = {}
+    """HF Gemma3ForCausalLM / Gemma3ForConditionalGeneration tensors -> our names: the text
+    model's, wherever the class put them, then as Llama's (`llama.sanitize`)."""
+    text = {}
     for name, w in weights.items():
         name = next((name.removeprefix(p) for p in _PREFIXES if name.startswith(p)), name)
-        if name.startswith(_IMAGE_PARTS):
-            continue
-        out[name] = w
-    if config.tie_word_embeddings:
-        out.pop("lm_head.weight", None)
-    return out
+        if not name.startswith(_IMAGE_PARTS):
+            text[name] = w
+    return llama.sanitize(text, config)
 
 
 def to_hf(weights: dict[str, Tensor], config: Gemma3Config) -> dict[str, Tensor]:
@@ -330,7 +281,7 @@ def hf_config(config: Gemma3Config) -> dict:
     """
     d = {k: v for k, v in vars(config).items() if v is not None or k.endswith("_token_id")}
     d["layer_types"] = [config.layer_kind(i) for i in range(config.num_hidden_layers)]
-    return {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], **d}
+    return {"model_type": config.model_type, "architectures": ["Gemma3ForCausalLM"], **d}
 
 
 # The names the registry (models/__init__.py) looks up in every architecture file.

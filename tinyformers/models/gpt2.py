@@ -21,7 +21,7 @@ from tinyformers.models import config_fields
 from tinyformers.models.attention import attention
 from tinyformers.models.hooks import HookPoint, Hooks
 from tinyformers.models.kv_cache import KVCache, per_layer
-from tinyformers.models.masks import positions_and_mask
+from tinyformers.models.masks import slots_and_mask
 
 ACTIVATIONS = {
     "gelu_new": partial(F.gelu, approximate="tanh"),  # the original GPT-2 tanh approximation
@@ -70,13 +70,9 @@ class GPT2Config:
             raise ValueError(f"n_embd {config.n_embd} is not a multiple of n_head {config.n_head}")
         return config
 
-    @property
-    def context_length(self) -> int:
-        return self.n_positions
-
-    @property
-    def layer_count(self) -> int:
-        return self.n_layer
+    # the names the rest of the library reads, whatever a checkpoint calls them
+    context_length = property(lambda self: self.n_positions)
+    layer_count = property(lambda self: self.n_layer)
 
 
 class LayerNorm(nn.Module):
@@ -224,11 +220,7 @@ class GPT2(nn.Module):
         cache, input_pos: the slots (T,) these tokens go to in the preallocated cache.
         last_only: logits of the last position only (B, 1, V), all a decode step needs.
         """
-        B, T = input_ids.shape
-        if input_pos is None:
-            input_pos = torch.arange(T, device=input_ids.device)
-        n_keys = cache[0].k.shape[2] if cache is not None else T
-        positions, mask = positions_and_mask(attention_mask, input_pos, n_keys, B)
+        input_pos, positions, mask = slots_and_mask(input_ids, attention_mask, input_pos, cache)
         x = self.hook("hook_embed", self.wte(input_ids))  # (B, T, C)
         x = x + self.hook("hook_pos_embed", self.wpe(positions))  # (B, T, C)
         if self.training and self.dropout_p:

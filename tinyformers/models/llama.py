@@ -18,7 +18,7 @@ from tinyformers.models import check_value, config_fields, prefixed
 from tinyformers.models.attention import attention, check_layer_types
 from tinyformers.models.hooks import HookPoint, Hooks
 from tinyformers.models.kv_cache import KVCache, per_layer
-from tinyformers.models.masks import positions_and_mask, sliding_window
+from tinyformers.models.masks import sliding_window, slots_and_mask
 from tinyformers.models.rope import Rotary, check_rope_scaling, rotate
 
 
@@ -91,13 +91,9 @@ class LlamaConfig:
             return None
         return self.sliding_window
 
-    @property
-    def context_length(self) -> int:
-        return self.max_position_embeddings
-
-    @property
-    def layer_count(self) -> int:
-        return self.num_hidden_layers
+    # the names the rest of the library reads, whatever a checkpoint calls them
+    context_length = property(lambda self: self.max_position_embeddings)
+    layer_count = property(lambda self: self.num_hidden_layers)
 
 
 def family_fields(d: dict) -> dict:
@@ -179,6 +175,12 @@ class Attention(nn.Module):
         q = self.hook("hook_q", q.view(B, T, nh, hs)).transpose(1, 2)  # (B, nh, T, hs)
         k = self.hook("hook_k", k.view(B, T, nkv, hs)).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.hook("hook_v", v.view(B, T, nkv, hs)).transpose(1, 2)  # (B, nkv, T, hs)
+        return self.attend(q, k, v, cos, sin, mask, cache, input_pos)
+
+    def attend(self, q, k, v, cos, sin, mask, cache, input_pos) -> Tensor:
+        """The heads, q (B, nh, T, hs) and k, v (B, nkv, T, hs), rotated, written to the cache
+        and attended, then mixed back into (B, T, C); Gemma 3's attention ends the same way."""
+        B, nh, T, hs = q.shape
         # Positions enter here, as rotations of q and k, never into the residual stream.
         # (hooks see [B, T, heads, hs] as everywhere; the math runs head-major, contiguous)
         q = self.hook("hook_rot_q", rotate(q, cos, sin).transpose(1, 2)).transpose(1, 2)
@@ -227,20 +229,32 @@ class Block(nn.Module):
         return self.hook("hook_resid_post", x + mlp_out)
 
 
-class Llama(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+class Decoder(nn.Module):
+    """The stack under Hugging Face's Llama names, which Gemma 3 shares (gemma3.py): token
+    embeddings, the blocks, a final norm, and lm_head (the embedding's matrix when tied)."""
+
+    def __init__(self, config, block: type[nn.Module], norm: type[nn.Module]) -> None:
         super().__init__()
         self.config = config
         self.hooks = Hooks()  # the named activations of this model (models/hooks.py)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            Block(config, i, self.hooks) for i in range(config.num_hidden_layers)
+            block(config, i, self.hooks) for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.hooks, "ln_final.")
+        self.norm = norm(config.hidden_size, config.rms_norm_eps, self.hooks, "ln_final.")
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.hook = HookPoint(self.hooks, "")
+
+    def unembed(self, x: Tensor) -> Tensor:
+        """Residual stream (B, T, C) -> float32 logits (B, T, V): final norm, then lm_head."""
+        return self.lm_head(self.norm(x)).float()
+
+
+class Llama(Decoder):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__(config, Block, RMSNorm)
         # One angle per (position, pair of dimensions), shared by every layer (models/rope.py).
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)
         # set at load: float16 beside bfloat16 or quantized matrices, as llama.cpp keeps its
@@ -272,17 +286,13 @@ class Llama(nn.Module):
         last_only: bool = False,
     ) -> Tensor:
         """Logits (B, T, V) in float32; arguments as `GPT2.forward`."""
-        B, T = input_ids.shape
-        if input_pos is None:
-            input_pos = torch.arange(T, device=input_ids.device)
-        n_keys = cache[0].k.shape[2] if cache is not None else T
-        positions, mask = positions_and_mask(attention_mask, input_pos, n_keys, B)
+        input_pos, positions, mask = slots_and_mask(input_ids, attention_mask, input_pos, cache)
         window = self.config.sliding_window
         # Mistral (and Qwen2's later layers): a query reads only its last `window` keys
         local = mask if window is None else sliding_window(mask, input_pos, window)
         x = self.hook("hook_embed", self.embed_tokens(input_ids))  # (B, T, C)
         # One angle per (position, pair of dimensions), shared by every layer.
-        cos, sin = self.rotary(positions, n_keys, x.dtype)  # (B, 1, T, hs): for every head
+        cos, sin = self.rotary(positions, mask.shape[-1], x.dtype)  # (B, 1, T, hs) each
         windows = [self.config.layer_window(i) for i in range(len(self.layers))]
         masks = [local if w else mask for w in windows]  # (B, 1, T, S) for each layer
         x = self.run_layers(x, cos, sin, masks, cache, input_pos)
@@ -304,10 +314,6 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, masks[i], cache[i] if cache is not None else None, input_pos)
         return x
-
-    def unembed(self, x: Tensor) -> Tensor:
-        """Residual stream (B, T, C) -> float32 logits (B, T, V): final norm, then lm_head."""
-        return self.lm_head(self.norm(x)).float()
 
 
 # Checkpoint layout -----------------------------------------------------------------------------

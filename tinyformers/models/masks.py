@@ -34,6 +34,19 @@ def positions_and_mask(
     return positions, mask[:, None]  # [B, 1, T, S]
 
 
+def slots_and_mask(
+    input_ids: Tensor, attention_mask: Tensor | None, input_pos: Tensor | None, cache: list | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What each model's forward starts from: the slots [T] its tokens `input_ids` [B, T] go
+    to (`input_pos`, else 0..T-1), their position ids [B, T] and the mask [B, 1, T, S] over S
+    key slots: the length of the `cache` (one KVCache per layer), else the T tokens alone."""
+    B, T = input_ids.shape
+    if input_pos is None:
+        input_pos = torch.arange(T, device=input_ids.device)
+    n_keys = cache[0].k.shape[2] if cache is not None else T
+    return input_pos, *positions_and_mask(attention_mask, input_pos, n_keys, B)
+
+
 def sliding_window(mask: Tensor, input_pos: Tensor, window: int) -> Tensor:
     """`mask` ([B, 1, T, S]) narrowed to the last `window` keys of each query: a query at slot
     i reads slots i - window + 1 .. i (Mistral, Gemma's local layers; HF's `kv > q - window`).
