@@ -19,11 +19,14 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Set
 from itertools import pairwise
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import regex
 
 from tinyformers.errors import TokenizerError
+
+if TYPE_CHECKING:
+    from tinyformers.kernels.bpe import NativeEncoder
 
 # GPT-2's pre-tokenization pattern (OpenAI's encoder.py; HF's ByteLevel pre-tokenizer uses it too).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -44,6 +47,7 @@ _CACHE_MAX_ENTRIES = 1 << 17  # pieces; cleared when full so memory stays bounde
 _CACHE_MAX_CHARS = 256  # longer pieces are rare and would pin megabytes in the cache
 _NO_MERGE = (1 << 62, -1)  # (rank, id) of a pair that never merges
 _NO_RANK = 2**31 - 1  # the same, in `_merge_rounds`' int32 arrays
+_UNBUILT = object()  # `Tokenizer._native_encoder` before the first encode asks for it
 _LONG_PIECE = 4096  # tokens; longer pieces start merging in vectorised rounds (`_merge_rounds`)
 
 
@@ -119,6 +123,10 @@ class Tokenizer:
         self._split = [_compile_split(p, source) for p in split_patterns]
         self._cache: dict[str, list[int]] = {}
         self._merge_arrays = None  # `_ranks_of_pairs`' tables, built on the first long piece
+        # The C++ loop (kernels/bpe.cpp) where it builds; False runs the Python one below,
+        # which is its reference (tests/test_tokenizer_native.py compares them).
+        self.native = True
+        self._native_encoder: NativeEncoder | None | object = _UNBUILT
         self.literals = Literals(self.added_tokens, self.special_tokens)
         roles = {"bos": bos_token_id, "eos": eos_token_id, "pad": pad_token_id, "unk": unk_token_id}
         for name, i in roles.items():
@@ -171,9 +179,15 @@ class Tokenizer:
         return [self.encode(t, allowed_special=allowed_special) for t in texts]
 
     def _encode_ordinary(self, text: str, deadline: float = math.inf) -> list[int]:
+        native = self._native() if self.native else None
+        if native is not None and native.splits:
+            return native.encode(text)
+        pieces = self._pieces(text, deadline)  # a pattern of unknown cost: split under the budget
+        if native is not None:
+            return native.merge(pieces)
         ids: list[int] = []
         cache = self._cache
-        for piece in self._pieces(text, deadline):
+        for piece in pieces:
             piece_ids = cache.get(piece)
             if piece_ids is None:
                 piece_ids = self._encode_piece(piece)
@@ -183,6 +197,18 @@ class Tokenizer:
                     cache[piece] = piece_ids
             ids += piece_ids
         return ids
+
+    def _native(self) -> NativeEncoder | None:
+        """The C++ encoder, built at the first encode (None where the kernels cannot build)."""
+        if self._native_encoder is _UNBUILT:
+            # subtle: imported here, so a tokenizer loads without torch's extension machinery
+            # and compiles nothing until it encodes
+            from tinyformers.kernels.bpe import native_encoder
+
+            self._native_encoder = native_encoder(
+                self._merges, self._byte_ids, self.split_patterns, self._whole_pieces
+            )
+        return self._native_encoder  # type: ignore[return-value]
 
     def _pieces(self, text: str, deadline: float = math.inf) -> list[str]:
         """Split with each pattern in turn; matches and the gaps between them are pieces.

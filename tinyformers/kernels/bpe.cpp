@@ -1,0 +1,495 @@
+// Byte-level BPE encoding (tokenizers/bpe.py) in C++: the split patterns of real tokenizers,
+// a piece cache and the merge loop, for a whole text in one call.
+//
+// Why: in Python the regex split alone runs at ~18 MB/s and every piece then costs a dict
+// lookup and a list extend; one call per text (not per piece) keeps the op's few microseconds
+// of overhead out of the loop. tokenizers/bpe.py holds the written-out reference: every rule
+// here (pattern alternatives, leftmost-first ties, the rounds for long pieces) mirrors a line
+// there, and tests/test_tokenizer_native.py checks the two give the same ids.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+// Unicode classes, one byte per code point, computed by Python's `regex` module itself so
+// \p{L}, \p{N} and \s mean here exactly what they mean in the reference's patterns.
+constexpr uint8_t kLetter = 1, kNumber = 2, kSpace = 4;
+
+// The split patterns bpe.py runs without a time limit (its KNOWN_PATTERNS), by number.
+enum Pattern : int64_t { kGpt2 = 0, kLlama3 = 1, kEachNumber = 2, kNumberRun = 3, kNumbers3 = 4 };
+
+constexpr int32_t kNoRank = INT32_MAX;
+constexpr size_t kLongPiece = 4096;  // bpe.py _LONG_PIECE: merge in rounds above this
+constexpr size_t kShortPiece = 64;   // tokens; a piece this short merges without a heap
+constexpr size_t kBucketPiece = 1 << 16;  // tokens; a piece this long merges from buckets
+constexpr size_t kCacheMaxEntries = 1 << 17;
+constexpr size_t kCacheMaxBytes = 1024;  // ~bpe.py's 256 characters; longer pieces are rare
+
+// The merge table: (left id, right id) -> (rank, merged id), open addressing.
+class PairTable {
+ public:
+  PairTable(const int64_t* left, const int64_t* right, const int64_t* rank, const int64_t* merged,
+            int64_t n) {
+    size_t capacity = 16;
+    while (capacity < 2 * static_cast<size_t>(n)) capacity *= 2;
+    mask_ = capacity - 1;
+    slots_.assign(capacity, Slot{kEmpty, kNoRank, -1});
+    for (int64_t i = 0; i < n; i++) {
+      uint64_t key = Key(left[i], right[i]);
+      size_t at = Hash(key);
+      while (slots_[at].key != kEmpty && slots_[at].key != key) at = (at + 1) & mask_;
+      size_ += slots_[at].key == kEmpty;
+      slots_[at] = Slot{key, static_cast<int32_t>(rank[i]), static_cast<int32_t>(merged[i])};
+    }
+  }
+
+  size_t size() const { return size_; }
+
+  // (rank, merged id) of a pair, or (kNoRank, -1).
+  std::pair<int32_t, int32_t> Find(int32_t left, int32_t right) const {
+    uint64_t key = Key(left, right);
+    for (size_t at = Hash(key);; at = (at + 1) & mask_) {
+      const Slot& s = slots_[at];
+      if (s.key == key) return {s.rank, s.merged};
+      if (s.key == kEmpty) return {kNoRank, -1};
+    }
+  }
+
+ private:
+  struct Slot {
+    uint64_t key;
+    int32_t rank, merged;
+  };
+  static constexpr uint64_t kEmpty = ~0ull;
+  static uint64_t Key(int64_t left, int64_t right) {
+    return (static_cast<uint64_t>(left) << 32) | static_cast<uint32_t>(right);
+  }
+  size_t Hash(uint64_t key) const { return (key * 0x9E3779B97F4A7C15ull >> 20) & mask_; }
+  std::vector<Slot> slots_;
+  size_t mask_, size_ = 0;
+};
+
+// The code point at p[i] (valid UTF-8: Python encoded it) and its length in bytes.
+inline uint32_t Decode(const uint8_t* p, int64_t i, int* len) {
+  uint8_t b = p[i];
+  if (b < 0x80) return *len = 1, b;
+  if (b < 0xE0) return *len = 2, ((b & 0x1Fu) << 6) | (p[i + 1] & 0x3Fu);
+  if (b < 0xF0) return *len = 3, ((b & 0x0Fu) << 12) | ((p[i + 1] & 0x3Fu) << 6) | (p[i + 2] & 0x3Fu);
+  *len = 4;
+  return ((b & 0x07u) << 18) | ((p[i + 1] & 0x3Fu) << 12) | ((p[i + 2] & 0x3Fu) << 6) |
+         (p[i + 3] & 0x3Fu);
+}
+
+// A text being split: byte offsets, the end of the current chunk, and class lookups.
+struct Scan {
+  const uint8_t* p;
+  int64_t end;
+  const uint8_t* classes;
+
+  uint8_t ClassAt(int64_t i) const {
+    int len;
+    return classes[Decode(p, i, &len)];
+  }
+  int64_t Next(int64_t i) const {
+    int len;
+    Decode(p, i, &len);
+    return i + len;
+  }
+  int64_t Previous(int64_t i) const {  // the start of the character before byte i
+    do i--;
+    while ((p[i] & 0xC0) == 0x80);
+    return i;
+  }
+  // Past the run of characters from i whose class satisfies `keep` (0 bits = neither L, N, S).
+  template <typename Keep>
+  int64_t Run(int64_t i, Keep keep) const {
+    while (i < end && keep(ClassAt(i))) i = Next(i);
+    return i;
+  }
+};
+
+bool IsLetter(uint8_t c) { return c & kLetter; }
+bool IsNumber(uint8_t c) { return c & kNumber; }
+bool IsSpace(uint8_t c) { return c & kSpace; }
+bool IsOther(uint8_t c) { return c == 0; }  // [^\s\p{L}\p{N}]
+
+// \s+(?!\S)|\s+ from i (a space): the run, less its last character where a non-space follows
+// (that one joins the next piece: " word").
+int64_t Spaces(const Scan& s, int64_t i) {
+  int64_t j = s.Run(i, IsSpace);
+  if (j == s.end) return j;
+  int64_t before = s.Previous(j);
+  return before > i ? before : j;
+}
+
+// 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+ (GPT2_PATTERN)
+int64_t Gpt2Match(const Scan& s, int64_t i) {
+  const uint8_t* p = s.p;
+  if (p[i] == '\'' && i + 1 < s.end) {
+    uint8_t a = p[i + 1];
+    if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
+    if (i + 2 < s.end) {
+      uint8_t b = p[i + 2];
+      if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
+    }
+  }
+  int64_t at = i;
+  if (p[i] == ' ' && i + 1 < s.end) at = i + 1;  // " ?" before a letter, number or other
+  uint8_t c = s.ClassAt(at);
+  if (IsLetter(c)) return s.Run(at, IsLetter);
+  if (IsNumber(c)) return s.Run(at, IsNumber);
+  if (IsOther(c)) return s.Run(at, IsOther);
+  return Spaces(s, i);
+}
+
+// Llama 3's (?i:'s) also matches U+017F (ſ), which case-folds to s: the `regex` module's rule.
+bool FoldsTo(const uint8_t* p, int64_t i, int64_t end, char lower, int* len) {
+  if (i >= end) return false;
+  uint32_t c = Decode(p, i, len);
+  return c == static_cast<uint32_t>(lower) || c == static_cast<uint32_t>(lower - 32) ||
+         (lower == 's' && c == 0x17F);
+}
+
+// (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*
+// |\s*[\r\n]+|\s+(?!\S)|\s+ (LLAMA3_PATTERN)
+int64_t Llama3Match(const Scan& s, int64_t i) {
+  const uint8_t* p = s.p;
+  int a, b;
+  if (p[i] == '\'') {
+    for (char one : {'s', 't', 'm', 'd'})
+      if (FoldsTo(p, i + 1, s.end, one, &a)) return i + 1 + a;
+    for (const char* two : {"re", "ve", "ll"})
+      if (FoldsTo(p, i + 1, s.end, two[0], &a) && FoldsTo(p, i + 1 + a, s.end, two[1], &b))
+        return i + 1 + a + b;
+  }
+  uint8_t c = s.ClassAt(i);
+  int64_t next = s.Next(i);
+  bool line = p[i] == '\r' || p[i] == '\n';
+  if (!line && !IsLetter(c) && !IsNumber(c) && next < s.end && IsLetter(s.ClassAt(next)))
+    return s.Run(next, IsLetter);
+  if (IsLetter(c)) return s.Run(i, IsLetter);
+  if (IsNumber(c)) {
+    int64_t j = i;
+    for (int k = 0; k < 3 && j < s.end && IsNumber(s.ClassAt(j)); k++) j = s.Next(j);
+    return j;
+  }
+  int64_t at = p[i] == ' ' && next < s.end && IsOther(s.ClassAt(next)) ? next : i;
+  if (IsOther(s.ClassAt(at))) {
+    int64_t j = s.Run(at, IsOther);
+    while (j < s.end && (p[j] == '\r' || p[j] == '\n')) j++;
+    return j;
+  }
+  // \s*[\r\n]+: the spaces up to and including the last line break among them
+  int64_t j = s.Run(i, IsSpace);
+  for (int64_t k = j - 1; k >= i; k--)
+    if (p[k] == '\r' || p[k] == '\n') return k + 1;
+  return Spaces(s, i);
+}
+
+// \p{N}, \p{N}+ and \p{N}{1,3} with the gaps between their matches (HF's Split "isolated").
+int64_t NumberMatch(const Scan& s, int64_t i, int64_t pattern) {
+  if (!IsNumber(s.ClassAt(i))) return s.Run(i, [](uint8_t c) { return !IsNumber(c); });
+  if (pattern == kNumberRun) return s.Run(i, IsNumber);
+  int64_t j = s.Next(i);
+  for (int k = 1; pattern == kNumbers3 && k < 3 && j < s.end && IsNumber(s.ClassAt(j)); k++)
+    j = s.Next(j);
+  return j;
+}
+
+class BytePairEncoder : public torch::CustomClassHolder {
+ public:
+  // merges: [n, 4] rows of (left id, right id, rank, merged id); byte_ids: [256], -1 where a
+  // byte has no token; classes: [0x110000] (see above); patterns: the split, in order;
+  // whole_*: for `ignore_merges`, each token's bytes (concatenated, offsets) and id.
+  BytePairEncoder(at::Tensor merges, at::Tensor byte_ids, at::Tensor classes, at::Tensor patterns,
+                  at::Tensor whole_bytes, at::Tensor whole_offsets, at::Tensor whole_ids)
+      : table_(merges.select(1, 0).contiguous().data_ptr<int64_t>(),
+               merges.select(1, 1).contiguous().data_ptr<int64_t>(),
+               merges.select(1, 2).contiguous().data_ptr<int64_t>(),
+               merges.select(1, 3).contiguous().data_ptr<int64_t>(), merges.size(0)),
+        classes_(classes.contiguous()),
+        patterns_(patterns.data_ptr<int64_t>(), patterns.data_ptr<int64_t>() + patterns.numel()) {
+    for (int b = 0; b < 256; b++) byte_ids_[b] = static_cast<int32_t>(byte_ids[b].item<int64_t>());
+    const char* bytes = reinterpret_cast<const char*>(whole_bytes.data_ptr<uint8_t>());
+    const int64_t* offsets = whole_offsets.data_ptr<int64_t>();
+    const int64_t* ids = whole_ids.data_ptr<int64_t>();
+    for (int64_t i = 0; i < whole_ids.numel(); i++)  // a later token wins, as in the dict
+      whole_[std::string(bytes + offsets[i], offsets[i + 1] - offsets[i])] = ids[i];
+  }
+
+  // The ids of a whole text, split by the patterns here.
+  at::Tensor encode(at::Tensor text) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<int32_t> out;
+    const uint8_t* p = text.data_ptr<uint8_t>();
+    Split(p, 0, text.numel(), 0, out);
+    return ToTensor(out);
+  }
+
+  // The ids of pieces split in Python: text's bytes, and each piece's length in characters.
+  at::Tensor merge(at::Tensor text, at::Tensor lengths) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<int32_t> out;
+    const uint8_t* p = text.data_ptr<uint8_t>();
+    const int64_t* n = lengths.data_ptr<int64_t>();
+    int64_t start = 0;
+    for (int64_t k = 0; k < lengths.numel(); k++) {
+      int64_t stop = start;
+      for (int64_t c = 0; c < n[k]; c++) {
+        int len;
+        Decode(p, stop, &len);
+        stop += len;
+      }
+      Piece(p + start, stop - start, out);
+      start = stop;
+    }
+    return ToTensor(out);
+  }
+
+ private:
+  static at::Tensor ToTensor(const std::vector<int32_t>& ids) {
+    at::Tensor t = at::empty({static_cast<int64_t>(ids.size())}, at::kInt);
+    std::memcpy(t.data_ptr<int32_t>(), ids.data(), ids.size() * sizeof(int32_t));
+    return t;
+  }
+
+  // bpe.py `_pieces`: pattern `level` splits [start, stop); each piece goes to the next
+  // pattern, except a piece of one character, which no pattern splits further.
+  void Split(const uint8_t* p, int64_t start, int64_t stop, size_t level,
+             std::vector<int32_t>& out) {
+    if (level == patterns_.size()) return Piece(p + start, stop - start, out);
+    Scan s{p, stop, classes_.data_ptr<uint8_t>()};
+    int64_t pattern = patterns_[level];
+    for (int64_t i = start; i < stop;) {
+      int64_t j = pattern == kGpt2     ? Gpt2Match(s, i)
+                  : pattern == kLlama3 ? Llama3Match(s, i)
+                                       : NumberMatch(s, i, pattern);
+      if (s.Next(i) == j)
+        Piece(p + i, j - i, out);
+      else
+        Split(p, i, j, level + 1, out);
+      i = j;
+    }
+  }
+
+  // bpe.py `_encode_ordinary`'s cache around `_encode_piece`; a cached piece's ids are
+  // pool_[at, at + count).
+  void Piece(const uint8_t* data, int64_t n, std::vector<int32_t>& out) {
+    if (n == 1 && whole_.empty()) {
+      if (byte_ids_[data[0]] >= 0) out.push_back(byte_ids_[data[0]]);
+      return;
+    }
+    std::string_view key(reinterpret_cast<const char*>(data), n);
+    if (auto hit = cache_.find(key); hit != cache_.end()) {
+      auto [at, count] = hit->second;
+      out.insert(out.end(), pool_.begin() + at, pool_.begin() + at + count);
+      return;
+    }
+    size_t start = out.size();
+    EncodePiece(key, out);
+    if (static_cast<size_t>(n) <= kCacheMaxBytes) {
+      if (cache_.size() >= kCacheMaxEntries) cache_.clear(), pool_.clear();
+      cache_.emplace(std::string(key), std::pair<size_t, size_t>(pool_.size(), out.size() - start));
+      pool_.insert(pool_.end(), out.begin() + start, out.end());
+    }
+  }
+
+  // bpe.py `_encode_piece`: a whole token (ignore_merges), else bytes -> rounds -> merges,
+  // appended to `out`.
+  void EncodePiece(std::string_view piece, std::vector<int32_t>& out) {
+    if (!whole_.empty())
+      if (auto hit = whole_.find(piece); hit != whole_.end()) return out.push_back(hit->second);
+    size_t start = out.size();
+    for (unsigned char b : piece)
+      if (byte_ids_[b] >= 0) out.push_back(byte_ids_[b]);  // bytes without a token dropped
+    size_t n = out.size() - start;
+    if (n <= kShortPiece) return MergeShort(out.data() + start, n, out);
+    std::vector<int32_t> ids(out.begin() + start, out.end());
+    out.resize(start);
+    if (ids.size() > kLongPiece) Rounds(ids);
+    Merge(ids);
+    out.insert(out.end(), ids.begin(), ids.end());
+  }
+
+  // `Merge` for a short piece, without a heap: merge the lowest-ranked pair, leftmost on
+  // ties, until none is left (the same order the heap pops them in); ids[0, n) end `out`.
+  void MergeShort(int32_t* ids, size_t n, std::vector<int32_t>& out) const {
+    int32_t rank[kShortPiece];
+    for (size_t i = 0; i + 1 < n; i++) rank[i] = table_.Find(ids[i], ids[i + 1]).first;
+    while (n > 1) {
+      size_t at = 0;
+      for (size_t i = 1; i + 1 < n; i++)
+        if (rank[i] < rank[at]) at = i;
+      if (rank[at] == kNoRank) break;
+      ids[at] = table_.Find(ids[at], ids[at + 1]).second;
+      std::memmove(ids + at + 1, ids + at + 2, (n - at - 2) * sizeof(int32_t));
+      std::memmove(rank + at, rank + at + 1, (n - at - 2) * sizeof(int32_t));
+      n--;
+      if (at > 0) rank[at - 1] = table_.Find(ids[at - 1], ids[at]).first;
+      if (at + 1 < n) rank[at] = table_.Find(ids[at], ids[at + 1]).first;
+    }
+    out.resize(ids + n - out.data());
+  }
+
+  // bpe.py `_merge_rounds`: while the piece is long and the lowest-ranked pair present occurs
+  // at least once per 64 tokens, merge it everywhere at once, leftmost first on overlaps.
+  void Rounds(std::vector<int32_t>& a) const {
+    while (a.size() > kLongPiece) {
+      int32_t best = kNoRank, best_merged = -1, left = -1, right = -1;
+      size_t hits = 0;
+      std::pair<int32_t, int32_t> found{kNoRank, -1};
+      for (size_t i = 0; i + 1 < a.size(); i++) {
+        if (i == 0 || a[i] != a[i - 1] || a[i + 1] != a[i])  // runs of one pair: look up once
+          found = table_.Find(a[i], a[i + 1]);
+        if (found.first < best) {
+          best = found.first, best_merged = found.second, hits = 0;
+          left = a[i], right = a[i + 1];
+        }
+        hits += found.first == best;
+      }
+      if (best == kNoRank || hits * 64 < a.size()) return;
+      size_t w = 0;
+      for (size_t i = 0; i < a.size(); w++) {
+        if (i + 1 < a.size() && a[i] == left && a[i + 1] == right) {
+          a[w] = best_merged;
+          i += 2;
+        } else {
+          a[w] = a[i++];
+        }
+      }
+      a.resize(w);
+    }
+  }
+
+  // bpe.py `_merge`: lowest rank first, leftmost first on ties, from a queue of (rank,
+  // position) over a linked list; stale entries are skipped when popped. A heap, or for a
+  // long piece buckets by rank (a heap of millions of pairs spends its time in cache misses).
+  void Merge(std::vector<int32_t>& ids) const {
+    if (ids.size() >= kBucketPiece && table_.size() <= 8 * ids.size())
+      MergeWith<BucketQueue>(ids);
+    else
+      MergeWith<HeapQueue>(ids);
+  }
+
+  template <typename Queue>
+  void MergeWith(std::vector<int32_t>& ids) const {
+    const int32_t n = static_cast<int32_t>(ids.size());
+    Queue queue;
+    bool any = false;
+    for (int32_t i = 0; i + 1 < n; i++)
+      if (int32_t rank = table_.Find(ids[i], ids[i + 1]).first; rank != kNoRank)
+        queue.Push(rank, i), any = true;
+    if (!any) return;
+    std::vector<int32_t> nxt(n), prv(n);
+    for (int32_t i = 0; i < n; i++) nxt[i] = i + 1, prv[i] = i - 1;
+    auto push = [&](int32_t i, int32_t j) {
+      if (int32_t rank = table_.Find(ids[i], ids[j]).first; rank != kNoRank) queue.Push(rank, i);
+    };
+    int32_t rank, i;
+    while (queue.Pop(rank, i)) {
+      int32_t j = nxt[i];
+      if (ids[i] < 0 || j >= n) continue;
+      auto [now, merged] = table_.Find(ids[i], ids[j]);
+      if (now != rank) continue;  // stale: the pair at i changed since it was pushed
+      ids[i] = merged, ids[j] = -1;
+      nxt[i] = nxt[j];
+      if (nxt[i] < n) {
+        prv[nxt[i]] = i;
+        push(i, nxt[i]);
+      }
+      if (prv[i] >= 0) push(prv[i], i);
+    }
+    ids.erase(std::remove(ids.begin(), ids.end(), -1), ids.end());
+  }
+
+  static uint64_t Key(int32_t rank, int32_t i) {
+    return (static_cast<uint64_t>(rank) << 32) | static_cast<uint32_t>(i);
+  }
+
+  // A min-heap of (rank, position), packed in one integer.
+  struct HeapQueue {
+    std::vector<uint64_t> heap;
+    bool heaped = false;  // the first pushes are heapified at once
+    void Push(int32_t rank, int32_t i) {
+      heap.push_back(Key(rank, i));
+      if (heaped) std::push_heap(heap.begin(), heap.end(), std::greater<>());
+    }
+    bool Pop(int32_t& rank, int32_t& i) {
+      if (!heaped) std::make_heap(heap.begin(), heap.end(), std::greater<>()), heaped = true;
+      if (heap.empty()) return false;
+      std::pop_heap(heap.begin(), heap.end(), std::greater<>());
+      rank = static_cast<int32_t>(heap.back() >> 32), i = static_cast<int32_t>(heap.back());
+      heap.pop_back();
+      return true;
+    }
+  };
+
+  // The same order from buckets of positions by rank, each sorted when its turn comes; what
+  // is pushed at or below the bucket being drained waits in a small heap beside it.
+  struct BucketQueue {
+    std::vector<std::vector<int32_t>> buckets;
+    HeapQueue urgent{{}, true};  // heaped from the start: its front is read before a pop
+    size_t current = 0, next = 0;
+    bool started = false;
+    void Push(int32_t rank, int32_t i) {
+      if (started && static_cast<size_t>(rank) <= current) return urgent.Push(rank, i);
+      if (static_cast<size_t>(rank) >= buckets.size()) buckets.resize(rank + 1);
+      buckets[rank].push_back(i);
+    }
+    bool Pop(int32_t& rank, int32_t& i) {
+      for (;;) {
+        bool have = started && current < buckets.size() && next < buckets[current].size();
+        if (!urgent.heap.empty() &&
+            (!have || urgent.heap.front() < Key(current, buckets[current][next])))
+          return urgent.Pop(rank, i);
+        if (have) {
+          rank = static_cast<int32_t>(current), i = buckets[current][next++];
+          return true;
+        }
+        if (started && current < buckets.size()) std::vector<int32_t>().swap(buckets[current++]);
+        started = true, next = 0;
+        while (current < buckets.size() && buckets[current].empty()) current++;
+        if (current == buckets.size()) return false;
+        std::sort(buckets[current].begin(), buckets[current].end());
+      }
+    }
+  };
+
+  struct Hash {
+    using is_transparent = void;
+    size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+  };
+  using Map = std::unordered_map<std::string, std::pair<size_t, size_t>, Hash, std::equal_to<>>;
+
+  PairTable table_;
+  at::Tensor classes_;
+  std::vector<int64_t> patterns_;
+  int32_t byte_ids_[256];
+  std::unordered_map<std::string, int32_t, Hash, std::equal_to<>> whole_;
+  Map cache_;
+  std::vector<int32_t> pool_;
+  std::mutex mutex_;  // the cache is shared by every thread that encodes with this tokenizer
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tinyformers, m) {
+  m.class_<BytePairEncoder>("BytePairEncoder")
+      .def(torch::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                       at::Tensor>())
+      .def("encode", &BytePairEncoder::encode)
+      .def("merge", &BytePairEncoder::merge);
+}
