@@ -285,7 +285,7 @@ class BytePairEncoder : public torch::CustomClassHolder {
     }
   }
 
-  // bpe.py `_encode_ordinary`'s cache around `_encode_piece`; a cached piece's ids are
+  // bpe.py `_encode_text`'s cache around `_encode_piece`; a cached piece's ids are
   // pool_[at, at + count).
   void Piece(const uint8_t* data, int64_t n, std::vector<int32_t>& out) {
     if (n == 1 && whole_.empty()) {
