@@ -1,7 +1,8 @@
-"""The C++ encoder (kernels/bpe.cpp) gives exactly the ids of the Python loop it replaces
-(tokenizers/bpe.py, `native = False`), on the corpus and on the pieces that take its other
-paths: long pieces (rounds, then buckets), Llama 3's split and whole-token rule, and a split
-pattern it does not know (split in Python, merged in C++)."""
+"""The C++ encoders (kernels/bpe.cpp) give exactly the ids of the Python loops they replace
+(tokenizers/bpe.py and sentencepiece.py, `native = False`), on the corpus and on the pieces
+that take their other paths: long pieces (rounds, then buckets), Llama 3's split and
+whole-token rule, a split pattern it does not know (split in Python, merged in C++), and
+SentencePiece by scores (GGUF) and by merges (tokenizer.json), literal tokens between."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import random
 from functools import lru_cache
 
 import pytest
+from conftest import GEMMA3_CACHE, gemma3_gguf
 from corpus import GPT2_DIR, build_corpus, smollm2_gguf
 
 from tinyformers import kernels
@@ -33,6 +35,7 @@ def texts() -> tuple[str, ...]:
         "".join(rng.choices("!?.,;", k=20_000)),
         "".join(chr(rng.randrange(0x4E00, 0xA000)) for _ in range(20_000)),
         "I'M HE'LL 'Ve 'ſ x'S\r\n\r\n  \n\tword (word 1234567 ",
+        "<start_of_turn>user\n<0x41>\x00 ▁▁ hi<end_of_turn>\n\n\t",  # Gemma's literals
     )
 
 
@@ -46,7 +49,17 @@ TOKENIZERS = {
     "smollm2": lambda: load_tokenizer(smollm2_gguf()),  # \p{N} first; bytes with no token
     "llama3_split": lambda: gpt2_with([LLAMA3_PATTERN], ignore_merges=True),
     "unknown_split": lambda: gpt2_with([r"\S+|\s+"]),
+    "gemma3_scores": lambda: load_tokenizer(gemma3_gguf()),
+    # transformers' conversion of the same GGUF, saved by tests/test_tokenizer_spm.py
+    "gemma3_merges": lambda: load_tokenizer(gemma3_hf_json()),
 }
+
+
+def gemma3_hf_json():
+    found = sorted(GEMMA3_CACHE.glob("hf-tokenizer-*/tokenizer.json"))
+    if not found:
+        pytest.skip("no tokenizer.json converted by transformers yet (test_tokenizer_spm.py)")
+    return found[-1]
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)
@@ -54,7 +67,7 @@ def test_native_ids_equal_the_python_loop(name):
     native, python = TOKENIZERS[name](), TOKENIZERS[name]()
     python.native = False
     assert native._native() is not None  # the C++ path really runs
-    assert native._native().splits == (name != "unknown_split")
+    assert native._native().splits == (name in ("gpt2", "smollm2", "llama3_split"))
     for k, text in enumerate(texts()):
         ours, reference = native.encode(text), python.encode(text)
         assert ours == reference, f"text {k} ({text[:30]!r}): {len(ours)} vs {len(reference)} ids"

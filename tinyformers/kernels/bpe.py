@@ -1,7 +1,8 @@
-"""The byte-level BPE encoder of bpe.cpp, built once per tokenizer from its tables.
+"""The encoders of bpe.cpp (byte-level BPE, SentencePiece), built once per tokenizer from
+its tables.
 
-`tokenizers/bpe.py` asks for it at the first encode and keeps its own Python loop as the
-reference and the fallback (no compiler, a CPU without AVX-512, TINYFORMERS_NO_KERNELS=1).
+A tokenizer asks for one at its first encode and keeps its own Python loop as the reference
+and the fallback (no compiler, a CPU without AVX-512, TINYFORMERS_NO_KERNELS=1).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def unicode_classes() -> torch.Tensor:
 
 
 class NativeEncoder:
-    """A tokenizer's merge table and split in C++; `encode` and `merge` return its ids."""
+    """A tokenizer's merge table (and split, for byte-level BPE) in C++; `encode` and `merge`
+    return its ids."""
 
     def __init__(self, encoder: object, splits: bool) -> None:
         self._encoder = encoder
@@ -45,23 +47,24 @@ class NativeEncoder:
             return []
         return self._encoder.encode(_bytes(text.encode("utf-8"))).tolist()
 
-    def merge(self, pieces: list[str]) -> list[int]:
-        """The ids of pieces split by the caller, in one call for all of them."""
-        data = "".join(pieces).encode("utf-8")
-        if not data:
-            return []
+    def merge(self, pieces: list[str], fixed: list[int] | None = None) -> list[int]:
+        """The ids of pieces split by the caller, in one call for all of them; SentencePiece
+        takes `fixed`, the id of each piece that is a literal token (an empty piece), else -1."""
+        data = _bytes("".join(pieces).encode("utf-8"))
         lengths = torch.tensor([len(p) for p in pieces], dtype=torch.int64)
-        return self._encoder.merge(_bytes(data), lengths).tolist()
+        if fixed is None:
+            return self._encoder.merge(data, lengths).tolist()
+        return self._encoder.merge(data, lengths, torch.tensor(fixed, dtype=torch.int64)).tolist()
 
 
-def native_encoder(
+def byte_level_encoder(
     merges: dict[tuple[int, int], tuple[int, int]],
     byte_ids: list[int | None],
     split_patterns: list[str],
     whole_pieces: dict[bytes, int] | None,
 ) -> NativeEncoder | None:
-    """The C++ encoder of a byte-level BPE tokenizer (tokenizers/bpe.py's tables), or None
-    where the kernels cannot build."""
+    """The C++ encoder of a byte-level BPE tokenizer (`tokenizers.bpe.Tokenizer`'s tables),
+    or None where the kernels cannot build."""
     if load_ops()[0] is None:
         return None
     rows = [(x, y, rank, merged) for (x, y), (rank, merged) in merges.items()]
@@ -77,12 +80,39 @@ def native_encoder(
         ids,
         unicode_classes(),
         codes,
-        _bytes(blob) if blob else torch.empty(0, dtype=torch.uint8),
+        _bytes(blob),
         torch.from_numpy(offsets),
         torch.tensor([i for _, i in whole], dtype=torch.int64),
     )
     return NativeEncoder(encoder, splits)
 
 
+def sentencepiece_encoder(
+    tokens: list[str],
+    priority: dict[str, float] | None,
+    pair_ranks: dict[tuple[str, str], int] | None,
+    byte_ids: list[int | None],
+) -> NativeEncoder | None:
+    """The C++ merge loop of a `SentencePieceTokenizer`: merges by `priority` (token text ->
+    heap key) or by `pair_ranks` ((left, right) -> rank), or None where the kernels cannot
+    build."""
+    if load_ops()[0] is None:
+        return None
+    data = [t.encode("utf-8", errors="surrogatepass") for t in tokens]
+    offsets = np.cumsum([0] + [len(d) for d in data], dtype=np.int64)
+    ids = {t: i for i, t in enumerate(tokens)}
+    rows = [(ids[a], ids[b], rank, ids[a + b]) for (a, b), rank in (pair_ranks or {}).items()]
+    encoder = torch.classes.tinyformers.SentencePieceEncoder(
+        _bytes(b"".join(data)),
+        torch.from_numpy(offsets),
+        torch.tensor([priority[t] for t in tokens] if priority else [], dtype=torch.float64),
+        torch.tensor(rows, dtype=torch.int64).reshape(-1, 4),
+        torch.tensor([-1 if i is None else i for i in byte_ids], dtype=torch.int64),
+    )
+    return NativeEncoder(encoder, splits=False)
+
+
 def _bytes(data: bytes) -> torch.Tensor:
+    if not data:  # frombuffer refuses an empty buffer
+        return torch.empty(0, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)

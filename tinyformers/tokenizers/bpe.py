@@ -89,6 +89,10 @@ class TokenizerBase:
     source: str
     vocab_size: int
     _id_to_bytes: list[bytes]
+    # The C++ loop (kernels/bpe.cpp) where it builds; False runs the Python one, which is its
+    # reference (tests/test_tokenizer_native.py compares them).
+    native: bool = True
+    _native_encoder: NativeEncoder | None | object = _UNBUILT
 
     def _take_roles(self, ids: Mapping[str, int], roles: Roles) -> None:
         """Check `roles` against the vocabulary (`ids`: token text -> id) and keep them."""
@@ -140,16 +144,35 @@ class TokenizerBase:
         """
         text = _without_lone_surrogates(text)
         spans = self.literals.find(text, self.literals.allowed(allowed_special, self.source))
+        if self.native:
+            self._native()  # built (compiled, the first time) before the split's budget starts
         # subtle: one time budget for the whole call, however many pieces the added tokens and
         # the earlier split patterns cut the text into (a budget per piece is no budget)
         deadline = time.monotonic() + _SPLIT_SECONDS + 1e-6 * len(text)
-        return encode_around(
-            text, spans, self._literal_ids, lambda part: self._encode_text(part, deadline)
-        )
+        return self._encode_parts(split_around(text, spans, self._literal_ids), deadline)
+
+    def _encode_parts(self, parts: list[str | int], deadline: float) -> list[int]:
+        """The ids of `parts`: texts to encode, and the literal tokens' ids between them."""
+        ids: list[int] = []
+        for part in parts:
+            if isinstance(part, int):
+                ids.append(part)
+            else:
+                ids += self._encode_text(part, deadline)
+        return ids
 
     def _encode_text(self, text: str, deadline: float) -> list[int]:
         """The ids of text between literal tokens; a split of unknown cost stops at `deadline`."""
         raise NotImplementedError
+
+    def _native(self) -> NativeEncoder | None:
+        """The C++ encoder, built at the first encode (None where the kernels cannot build)."""
+        if self._native_encoder is _UNBUILT:
+            self._native_encoder = self._build_native()
+        return self._native_encoder  # type: ignore[return-value]
+
+    def _build_native(self) -> NativeEncoder | None:
+        return None  # no C++ loop (characters need none)
 
     def encode_batch(
         self, texts: Iterable[str], *, allowed_special: Set[str] | Literal["all"] = frozenset()
@@ -219,23 +242,10 @@ class Tokenizer(TokenizerBase):
         self._split = [_compile_split(p, source) for p in split_patterns]
         self._cache: dict[str, list[int]] = {}
         self._merge_arrays = None  # `_ranks_of_pairs`' tables, built on the first long piece
-        # The C++ loop (kernels/bpe.cpp) where it builds; False runs the Python one below,
-        # which is its reference (tests/test_tokenizer_native.py compares them).
-        self.native = True
-        self._native_encoder: NativeEncoder | None | object = _UNBUILT
         self.bos_token = None if self.bos_token_id is None else self.id_to_text(self.bos_token_id)
         self.eos_token = None if self.eos_token_id is None else self.id_to_text(self.eos_token_id)
 
     # -- encoding --------------------------------------------------------------------------
-
-    def encode(
-        self, text: str, *, allowed_special: Set[str] | Literal["all"] = frozenset()
-    ) -> list[int]:
-        """`TokenizerBase.encode`, the C++ encoder built first: its build (a compile, the first
-        time) must not eat the split patterns' time budget."""
-        if self.native:
-            self._native()
-        return super().encode(text, allowed_special=allowed_special)
 
     def _encode_text(self, text: str, deadline: float = math.inf) -> list[int]:
         native = self._native() if self.native else None
@@ -246,17 +256,14 @@ class Tokenizer(TokenizerBase):
             return native.merge(pieces)
         return encode_cached(self._cache, pieces, self._encode_piece)
 
-    def _native(self) -> NativeEncoder | None:
-        """The C++ encoder, built at the first encode (None where the kernels cannot build)."""
-        if self._native_encoder is _UNBUILT:
-            # subtle: imported here, so a tokenizer loads without torch's extension machinery
-            # and compiles nothing until it encodes
-            from tinyformers.kernels.bpe import native_encoder
+    def _build_native(self) -> NativeEncoder | None:
+        # subtle: imported here, so a tokenizer loads without torch's extension machinery and
+        # compiles nothing until it encodes
+        from tinyformers.kernels.bpe import byte_level_encoder
 
-            self._native_encoder = native_encoder(
-                self._merges, self._byte_ids, self.split_patterns, self._whole_pieces
-            )
-        return self._native_encoder  # type: ignore[return-value]
+        return byte_level_encoder(
+            self._merges, self._byte_ids, self.split_patterns, self._whole_pieces
+        )
 
     def _pieces(self, text: str, deadline: float = math.inf) -> list[str]:
         """Split with each pattern in turn; matches and the gaps between them are pieces.
@@ -504,21 +511,17 @@ def _split_branches(branches: list[tuple[str, dict]]) -> str:
     return f"(?:(?=[{first}]){_split_branches(branches[:half])}|{_split_branches(branches[half:])})"
 
 
-def encode_around(
-    text: str,
-    spans: Iterable[tuple[int, int]],
-    literal_ids: dict[str, int],
-    encode: Callable[[str], list[int]],
-) -> list[int]:
-    """`encode` the text between the literal tokens at `spans` (from `Literals.find`), each
-    of which is its own id (`literal_ids`)."""
-    ids: list[int] = []
+def split_around(
+    text: str, spans: Iterable[tuple[int, int]], literal_ids: dict[str, int]
+) -> list[str | int]:
+    """The text between the literal tokens at `spans` (from `Literals.find`), and between
+    those texts each literal token's id (`literal_ids`)."""
+    parts: list[str | int] = []
     start = 0
     for begin, end in spans:
-        ids += encode(text[start:begin])
-        ids.append(literal_ids[text[begin:end]])
+        parts += [text[start:begin], literal_ids[text[begin:end]]]
         start = end
-    return ids + encode(text[start:])
+    return [*parts, text[start:]]
 
 
 def encode_cached(

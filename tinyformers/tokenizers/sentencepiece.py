@@ -16,10 +16,13 @@ import heapq
 import math
 import re
 from collections.abc import Iterable
-from typing import Unpack
+from typing import TYPE_CHECKING, Unpack
 
 from tinyformers.errors import TokenizerError
 from tinyformers.tokenizers.bpe import MAX_VOCAB, Roles, TokenizerBase, encode_cached
+
+if TYPE_CHECKING:
+    from tinyformers.kernels.bpe import NativeEncoder
 
 SPACE = "\u2581"  # ▁, SentencePiece's visible space
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -91,11 +94,40 @@ class SentencePieceTokenizer(TokenizerBase):
         pattern runs, so no `deadline` applies."""
         if not text:
             return []
-        if self.add_space_prefix:
-            text = " " + text
-        return encode_cached(
-            self._cache, self._chunks(text.replace(" ", SPACE)), self._encode_chunk
-        )
+        return encode_cached(self._cache, self._chunks(self._escaped(text)), self._encode_chunk)
+
+    def _encode_parts(self, parts: list[str | int], deadline: float) -> list[int]:
+        """`TokenizerBase._encode_parts` in one C++ call where the kernels build.
+
+        subtle: Gemma's added tokens include "\n", "\t" and runs of spaces, so one text holds
+        thousands of parts: a call per part cost more than its merges. A literal token goes
+        over as an empty chunk with its id fixed.
+        """
+        native = self._native() if self.native else None
+        if native is None:
+            return super()._encode_parts(parts, deadline)
+        chunks: list[str] = []
+        fixed: list[int] = []
+        for part in parts:
+            if isinstance(part, int):
+                chunks.append("")
+                fixed.append(part)
+            elif part:
+                found = self._chunks(self._escaped(part))
+                chunks += found
+                fixed += [-1] * len(found)
+        return native.merge(chunks, fixed)
+
+    def _escaped(self, text: str) -> str:
+        """Text as the vocabulary spells it: the space prefix where the source asks, ▁ for
+        spaces."""
+        return (" " + text if self.add_space_prefix else text).replace(" ", SPACE)
+
+    def _build_native(self) -> NativeEncoder | None:
+        # subtle: imported here, as in bpe.py: nothing compiles until a tokenizer encodes
+        from tinyformers.kernels.bpe import sentencepiece_encoder
+
+        return sentencepiece_encoder(self.tokens, self._priority, self._pair_ranks, self._byte_ids)
 
     def _encode_chunk(self, chunk: str) -> list[int]:
         ids: list[int] = []
