@@ -37,7 +37,7 @@ constexpr int32_t kNoRank = INT32_MAX;
 constexpr size_t kLongPiece = 4096;  // bpe.py _LONG_PIECE: merge in rounds above this
 constexpr size_t kShortPiece = 64;   // tokens; a piece this short merges without a heap
 constexpr size_t kBucketPiece = 1 << 16;  // tokens; a piece this long merges from buckets
-constexpr size_t kCacheMaxEntries = 1 << 17;
+constexpr size_t kCacheMaxEntries = 1 << 18;  // ~25 MB; the 5 MB test corpus has ~160k
 constexpr size_t kCacheMaxBytes = 1024;  // ~bpe.py's 256 characters; longer pieces are rare
 
 // The merge table: (left id, right id) -> (rank, merged id), open addressing.
@@ -526,6 +526,51 @@ class BytePairEncoder : public torch::CustomClassHolder {
   std::mutex mutex_;  // the cache is shared by every thread that encodes with this tokenizer
 };
 
+// Token text -> id by open addressing: a slot holds the text's hash beside the id, so a
+// lookup is about one cache miss (a node-based map took three, and most of the merge time).
+class TokenTable {
+ public:
+  TokenTable(const uint8_t* bytes, const int64_t* offsets, int64_t n)
+      : bytes_(reinterpret_cast<const char*>(bytes), offsets[n]), offsets_(offsets, offsets + n + 1) {
+    size_t capacity = 16;
+    while (capacity < 2 * static_cast<size_t>(n)) capacity *= 2;
+    mask_ = capacity - 1;
+    slots_.assign(capacity, Slot{0, -1});
+    for (int32_t id = 0; id < n; id++) {
+      std::string_view text = Text(id);
+      if (text.empty()) continue;  // a token UTF-8 cannot spell matches no text
+      uint64_t hash = Hash(text);
+      size_t at = hash & mask_;
+      while (slots_[at].id >= 0) at = (at + 1) & mask_;
+      slots_[at] = Slot{hash, id};
+    }
+  }
+
+  // The id of the token spelled `text`, or -1.
+  int32_t Find(std::string_view text) const {
+    uint64_t hash = Hash(text);
+    for (size_t at = hash & mask_;; at = (at + 1) & mask_) {
+      const Slot& s = slots_[at];
+      if (s.id < 0) return -1;
+      if (s.hash == hash && Text(s.id) == text) return s.id;
+    }
+  }
+
+ private:
+  struct Slot {
+    uint64_t hash;
+    int32_t id;
+  };
+  static uint64_t Hash(std::string_view s) { return std::hash<std::string_view>{}(s); }
+  std::string_view Text(int32_t id) const {
+    return std::string_view(bytes_).substr(offsets_[id], offsets_[id + 1] - offsets_[id]);
+  }
+  std::string bytes_;
+  std::vector<int64_t> offsets_;
+  std::vector<Slot> slots_;
+  size_t mask_;
+};
+
 // SentencePiece-style BPE (sentencepiece.py `_encode_chunk` and `_merge`): the symbols are
 // the characters of ▁-escaped text, merged best priority first, leftmost first on ties;
 // a symbol no token covers becomes one byte token per UTF-8 byte.
@@ -542,12 +587,9 @@ class SentencePieceEncoder : public torch::CustomClassHolder {
                merges.select(1, 3).contiguous().data_ptr<int64_t>(), merges.size(0)),
         priorities_(priorities.data_ptr<double>(),
                     priorities.data_ptr<double>() + priorities.numel()),
-        by_text_(priorities.numel() > 0) {
+        by_text_(priorities.numel() > 0),
+        ids_(tokens.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), offsets.numel() - 1) {
     for (int b = 0; b < 256; b++) byte_ids_[b] = static_cast<int32_t>(byte_ids[b].item<int64_t>());
-    const char* bytes = reinterpret_cast<const char*>(tokens.data_ptr<uint8_t>());
-    const int64_t* at = offsets.data_ptr<int64_t>();
-    for (int64_t i = 0; i + 1 < offsets.numel(); i++)
-      if (at[i + 1] > at[i]) ids_.emplace(std::string(bytes + at[i], at[i + 1] - at[i]), i);
   }
 
   // The ids of chunks split in Python: the ▁-escaped text's bytes, each chunk's length in
@@ -581,10 +623,7 @@ class SentencePieceEncoder : public torch::CustomClassHolder {
     }
   };
 
-  int32_t Id(std::string_view text) const {
-    auto hit = ids_.find(text);
-    return hit == ids_.end() ? -1 : hit->second;
-  }
+  int32_t Id(std::string_view text) const { return ids_.Find(text); }
 
   void Chunk(std::string_view chunk, std::vector<int32_t>& out) const {
     const uint8_t* p = reinterpret_cast<const uint8_t*>(chunk.data());
@@ -646,8 +685,8 @@ class SentencePieceEncoder : public torch::CustomClassHolder {
   PairTable pairs_;
   std::vector<double> priorities_;
   bool by_text_;
+  TokenTable ids_;
   int32_t byte_ids_[256];
-  StringMap<int32_t> ids_;
   PieceCache cache_;
   std::mutex mutex_;
 };
