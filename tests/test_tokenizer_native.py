@@ -17,7 +17,6 @@ from tinyformers import kernels
 from tinyformers.tokenizers import Tokenizer, load_tokenizer
 from tinyformers.tokenizers.bpe import LLAMA3_PATTERN
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="the kernels cannot build here")
 
 
 @lru_cache(maxsize=1)
@@ -62,6 +61,7 @@ def gemma3_hf_json():
     return found[-1]
 
 
+@pytest.mark.skipif(not kernels.available(), reason="the kernels cannot build here")
 @pytest.mark.parametrize("name", TOKENIZERS)
 def test_native_ids_equal_the_python_loop(name):
     native, python = TOKENIZERS[name](), TOKENIZERS[name]()
