@@ -18,7 +18,6 @@ from tinyformers.tokenizers import Tokenizer, load_tokenizer
 from tinyformers.tokenizers.bpe import LLAMA3_PATTERN
 
 
-
 @lru_cache(maxsize=1)
 def texts() -> tuple[str, ...]:
     """1 MB of the corpus, then pieces of 5k to 300k tokens and Llama 3's contraction cases."""
