@@ -52,3 +52,26 @@ def test_the_checker_sees_relative_and_nested_imports(tmp_path, monkeypatch):
     source.write_text("def f():\n    from ..kernels import fused\nimport tinyformers.parallel\n")
     monkeypatch.setattr(f"{__name__}.PACKAGE", tmp_path / "tinyformers")
     assert {"tinyformers.kernels.fused", "tinyformers.parallel"} <= imported(source)
+
+
+def test_tokenizers_import_kernels_only_to_build_their_encoder():
+    """ARCHITECTURE.md: tokenizers reach kernels in one place, `_build_native`, at the first
+    encode, so loading a tokenizer compiles nothing (imports for type hints only are fine)."""
+    places = []
+    for path in sorted((PACKAGE / "tokenizers").glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        hints = [
+            n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
+        ]
+        skip = {id(node) for block in hints for node in ast.walk(block)}
+        where = {
+            id(node): f.name
+            for f in ast.walk(tree)
+            if isinstance(f, ast.FunctionDef)
+            for node in ast.walk(f)
+        }
+        for node in ast.walk(tree):
+            module = node.module or "" if isinstance(node, ast.ImportFrom) else ""
+            if "kernels" in module and id(node) not in skip:
+                places.append((path.name, where.get(id(node), "<module>")))
+    assert places and {name for _, name in places} == {"_build_native"}, places

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(f) for f in ("gemv.cpp", "layers.cpp")]
+SOURCES = [Path(__file__).with_name(f) for f in ("gemv.cpp", "layers.cpp", "bpe.cpp")]
 NAME = "tinyformers_gemv"
 # What the kernels execute: AVX-512 F/BW/VL, vdpbf16ps, vpdpbusd, vcvtph2ps.
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma")

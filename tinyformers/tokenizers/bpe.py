@@ -17,13 +17,16 @@ import heapq
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from itertools import pairwise
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypedDict, Unpack
 
 import regex
 
 from tinyformers.errors import TokenizerError
+
+if TYPE_CHECKING:
+    from tinyformers.kernels.bpe import NativeEncoder
 
 # GPT-2's pre-tokenization pattern (OpenAI's encoder.py; HF's ByteLevel pre-tokenizer uses it too).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -44,6 +47,7 @@ _CACHE_MAX_ENTRIES = 1 << 17  # pieces; cleared when full so memory stays bounde
 _CACHE_MAX_CHARS = 256  # longer pieces are rare and would pin megabytes in the cache
 _NO_MERGE = (1 << 62, -1)  # (rank, id) of a pair that never merges
 _NO_RANK = 2**31 - 1  # the same, in `_merge_rounds`' int32 arrays
+_UNBUILT = object()  # `Tokenizer._native_encoder` before the first encode asks for it
 _LONG_PIECE = 4096  # tokens; longer pieces start merging in vectorised rounds (`_merge_rounds`)
 
 
@@ -64,7 +68,136 @@ def bytes_to_unicode() -> dict[int, str]:
 _BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
 
 
-class Tokenizer:
+class Roles(TypedDict, total=False):
+    """The special tokens and roles a tokenizer file names: keywords of every tokenizer."""
+
+    special_tokens: Iterable[str]  # matched in text only where the caller allows them
+    added_tokens: Iterable[str]  # always matched (HF and llama.cpp do the same)
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+    unk_token_id: int | None
+    add_bos_token: bool
+    chat_template: str | None
+
+
+class TokenizerBase:
+    """What every tokenizer shares: its roles, `encode` around the literal tokens, batches, and
+    decoding through a table of each id's bytes. A subclass sets `source`, `vocab_size` and
+    `_id_to_bytes`, and encodes the text between literal tokens in `_encode_text`."""
+
+    source: str
+    vocab_size: int
+    _id_to_bytes: list[bytes]
+    # The C++ loop (kernels/bpe.cpp) where it builds; False runs the Python one, which is its
+    # reference (tests/test_tokenizer_native.py compares them).
+    native: bool = True
+    _native_encoder: NativeEncoder | None | object = _UNBUILT
+
+    def _take_roles(self, ids: Mapping[str, int], roles: Roles) -> None:
+        """Check `roles` against the vocabulary (`ids`: token text -> id) and keep them."""
+        source = self.source
+        special, added = roles.get("special_tokens", ()), roles.get("added_tokens", ())
+        self.special_tokens: dict[str, int] = {t: _lookup(ids, t, source) for t in special}
+        self.added_tokens: dict[str, int] = {t: _lookup(ids, t, source) for t in added}
+        self._literal_ids = {**self.special_tokens, **self.added_tokens}
+        self.literals = Literals(self.added_tokens, self.special_tokens)
+        self.bos_token_id: int | None = roles.get("bos_token_id")
+        self.eos_token_id: int | None = roles.get("eos_token_id")
+        self.pad_token_id: int | None = roles.get("pad_token_id")
+        self.unk_token_id: int | None = roles.get("unk_token_id")
+        named = {"bos": self.bos_token_id, "eos": self.eos_token_id}
+        named |= {"pad": self.pad_token_id, "unk": self.unk_token_id}
+        for name, i in named.items():
+            if i is not None and not (_is_int(i) and 0 <= i < self.vocab_size):
+                raise TokenizerError(
+                    f"{source}: {name} token id {i!r:.40} is outside the vocabulary"
+                )
+        # More stop ids (generation_config.json's eos list) get appended by the loaders.
+        self.eos_token_ids: list[int] = [] if self.eos_token_id is None else [self.eos_token_id]
+        self.add_bos_token = roles.get("add_bos_token", False)
+        if not isinstance(self.add_bos_token, bool):
+            raise TokenizerError(
+                f"{source}: add_bos_token {self.add_bos_token!r:.40} is not a boolean"
+            )
+        self.chat_template = roles.get("chat_template")
+        if not isinstance(self.chat_template, str | None):
+            raise TokenizerError(f"{source}: the chat template is not a string")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source!r}, vocab_size={self.vocab_size})"
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(
+        self, text: str, *, allowed_special: Set[str] | Literal["all"] = frozenset()
+    ) -> list[int]:
+        """The ids of `text`, without BOS (`prompt_ids` adds it where the tokenizer asks).
+        Special-token text is plain text unless listed in `allowed_special`.
+
+        Example:
+            >>> tok.encode("<|endoftext|>")
+            [27, 91, 437, 1659, 5239, 91, 29]
+            >>> tok.encode("<|endoftext|>", allowed_special="all")
+            [50256]
+        """
+        text = _without_lone_surrogates(text)
+        spans = self.literals.find(text, self.literals.allowed(allowed_special, self.source))
+        if self.native:
+            self._native()  # built (compiled, the first time) before the split's budget starts
+        # subtle: one time budget for the whole call, however many pieces the added tokens and
+        # the earlier split patterns cut the text into (a budget per piece is no budget)
+        deadline = time.monotonic() + _SPLIT_SECONDS + 1e-6 * len(text)
+        return self._encode_parts(split_around(text, spans, self._literal_ids), deadline)
+
+    def _encode_parts(self, parts: list[str | int], deadline: float) -> list[int]:
+        """The ids of `parts`: texts to encode, and the literal tokens' ids between them."""
+        ids: list[int] = []
+        for part in parts:
+            if isinstance(part, int):
+                ids.append(part)
+            else:
+                ids += self._encode_text(part, deadline)
+        return ids
+
+    def _encode_text(self, text: str, deadline: float) -> list[int]:
+        """The ids of text between literal tokens; a split of unknown cost stops at `deadline`."""
+        raise NotImplementedError
+
+    def _native(self) -> NativeEncoder | None:
+        """The C++ encoder, built at the first encode (None where the kernels cannot build)."""
+        if self._native_encoder is _UNBUILT:
+            self._native_encoder = self._build_native()
+        return self._native_encoder  # type: ignore[return-value]
+
+    def _build_native(self) -> NativeEncoder | None:
+        return None  # no C++ loop (characters need none)
+
+    def encode_batch(
+        self, texts: Iterable[str], *, allowed_special: Set[str] | Literal["all"] = frozenset()
+    ) -> list[list[int]]:
+        return [self.encode(t, allowed_special=allowed_special) for t in texts]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The raw bytes of `ids`; one token may hold part of a UTF-8 character."""
+        return join_token_bytes(self._id_to_bytes, ids, self.source)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`; bytes that are not valid UTF-8 become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def id_to_text(self, token_id: int) -> str:
+        """One token as text (U+FFFD where it holds only part of a character)."""
+        return self.decode_bytes([token_id]).decode("utf-8", errors="replace")
+
+    def decoder(self) -> StreamDecoder:
+        """An incremental decoder for streaming generated ids: it never splits a character,
+        and drops no space prefix (the ids continue a text)."""
+        return StreamDecoder(self)
+
+
+class Tokenizer(TokenizerBase):
     """Encode text to ids and back, tiktoken's API shape.
 
     Example:
@@ -79,37 +212,27 @@ class Tokenizer:
         merges: list[tuple[str, str]],
         split_patterns: list[str],
         *,
-        special_tokens: Iterable[str] = (),
-        added_tokens: Iterable[str] = (),
-        bos_token_id: int | None = None,
-        eos_token_id: int | None = None,
-        pad_token_id: int | None = None,
-        unk_token_id: int | None = None,
         ignore_merges: bool = False,
-        add_bos_token: bool = False,
-        chat_template: str | None = None,
         source: str = "<memory>",
         merges_source: str | None = None,
+        **roles: Unpack[Roles],
     ) -> None:
         """`vocab` holds every token: ordinary ones in the byte alphabet, special/added as text."""
         self.source = source
         _check_vocab(vocab, source)
+        self.vocab_size: int = len(vocab)
+        self._take_roles(vocab, roles)
         # What it is built from, kept as given so `save_tokenizer` can write it out again.
         self.vocab = vocab
         self.merges = merges
         self.split_patterns = list(split_patterns)
         self.ignore_merges = ignore_merges
-        self.unk_token_id = unk_token_id
-        self.special_tokens: dict[str, int] = {t: _lookup(vocab, t, source) for t in special_tokens}
-        self.added_tokens: dict[str, int] = {t: _lookup(vocab, t, source) for t in added_tokens}
-        self._literal_ids = {**self.special_tokens, **self.added_tokens}
         self._id_to_bytes = _id_to_bytes(vocab, self._literal_ids, source)
-        self.vocab_size: int = len(self._id_to_bytes)
         self.max_token_bytes = max(map(len, self._id_to_bytes))  # bounds the tokens of a text
         # subtle: some vocabularies lack a few byte tokens (SmolLM has no token for the control
         # bytes 4, 6, 19, 20, 22, 29). Such bytes become the unknown token if the source names
         # one for its BPE model, else they are dropped, as HF tokenizers and llama.cpp do.
-        self._byte_ids = [vocab.get(c, unk_token_id) for c in bytes_to_unicode().values()]
+        self._byte_ids = [vocab.get(c, self.unk_token_id) for c in bytes_to_unicode().values()]
         self._merges = _pair_ranks(vocab, merges, merges_source or source)
         # subtle: Llama 3 (HF `ignore_merges`) takes a piece that is itself a token as that token,
         # even when the merges would split it differently.
@@ -119,70 +242,28 @@ class Tokenizer:
         self._split = [_compile_split(p, source) for p in split_patterns]
         self._cache: dict[str, list[int]] = {}
         self._merge_arrays = None  # `_ranks_of_pairs`' tables, built on the first long piece
-        self.literals = Literals(self.added_tokens, self.special_tokens)
-        roles = {"bos": bos_token_id, "eos": eos_token_id, "pad": pad_token_id, "unk": unk_token_id}
-        for name, i in roles.items():
-            if i is not None and not (_is_int(i) and 0 <= i < self.vocab_size):
-                raise TokenizerError(
-                    f"{source}: {name} token id {i!r:.40} is outside the vocabulary"
-                )
-        if not isinstance(add_bos_token, bool):
-            raise TokenizerError(f"{source}: add_bos_token {add_bos_token!r:.40} is not a boolean")
-        if not isinstance(chat_template, str | None):
-            raise TokenizerError(f"{source}: the chat template is not a string")
-        self.bos_token_id = bos_token_id
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
-        # More stop ids (generation_config.json's eos list) get appended by the loaders.
-        self.eos_token_ids: list[int] = [] if eos_token_id is None else [eos_token_id]
-        self.bos_token = None if bos_token_id is None else self.id_to_text(bos_token_id)
-        self.eos_token = None if eos_token_id is None else self.id_to_text(eos_token_id)
-        self.add_bos_token = add_bos_token
-        self.chat_template = chat_template
-
-    def __repr__(self) -> str:
-        return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
+        self.bos_token = None if self.bos_token_id is None else self.id_to_text(self.bos_token_id)
+        self.eos_token = None if self.eos_token_id is None else self.id_to_text(self.eos_token_id)
 
     # -- encoding --------------------------------------------------------------------------
 
-    def encode(
-        self, text: str, *, allowed_special: Set[str] | Literal["all"] = frozenset()
-    ) -> list[int]:
-        """The ids of `text`. Special-token text is plain text unless listed in `allowed_special`.
+    def _encode_text(self, text: str, deadline: float = math.inf) -> list[int]:
+        native = self._native() if self.native else None
+        if native is not None and native.splits:
+            return native.encode(text)
+        pieces = self._pieces(text, deadline)  # a pattern of unknown cost: split under the budget
+        if native is not None:
+            return native.merge(pieces)
+        return encode_cached(self._cache, pieces, self._encode_piece)
 
-        Example:
-            >>> tok.encode("<|endoftext|>")
-            [27, 91, 437, 1659, 5239, 91, 29]
-            >>> tok.encode("<|endoftext|>", allowed_special="all")
-            [50256]
-        """
-        text = _without_lone_surrogates(text)
-        spans = self.literals.find(text, self.literals.allowed(allowed_special, self.source))
-        # subtle: one time budget for the whole call, however many pieces the added tokens and
-        # the earlier split patterns cut the text into (a budget per piece is no budget)
-        deadline = time.monotonic() + _SPLIT_SECONDS + 1e-6 * len(text)
-        return encode_around(
-            text, spans, self._literal_ids, lambda part: self._encode_ordinary(part, deadline)
+    def _build_native(self) -> NativeEncoder | None:
+        # subtle: imported here, so a tokenizer loads without torch's extension machinery and
+        # compiles nothing until it encodes
+        from tinyformers.kernels.bpe import byte_level_encoder
+
+        return byte_level_encoder(
+            self._merges, self._byte_ids, self.split_patterns, self._whole_pieces
         )
-
-    def encode_batch(
-        self, texts: Iterable[str], *, allowed_special: Set[str] | Literal["all"] = frozenset()
-    ) -> list[list[int]]:
-        return [self.encode(t, allowed_special=allowed_special) for t in texts]
-
-    def _encode_ordinary(self, text: str, deadline: float = math.inf) -> list[int]:
-        ids: list[int] = []
-        cache = self._cache
-        for piece in self._pieces(text, deadline):
-            piece_ids = cache.get(piece)
-            if piece_ids is None:
-                piece_ids = self._encode_piece(piece)
-                if len(piece) <= _CACHE_MAX_CHARS:
-                    if len(cache) >= _CACHE_MAX_ENTRIES:
-                        cache.clear()
-                    cache[piece] = piece_ids
-            ids += piece_ids
-        return ids
 
     def _pieces(self, text: str, deadline: float = math.inf) -> list[str]:
         """Split with each pattern in turn; matches and the gaps between them are pieces.
@@ -302,24 +383,6 @@ class Tokenizer:
             out[start:stop] = np.where(keys[at] == pairs, ranks[at], _NO_RANK)
         return out
 
-    # -- decoding --------------------------------------------------------------------------
-
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """The raw bytes of `ids`; one token may hold part of a UTF-8 character."""
-        return join_token_bytes(self._id_to_bytes, ids, self.source)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """The text of `ids`; bytes that are not valid UTF-8 become U+FFFD."""
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-    def id_to_text(self, token_id: int) -> str:
-        """One token as text (U+FFFD where it holds only part of a character)."""
-        return self.decode([token_id])
-
-    def decoder(self) -> StreamDecoder:
-        """An incremental decoder for streaming generated ids."""
-        return StreamDecoder(self)
-
 
 class StreamDecoder:
     """Feed ids one at a time; get back only complete characters.
@@ -329,7 +392,7 @@ class StreamDecoder:
     equal `decode(ids)` exactly.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: TokenizerBase) -> None:
         self._tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -448,21 +511,35 @@ def _split_branches(branches: list[tuple[str, dict]]) -> str:
     return f"(?:(?=[{first}]){_split_branches(branches[:half])}|{_split_branches(branches[half:])})"
 
 
-def encode_around(
-    text: str,
-    spans: Iterable[tuple[int, int]],
-    literal_ids: dict[str, int],
-    encode: Callable[[str], list[int]],
-) -> list[int]:
-    """`encode` the text between the literal tokens at `spans` (from `Literals.find`), each
-    of which is its own id (`literal_ids`)."""
-    ids: list[int] = []
+def split_around(
+    text: str, spans: Iterable[tuple[int, int]], literal_ids: dict[str, int]
+) -> list[str | int]:
+    """The text between the literal tokens at `spans` (from `Literals.find`), and between
+    those texts each literal token's id (`literal_ids`)."""
+    parts: list[str | int] = []
     start = 0
     for begin, end in spans:
-        ids += encode(text[start:begin])
-        ids.append(literal_ids[text[begin:end]])
+        parts += [text[start:begin], literal_ids[text[begin:end]]]
         start = end
-    return ids + encode(text[start:])
+    return [*parts, text[start:]]
+
+
+def encode_cached(
+    cache: dict[str, list[int]], pieces: Iterable[str], encode: Callable[[str], list[int]]
+) -> list[int]:
+    """The ids of `pieces`, each `encode`d once: pieces repeat like words, so a cache of them
+    saves most merges (cleared when full, so memory stays bounded)."""
+    ids: list[int] = []
+    for piece in pieces:
+        piece_ids = cache.get(piece)
+        if piece_ids is None:
+            piece_ids = encode(piece)
+            if len(piece) <= _CACHE_MAX_CHARS:
+                if len(cache) >= _CACHE_MAX_ENTRIES:
+                    cache.clear()
+                cache[piece] = piece_ids
+        ids += piece_ids
+    return ids
 
 
 def _is_int(value) -> bool:
@@ -505,12 +582,12 @@ def _compile_split(pattern: str, source: str) -> tuple[regex.Pattern, float | No
         raise TokenizerError(f"{source}: split pattern {pattern!r:.80} is not a regex: {e}") from e
 
 
-def _lookup(vocab: dict[str, int], token: str, source: str) -> int:
+def _lookup(ids: Mapping[str, int], token: str, source: str) -> int:
     if not isinstance(token, str) or not token:
         raise TokenizerError(f"{source}: special or added token {token!r:.40} is empty")
-    if token not in vocab:
-        raise TokenizerError(f"{source}: token {token!r} is not in the vocabulary")
-    return vocab[token]
+    if token not in ids:
+        raise TokenizerError(f"{source}: token {token!r:.40} is not in the vocabulary")
+    return ids[token]
 
 
 def _id_to_bytes(vocab: dict[str, int], literal: dict[str, int], source: str) -> list[bytes]:

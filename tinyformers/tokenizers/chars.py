@@ -8,19 +8,13 @@ does for a BPE model without an unknown token (which is how `save_tokenizer` wri
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Set
-from typing import Literal
+from collections.abc import Iterable
 
 from tinyformers.errors import TokenizerError
-from tinyformers.tokenizers.bpe import (
-    Literals,
-    StreamDecoder,
-    _without_lone_surrogates,
-    join_token_bytes,
-)
+from tinyformers.tokenizers.bpe import TokenizerBase, _without_lone_surrogates
 
 
-class CharTokenizer:
+class CharTokenizer(TokenizerBase):
     """Encode text to ids and back, one id per character; the interface of `Tokenizer`.
 
     Example:
@@ -47,60 +41,15 @@ class CharTokenizer:
         self._id_to_bytes = [c.encode("utf-8") for c in self.chars]
         self.vocab_size: int = len(self.chars)
         self.max_token_bytes = max(map(len, self._id_to_bytes))  # bounds the tokens of a text
-        # The roles the other tokenizers fill; nanoGPT's character vocabulary has none of them.
-        self.special_tokens: dict[str, int] = {}
-        self.added_tokens: dict[str, int] = {}
-        self.literals = Literals((), ())
-        self.bos_token_id: int | None = None
-        self.eos_token_id: int | None = None
-        self.pad_token_id: int | None = None
-        self.eos_token_ids: list[int] = []
-        self.bos_token: str | None = None
-        self.eos_token: str | None = None
-        self.add_bos_token = False
-        self.chat_template: str | None = None
+        self._take_roles({}, {})  # nanoGPT's character vocabulary names no special tokens
 
     @classmethod
     def from_text(cls, text: str, *, source: str = "<text>") -> CharTokenizer:
         """The vocabulary of a training text: its distinct characters, sorted (nanoGPT's ids)."""
         return cls(sorted(set(_without_lone_surrogates(text))), source=source)
 
-    def __repr__(self) -> str:
-        return f"CharTokenizer({self.source!r}, vocab_size={self.vocab_size})"
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    def encode(
-        self, text: str, *, allowed_special: Set[str] | Literal["all"] = frozenset()
-    ) -> list[int]:
-        """The id of each character of `text` that is in the vocabulary; the others are dropped.
-
-        `allowed_special` is accepted for the common interface: there are no special tokens, so
-        only "all" or an empty set is valid.
-        """
-        if allowed_special != "all" and allowed_special:
-            raise ValueError(f"not special tokens of {self.source}: {sorted(allowed_special)}")
+    def _encode_text(self, text: str, deadline: float) -> list[int]:
+        """The id of each character in the vocabulary; the others are dropped. No split
+        pattern runs, so no `deadline` applies."""
         ids = self._ids
-        return [ids[c] for c in _without_lone_surrogates(text) if c in ids]
-
-    def encode_batch(
-        self, texts: Iterable[str], *, allowed_special: Set[str] | Literal["all"] = frozenset()
-    ) -> list[list[int]]:
-        return [self.encode(t, allowed_special=allowed_special) for t in texts]
-
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """The UTF-8 bytes of `ids` (every token is a whole character)."""
-        return join_token_bytes(self._id_to_bytes, ids, self.source)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """The text of `ids`: their characters, concatenated."""
-        return self.decode_bytes(ids).decode("utf-8")
-
-    def id_to_text(self, token_id: int) -> str:
-        """One token as text: its character."""
-        return self.decode([token_id])
-
-    def decoder(self) -> StreamDecoder:
-        """An incremental decoder for streaming generated ids (the same as the others')."""
-        return StreamDecoder(self)
+        return [ids[c] for c in text if c in ids]

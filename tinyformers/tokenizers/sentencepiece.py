@@ -15,27 +15,20 @@ from __future__ import annotations
 import heapq
 import math
 import re
-from collections.abc import Iterable, Set
-from typing import Literal
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Unpack
 
 from tinyformers.errors import TokenizerError
-from tinyformers.tokenizers.bpe import (
-    MAX_VOCAB,
-    Literals,
-    StreamDecoder,
-    _without_lone_surrogates,
-    encode_around,
-    join_token_bytes,
-)
+from tinyformers.tokenizers.bpe import MAX_VOCAB, Roles, TokenizerBase, encode_cached
+
+if TYPE_CHECKING:
+    from tinyformers.kernels.bpe import NativeEncoder
 
 SPACE = "\u2581"  # ▁, SentencePiece's visible space
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
-_CACHE_MAX_ENTRIES = 1 << 17  # chunks; cleared when full so memory stays bounded
-_CACHE_MAX_CHARS = 256  # longer chunks are rare and would pin megabytes in the cache
 
-
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(TokenizerBase):
     """Encode text to ids and back; the same interface as the byte-level `Tokenizer`.
 
     Example:
@@ -50,16 +43,9 @@ class SentencePieceTokenizer:
         *,
         scores: list[float] | None = None,
         merges: list[tuple[str, str]] | None = None,
-        special_tokens: Iterable[str] = (),
-        added_tokens: Iterable[str] = (),
-        bos_token_id: int | None = None,
-        eos_token_id: int | None = None,
-        pad_token_id: int | None = None,
-        unk_token_id: int | None = None,
-        add_bos_token: bool = False,
         add_space_prefix: bool = False,
-        chat_template: str | None = None,
         source: str = "<memory>",
+        **roles: Unpack[Roles],
     ) -> None:
         """`tokens[i]` is the text of id i. Exactly one of `scores` (one per token, GGUF) and
         `merges` (pairs in rank order, tokenizer.json) sets the merge priority."""
@@ -84,86 +70,64 @@ class SentencePieceTokenizer:
         # is a token may merge, control tokens included; with merges (HF) only listed pairs.
         self._priority = _score_priority(tokens, scores, source) if merges is None else None
         self._pair_ranks = None if merges is None else _pair_ranks(self._ids, merges, source)
-        self.special_tokens = {t: _lookup(self._ids, t, source) for t in special_tokens}
-        self.added_tokens = {t: _lookup(self._ids, t, source) for t in added_tokens}
-        self._literal_ids = {**self.special_tokens, **self.added_tokens}
-        self.literals = Literals(self.added_tokens, self.special_tokens)
+        self._take_roles(self._ids, roles)
         self._id_to_bytes = [_token_bytes(t) for t in tokens]
         self.max_token_bytes = max(map(len, self._id_to_bytes))  # bounds the tokens of a text
-        self._byte_ids = [_byte_id(self._ids, b, unk_token_id) for b in range(256)]
+        self._byte_ids = [_byte_id(self._ids, b, self.unk_token_id) for b in range(256)]
         self._chunks = _chunk_splitter(tokens)
         self._cache: dict[str, list[int]] = {}
-        roles = {"bos": bos_token_id, "eos": eos_token_id, "pad": pad_token_id, "unk": unk_token_id}
-        for name, i in roles.items():
-            if i is not None and not (_is_int(i) and 0 <= i < self.vocab_size):
-                raise TokenizerError(
-                    f"{source}: {name} token id {i!r:.40} is outside the vocabulary"
-                )
-        for name, flag in (
-            ("add_bos_token", add_bos_token),
-            ("add_space_prefix", add_space_prefix),
-        ):
-            if not isinstance(flag, bool):
-                raise TokenizerError(f"{source}: {name} {flag!r:.40} is not a boolean")
-        if not isinstance(chat_template, str | None):
-            raise TokenizerError(f"{source}: the chat template is not a string")
-        self.bos_token_id = bos_token_id
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
-        self.unk_token_id = unk_token_id
-        self.eos_token_ids: list[int] = [] if eos_token_id is None else [eos_token_id]
-        self.bos_token = None if bos_token_id is None else tokens[bos_token_id]
-        self.eos_token = None if eos_token_id is None else tokens[eos_token_id]
-        self.pad_token = None if pad_token_id is None else tokens[pad_token_id]
-        self.unk_token = None if unk_token_id is None else tokens[unk_token_id]
-        self.add_bos_token = add_bos_token
+        if not isinstance(add_space_prefix, bool):
+            raise TokenizerError(
+                f"{source}: add_space_prefix {add_space_prefix!r:.40} is not a boolean"
+            )
         self.add_space_prefix = add_space_prefix
-        self.chat_template = chat_template
-
-    def __repr__(self) -> str:
-        return f"SentencePieceTokenizer({self.source!r}, vocab_size={self.vocab_size})"
-
-    def __len__(self) -> int:
-        return self.vocab_size
+        self.bos_token = None if self.bos_token_id is None else tokens[self.bos_token_id]
+        self.eos_token = None if self.eos_token_id is None else tokens[self.eos_token_id]
+        self.pad_token = None if self.pad_token_id is None else tokens[self.pad_token_id]
+        self.unk_token = None if self.unk_token_id is None else tokens[self.unk_token_id]
 
     # -- encoding --------------------------------------------------------------------------
 
-    def encode(
-        self, text: str, *, allowed_special: Set[str] | Literal["all"] = frozenset()
-    ) -> list[int]:
-        """The ids of `text`, without BOS (the caller adds it when `add_bos_token` says so).
-
-        Control-token text is plain text unless listed in `allowed_special`; added
-        (user-defined) tokens are always matched, as in llama.cpp and HF.
-        """
-        text = _without_lone_surrogates(text)
-        spans = self.literals.find(text, self.literals.allowed(allowed_special, self.source))
-        return encode_around(text, spans, self._literal_ids, self._encode_fragment)
-
-    def encode_batch(
-        self, texts: Iterable[str], *, allowed_special: Set[str] | Literal["all"] = frozenset()
-    ) -> list[list[int]]:
-        return [self.encode(t, allowed_special=allowed_special) for t in texts]
-
-    def _encode_fragment(self, text: str) -> list[int]:
+    def _encode_text(self, text: str, deadline: float = math.inf) -> list[int]:
         """Text between literal tokens: every such fragment gets the space prefix when the
-        source asks for one (llama.cpp: at the start and after each special token)."""
+        source asks for one (llama.cpp: at the start and after each special token). No split
+        pattern runs, so no `deadline` applies."""
         if not text:
             return []
-        if self.add_space_prefix:
-            text = " " + text
-        ids: list[int] = []
-        cache = self._cache
-        for chunk in self._chunks(text.replace(" ", SPACE)):
-            chunk_ids = cache.get(chunk)
-            if chunk_ids is None:
-                chunk_ids = self._encode_chunk(chunk)
-                if len(chunk) <= _CACHE_MAX_CHARS:
-                    if len(cache) >= _CACHE_MAX_ENTRIES:
-                        cache.clear()
-                    cache[chunk] = chunk_ids
-            ids += chunk_ids
-        return ids
+        return encode_cached(self._cache, self._chunks(self._escaped(text)), self._encode_chunk)
+
+    def _encode_parts(self, parts: list[str | int], deadline: float) -> list[int]:
+        """`TokenizerBase._encode_parts` in one C++ call where the kernels build.
+
+        subtle: Gemma's added tokens include "\n", "\t" and runs of spaces, so one text holds
+        thousands of parts: a call per part cost more than its merges. A literal token goes
+        over as an empty chunk with its id fixed.
+        """
+        native = self._native() if self.native else None
+        if native is None:
+            return super()._encode_parts(parts, deadline)
+        chunks: list[str] = []
+        fixed: list[int] = []
+        for part in parts:
+            if isinstance(part, int):
+                chunks.append("")
+                fixed.append(part)
+            elif part:
+                found = self._chunks(self._escaped(part))
+                chunks += found
+                fixed += [-1] * len(found)
+        return native.merge(chunks, fixed)
+
+    def _escaped(self, text: str) -> str:
+        """Text as the vocabulary spells it: the space prefix where the source asks, ▁ for
+        spaces."""
+        return (" " + text if self.add_space_prefix else text).replace(" ", SPACE)
+
+    def _build_native(self) -> NativeEncoder | None:
+        # subtle: imported here, as in bpe.py: nothing compiles until a tokenizer encodes
+        from tinyformers.kernels.bpe import sentencepiece_encoder
+
+        return sentencepiece_encoder(self.tokens, self._priority, self._pair_ranks, self._byte_ids)
 
     def _encode_chunk(self, chunk: str) -> list[int]:
         ids: list[int] = []
@@ -218,10 +182,6 @@ class SentencePieceTokenizer:
 
     # -- decoding --------------------------------------------------------------------------
 
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """The raw bytes of `ids` (▁ as a space); a byte token may hold part of a character."""
-        return join_token_bytes(self._id_to_bytes, ids, self.source)
-
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; bytes that are not valid UTF-8 become U+FFFD.
 
@@ -232,27 +192,6 @@ class SentencePieceTokenizer:
         if self.add_space_prefix and data.startswith(b" "):
             data = data[1:]
         return data.decode("utf-8", errors="replace")
-
-    def id_to_text(self, token_id: int) -> str:
-        """One token as text (U+FFFD where it holds only part of a character)."""
-        return self.decode_bytes([token_id]).decode("utf-8", errors="replace")
-
-    def decoder(self) -> StreamDecoder:
-        """An incremental decoder for streaming generated ids (no space is dropped: the ids
-        continue a text); it never splits a UTF-8 character, byte tokens included."""
-        return StreamDecoder(self)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _lookup(ids: dict[str, int], token: str, source: str) -> int:
-    if not isinstance(token, str) or not token:
-        raise TokenizerError(f"{source}: special or added token {token!r:.40} is empty")
-    if token not in ids:
-        raise TokenizerError(f"{source}: token {token!r:.40} is not in the vocabulary")
-    return ids[token]
 
 
 def _score_priority(tokens: list[str], scores: list[float], source: str) -> dict[str, float]:
