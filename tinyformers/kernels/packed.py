@@ -22,7 +22,7 @@ KQUANT = {
     "q5_k": (1, torch.float32, 2, 0),
     "q6_k": (2, torch.float32, 2, 32),  # w = (d * scale) * (q - 32), a scale per 16
 }
-FORMATS = ("f32", "bf16", "int8", "q4", *KQUANT)
+FORMATS = ("f32", "bf16", "int8", "q4")  # what `pack` makes from a float matrix; KQUANT: GGUF only
 BLOCK = {"f32": 32, "bf16": 32, "int8": 16, "q4": 16} | dict.fromkeys(KQUANT, 16)  # rows per block
 KIND = {fmt: i for i, fmt in enumerate(KQUANT)}  # gemv_kquant's kind argument
 # a GGUF block type -> the format that computes on it as stored
