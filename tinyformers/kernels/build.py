@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(f) for f in ("gemv.cpp", "layers.cpp", "bpe.cpp")]
+SOURCES = [
+    Path(__file__).with_name(f)
+    for f in ("gemv.h", "gemv.cpp", "kquant.cpp", "layers.cpp", "bpe.cpp")
+]
 NAME = "tinyformers_gemv"
 # What the kernels execute: AVX-512 F/BW/VL, vdpbf16ps, vpdpbusd, vcvtph2ps.
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma")
@@ -95,7 +98,7 @@ def _compile(folder: Path) -> None:
         shutil.copyfile(source, folder / source.name)
     cpp_extension.load(
         NAME,
-        [str(folder / source.name) for source in SOURCES],
+        [str(folder / source.name) for source in SOURCES if source.suffix == ".cpp"],
         extra_cflags=CFLAGS,
         build_directory=str(folder),
         is_python_module=False,
@@ -114,6 +117,9 @@ def _register_fakes() -> None:
         lambda x, w, scales, bias, n, group_size: out(x, n)
     )
     torch.library.register_fake("tinyformers::gemv_q4")(lambda x, w, scales, bias, n: out(x, n))
+    torch.library.register_fake("tinyformers::gemv_kquant")(
+        lambda x, w, scales, bias, n, kind: out(x, n)
+    )
     # The ops between the matmuls (layers.cpp)
     torch.library.register_fake("tinyformers::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
     torch.library.register_fake("tinyformers::silu_mul")(

@@ -9,14 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from .modules import PackedEmbedding, PackedLinear, prefill_kernels
-from .packed import PackedWeight
+from .packed import KQUANT, PackedWeight
 
 FORMAT_NAMES = {
     "f32": "float32 packed for the CPU kernels",
     "bf16": "bfloat16 packed for the CPU kernels",
     "int8": "int8 (a scale per 32) packed for the CPU kernels",
     "q4": "4-bit GGUF blocks packed for the CPU kernels",
-}
+} | {f: f"GGUF {f.upper()} blocks packed for the CPU kernels" for f in KQUANT}
 
 
 @dataclass

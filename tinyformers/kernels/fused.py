@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .build import load_ops
-from .packed import PackedWeight
+from .packed import KIND, PackedWeight
 
 _OPS: list = []  # the loaded ops, or None: a plain value torch.compile can trace through
 ATTEND_ROWS = 16  # query positions up to which `attend` runs ours; more (prefill): SDPA's
@@ -82,7 +82,8 @@ def attend(q: Tensor, cache, mask: Tensor, scale: float, input_pos: Tensor) -> T
     return z.transpose(1, 2).reshape(B, T, nh * hs)  # (B, nh, T, hs) -> (B, T, nh*hs)
 
 
-FORMAT_CODES = {"f32": 0, "bf16": 1, "int8": 2, "q4": 3}  # packed_linear's (gemv.cpp)
+# packed_linear's (gemv.cpp): then kquant.cpp's formats, 4 + their kind
+FORMAT_CODES = {"f32": 0, "bf16": 1, "int8": 2, "q4": 3} | {f: 4 + i for f, i in KIND.items()}
 
 
 def layer_weights(norms, linears) -> tuple[list, list[int]] | None:

@@ -8,6 +8,7 @@
 //         scales [N/16][K/G][16] fp16, one per G input columns of each output row
 //   q4    [N/16][K/32][4][16][4] nibbles: byte j holds quad j (low) and quad j + 4 (high)
 //         scales [N/16][K/32][2][16] fp16: d then m, w = d * q + m (GGUF Q4_1; Q4_0: m = -8d)
+//   q5_0 ... q6_k: the q4 layout with bit planes and wider scales, in kquant.cpp
 // Rows of x are processed 8 at a time (the microkernel's register budget); for M > 8 each
 // block is reused from cache for the next 8 rows, so the weight still leaves DRAM once.
 #include <ATen/Parallel.h>
@@ -16,62 +17,20 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "gemv.h"
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
 namespace {
 
-constexpr int64_t MR = 8;  // rows of x per microkernel call
-
-// Calls f.template operator()<m>() for m in 1..8, so each row count gets its own unrolled kernel.
-template <typename F>
-void with_rows(int64_t m, F&& f) {
-  switch (m) {
-    case 1: f.template operator()<1>(); break;
-    case 2: f.template operator()<2>(); break;
-    case 3: f.template operator()<3>(); break;
-    case 4: f.template operator()<4>(); break;
-    case 5: f.template operator()<5>(); break;
-    case 6: f.template operator()<6>(); break;
-    case 7: f.template operator()<7>(); break;
-    default: f.template operator()<8>(); break;
-  }
-}
-
-// Splits the blocks of output rows over torch's own thread pool; within a block, rows of x
-// go 8 at a time. tile(block, m0, rows) does the work.
-template <typename Tile>
-void for_blocks(int64_t M, int64_t nblk, int64_t block_bytes, const Tile& tile) {
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / block_bytes);  // >= 64 KB per task
-  at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; b++)
-      for (int64_t m0 = 0; m0 < M; m0 += MR) tile(b, m0, std::min(MR, M - m0));
-  });
-}
-
-__mmask16 first_n(int64_t n) {
-  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-}
-
-// y[0:n] = acc (+ bias[0:n]) for the n <= 16 outputs that exist (the last block is padded).
-void store(float* y, const float* bias, __m512 acc, int64_t n) {
-  const __mmask16 mask = first_n(n);
-  if (bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, bias));
-  _mm512_mask_storeu_ps(y, mask, acc);
-}
+using namespace tinyformers::gemv;
 
 // The 32 outputs of one f32 or bf16 block row, of which n exist.
 void store32(float* y, const float* bias, const __m512 (&acc)[2], int64_t n) {
   store(y, bias, acc[0], n);
   store(y + 16, bias ? bias + 16 : nullptr, acc[1], n - 16);
-}
-
-// subtle: with the intrinsic, GCC 12 copies the accumulators around each vpdpbusd in a loop (it
-// does not tie the accumulator to the output register): int8 and q4 measured 5-10% slower.
-__m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
-  return acc;
 }
 
 // ---- f32: one block is [K][32]; two zmm of outputs per row of x.
@@ -230,25 +189,6 @@ void q4_tile(const QuantRows& xr, int64_t m0, int64_t Kp, const uint8_t* w, cons
 
 // ---- ops. Shapes and dtypes are checked in Python (packing.py); these checks guard memory.
 
-const float* bias_ptr(const std::optional<at::Tensor>& bias, int64_t n) {
-  if (!bias) return nullptr;
-  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
-              "bias must be a contiguous float32 tensor of ", n, " values");
-  return bias->data_ptr<float>();
-}
-
-void check_x(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "x must be a contiguous [..., K > 0] float32 tensor");
-}
-
-// y [..., n] for x [..., K]: reshaping here saves two Python-side views per call.
-at::Tensor empty_out(const at::Tensor& x, int64_t n) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = n;
-  return at::empty(shape, x.options());
-}
-
 at::Tensor gemv_f32(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                     int64_t n) {
   check_x(x);
@@ -348,18 +288,21 @@ at::Tensor gemv_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 }  // namespace
 
 namespace tinyformers {
-// y = x @ W^T (+ bias) for a weight in format fmt (0 f32, 1 bf16, 2 int8, 3 q4; -1: zeros of
+// y = x @ W^T (+ bias) for a weight in format fmt (0 f32, 1 bf16, 2 int8, 3 q4, 4-8 kquant.cpp's
+// q5_0, q5_1, q4_k, q5_k, q6_k; -1: zeros of
 // the output's shape, the benchmark's stand-in that times everything but the matmuls), for
 // the one C++ call per decoder layer in layers.cpp.
 at::Tensor packed_linear(const at::Tensor& x, int64_t fmt, const at::Tensor& w,
                          const std::optional<at::Tensor>& scales,
                          const std::optional<at::Tensor>& bias, int64_t n, int64_t group_size) {
-  TORCH_CHECK(fmt < 2 || scales.has_value(), "int8 and q4 weights need scales");
+  TORCH_CHECK(fmt < 2 || scales.has_value(), "quantized weights need scales");
   switch (fmt) {
     case 0: return gemv_f32(x, w, bias, n);
     case 1: return gemv_bf16(x, w, bias, n);
     case 2: return gemv_int8(x, w, *scales, bias, n, group_size);
     case 3: return gemv_q4(x, w, *scales, bias, n);
+    case 4: case 5: case 6: case 7: case 8:
+      return tinyformers::gemv_kquant(x, w, *scales, bias, n, fmt - 4);
     default: {
       TORCH_CHECK(fmt == -1, "unknown weight format ", fmt);
       at::Tensor y = empty_out(x, n);

@@ -27,7 +27,7 @@ STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_pr
 
 
 class PackedLinear(nn.Module):
-    """nn.Linear with its weight in a kernel layout (f32, bf16, int8 or q4);
+    """nn.Linear with its weight in a kernel layout (packed.FORMATS);
     `weight.dense()` gives the [out, in] matrix back, as the kernel sees it.
 
     `prefill` is the kernel chosen at load for passes of more than ATTEND_ROWS rows (None:
@@ -100,14 +100,13 @@ class PackedEmbedding(nn.Module):
         return self.weight.rows(ids)  # (..., C) float32
 
 
-def pack_model(
-    net: nn.Module, fmt: str, quantized: dict[str, tuple[Tensor, ...]] | None = None
-) -> nn.Module:
+def pack_model(net: nn.Module, fmt: str, quantized: dict[str, tuple] | None = None) -> nn.Module:
     """Replace every nn.Linear of `net` by a PackedLinear in `fmt` ("f32", "bf16", "int8"),
     and a tied embedding by a PackedEmbedding over the same packed matrix.
 
-    `quantized` gives a GGUF file's own blocks by module name, as `pack_quantized` takes them
-    (values, scales[, mins]): those are packed as stored, never requantised. The projections
+    `quantized` gives a GGUF file's own blocks by module name, as (ggml type name, then the
+    values, scales[, mins] `pack_quantized` takes): those are packed as stored, never
+    requantised. The projections
     of a `STACKED` group (q, k, v; gate, up) are stacked into one packed matrix, so one pass
     over x computes them all, and each keeps its name as a `RowSlice`; a group whose members
     are not all of one kind (a GGUF mixing Q8_0 and Q4 blocks) stays apart.
@@ -148,8 +147,9 @@ def pack_model(
         linears = [getattr(parent, m) for m in members]
         owner, attr, tied_name = embedding_of.get(linears[0].weight.data_ptr(), (None,) * 3)
         blocks = [quantized.get(prefix + m) or quantized.get(tied_name) for m in members]
-        if blocks[0] is not None:  # stacked part by part: values, scales, mins
-            packed = pack_quantized(*(_rows(part) for part in zip(*blocks, strict=True)))
+        if blocks[0] is not None:  # (ggml type, values, scales[, mins]) stacked part by part
+            parts = zip(*(b[1:] for b in blocks), strict=True)
+            packed = pack_quantized(*(_rows(p) for p in parts), ggml_type=blocks[0][0])
         else:
             packed = pack(_rows([lin.weight.detach() for lin in linears]), fmt)
         if owner is not None:  # the same matrix: lm_head = wte
@@ -216,13 +216,12 @@ def prefill_kernels(net: nn.Module) -> str | None:
     return "; ".join(parts) + f"; decode (<= {ATTEND_ROWS} rows): ours"
 
 
-def _kind(linear: nn.Module | None, blocks: tuple[Tensor, ...] | None) -> tuple | None:
+def _kind(linear: nn.Module | None, blocks: tuple | None) -> tuple | None:
     """What must agree for matrices to stack: being a Linear, bias or not, and the block
-    format (number of parts and their dtypes: Q8_0 and Q4 blocks cannot share a matrix)."""
+    type (Q8_0 and Q4_K blocks cannot share a matrix)."""
     if not isinstance(linear, nn.Linear):
         return None
-    parts = None if blocks is None else tuple(p.dtype for p in blocks)
-    return linear.bias is None, parts
+    return linear.bias is None, None if blocks is None else blocks[0]
 
 
 def _rows(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:

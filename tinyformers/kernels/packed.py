@@ -1,7 +1,8 @@
 """Pack a weight once at load into the layout its kernel streams, then multiply by it.
 
-Layouts (gemv.cpp has the picture): blocks of 32 output rows (16 for int8 and q4) stored as
-one contiguous stream each; N is padded with zero rows to whole blocks, K to the format's step.
+Layouts (gemv.cpp and kquant.cpp have the picture): blocks of 32 output rows (16 for the
+quantized formats) stored as one contiguous stream each; N is padded with zero rows to whole
+blocks, K to the format's step.
 """
 
 import torch
@@ -12,8 +13,20 @@ from ..errors import TinyformersError
 from .build import load_ops
 from .quantize import pad, quantize_int8, quantize_q4
 
-FORMATS = ("f32", "bf16", "int8", "q4")
-BLOCK = {"f32": 32, "bf16": 32, "int8": 16, "q4": 16}  # output rows per block
+# kquant.cpp's formats, GGUF's blocks as stored: (bit planes above the nibble, scale dtype,
+# scales per group of 32 columns, offset subtracted from q); its kernel's kind is the index
+KQUANT = {
+    "q5_0": (1, torch.float16, 1, 16),  # w = d * (q - 16)
+    "q5_1": (1, torch.float16, 2, 0),  # w = d * q + m
+    "q4_k": (0, torch.float32, 2, 0),  # w = (d * scale) * q - dmin * min, per 32
+    "q5_k": (1, torch.float32, 2, 0),
+    "q6_k": (2, torch.float32, 2, 32),  # w = (d * scale) * (q - 32), a scale per 16
+}
+FORMATS = ("f32", "bf16", "int8", "q4")  # what `pack` makes from a float matrix; KQUANT: GGUF only
+BLOCK = {"f32": 32, "bf16": 32, "int8": 16, "q4": 16} | dict.fromkeys(KQUANT, 16)  # rows per block
+KIND = {fmt: i for i, fmt in enumerate(KQUANT)}  # gemv_kquant's kind argument
+# a GGUF block type -> the format that computes on it as stored
+FORMAT_OF_GGML = {"Q8_0": "int8", "Q4_0": "q4", "Q4_1": "q4"} | {f.upper(): f for f in KQUANT}
 
 
 class PackedWeight(nn.Module):
@@ -66,11 +79,14 @@ class PackedWeight(nn.Module):
         ):  # data (N/16, Kp/4, 16, 4) holding w + 128; scales (N/16, Kp/G, 16)
             q = self.data[block, :, r, :].flatten(-2).float() - 128
             w = q * self.scales[block, :, r].float().repeat_interleave(self.group_size, dim=-1)
-        else:  # q4: data (N/16, Kp/32, 4, 16, 4), byte j = quads j and j + 4; scales (.., 2, 16)
+        elif self.fmt == "q4":  # data (N/16, Kp/32, 4, 16, 4), byte j = quads j and j + 4
             nibbles = self.data[block, :, :, r, :]  # (..., Kp/32, 4, 4)
             q = torch.stack([nibbles & 15, nibbles >> 4], dim=-3).flatten(-4).float()
             d, m = self.scales[block, :, :, r].float().repeat_interleave(32, dim=-2).unbind(-1)
             w = q * d + m
+        else:  # kquant: whole blocks decoded once each (dense() asks for every row of each)
+            blocks, where = block.unique(return_inverse=True)
+            w = _kq_dense(self.fmt, self.data[blocks], self.scales[blocks])[where, r]
         return w[..., : self.k]
 
 
@@ -112,13 +128,20 @@ def pack(weight: Tensor, fmt: str, *, group_size: int = 32) -> PackedWeight:
     return PackedWeight(fmt, n, k, data.squeeze(-1) if fmt == "f32" else data)
 
 
-def pack_quantized(q: Tensor, scales: Tensor, mins: Tensor | None = None) -> PackedWeight:
+def pack_quantized(
+    q: Tensor, scales: Tensor, mins: Tensor | None = None, *, ggml_type: str | None = None
+) -> PackedWeight:
     """Pack GGUF-style quantised weights as they are, without requantising.
 
     int8: q [N, K] int8, scales [N, K/G] (Q8_0: G = 32).
     q4: q [N, K] uint8 in 0..15, scales and mins [N, K/32], w = scales * q + mins
     (Q4_1 as stored; Q4_0 is mins = -8 * scales). Scales and mins are stored as float16.
+    ggml_type "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K": the parts of
+    `loading.ggml_quants.kquant_split`, packed for kquant.cpp (format: the type in lower case).
     """
+    fmt = FORMAT_OF_GGML.get(ggml_type or "")
+    if fmt in KQUANT:
+        return _pack_kq(fmt, q, scales, mins)
     n, k = q.shape
     want = torch.int8 if mins is None else torch.uint8
     group_size = k // max(scales.shape[-1], 1)
@@ -151,6 +174,54 @@ def _pack_q4(q: Tensor, d: Tensor, m: Tensor, k: int) -> PackedWeight:
     dm = torch.stack([pad(d, 16, 1), pad(m, 16, 1)], dim=-1)  # (N, groups, 2)
     scales = dm.view(-1, 16, kp // 32, 2).permute(0, 2, 3, 1).contiguous()  # (N/16, groups, 2, 16)
     return PackedWeight("q4", n, k, data, scales, 32)
+
+
+def _pack_kq(fmt: str, q: Tensor, scales: Tensor, mins: Tensor | None) -> PackedWeight:
+    planes, dtype, per_group, offset = KQUANT[fmt]
+    n, k = q.shape
+    want = (n, k // 32 * (1 if offset == 0 else per_group))  # Q6_K: a scale per 16
+    given = [scales.shape] + ([] if mins is None else [mins.shape])
+    if q.dtype != torch.uint8 or k % 32 or given != [want] * (2 if offset == 0 else 1):
+        raise TinyformersError(
+            f"kernels.pack_quantized: {fmt}: q {tuple(q.shape)} {q.dtype}, scales "
+            f"{tuple(scales.shape)} do not fit uint8 [N, K] and [N, {want[1]}]"
+        )
+    nb, groups = -(-n // 16), k // 32
+    q = pad(q, 16, 1).view(nb, 16, groups, 2, 4, 4)  # (N/16, row, group, half, quad, 4)
+    nibbles = (q[:, :, :, 0] & 15) | ((q[:, :, :, 1] & 15) << 4)  # (N/16, row, group, quad, 4)
+    data = [nibbles.permute(0, 2, 3, 1, 4).reshape(nb, groups, 256)]  # (.., quad, row, 4)
+    if planes:  # bit 4 + p of each value, as 64-bit masks [quad][half][plane], bit 4 row + c
+        bits = torch.stack([(q >> (4 + p)) & 1 for p in range(planes)], dim=-3)
+        bits = bits.permute(0, 2, 5, 3, 4, 1, 6).reshape(nb, groups, -1, 8)  # (.., byte, 8 bits)
+        data.append((bits << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8))
+    parts = [scales] if mins is None else [scales, mins]
+    s = torch.stack([pad(p.to(dtype), 16, 1) for p in parts], dim=-1)  # (N, K/G, parts)
+    s = s.view(nb, 16, groups, -1).permute(0, 2, 3, 1).contiguous()  # (N/16, groups, S, 16)
+    return PackedWeight(fmt, n, k, torch.cat(data, dim=-1), s, 32)  # data (N/16, groups, bytes)
+
+
+def _kq_dense(fmt: str, data: Tensor, scales: Tensor) -> Tensor:
+    """Blocks of a kquant format -> their rows [blocks, 16, Kp] float32, as ggml dequantizes."""
+    planes, _, _, offset = KQUANT[fmt]
+    nb, groups = data.shape[:2]
+    nibbles = data[..., :256].view(nb, groups, 4, 16, 4)  # (.., quad, row, 4)
+    q = torch.stack([nibbles & 15, nibbles >> 4], dim=2)  # (.., half, quad, row, 4)
+    if planes:
+        masks = data[..., 256:].view(
+            nb, groups, 4, 2, planes, 8, 1
+        )  # (.., quad, half, plane, byte)
+        bits = (masks >> torch.arange(8, dtype=torch.uint8)) & 1  # (.., byte, bit)
+        bits = bits.view(nb, groups, 4, 2, planes, 16, 4).transpose(2, 3)  # (.., half, quad, ..)
+        for p in range(planes):
+            q = q | (bits[..., p, :, :] << (4 + p))
+    q = q.permute(0, 4, 1, 2, 3, 5).reshape(nb, 16, groups * 32).float()  # (blocks, row, Kp)
+    s = scales.float().permute(0, 3, 1, 2)  # (blocks, row, groups, S)
+    if fmt == "q6_k":  # a scale per 16 columns
+        return (q - offset) * s.reshape(nb, 16, -1).repeat_interleave(16, dim=-1)
+    d = s[..., 0].repeat_interleave(32, dim=-1)
+    if offset:
+        return (q - offset) * d
+    return q * d + s[..., 1].repeat_interleave(32, dim=-1)
 
 
 _OPS: list = []  # the loaded ops, or None: a plain value torch.compile can trace through
@@ -187,6 +258,8 @@ def linear(x: Tensor, w: PackedWeight, bias: Tensor | None = None) -> Tensor:
         y = ops.gemv_bf16(x32, buffers["data"], bias, w.n)
     elif w.fmt == "int8":
         y = ops.gemv_int8(x32, buffers["data"], buffers["scales"], bias, w.n, w.group_size)
-    else:
+    elif w.fmt == "q4":
         y = ops.gemv_q4(x32, buffers["data"], buffers["scales"], bias, w.n)
+    else:
+        y = ops.gemv_kquant(x32, buffers["data"], buffers["scales"], bias, w.n, KIND[w.fmt])
     return y if x.dtype == torch.float32 else y.to(x.dtype)

@@ -9,7 +9,7 @@ gives a Llama a float16 KV cache beside 16-bit or quantized matrices.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from tinyformers.errors import TinyformersError
 from tinyformers.models import set_fast_path
@@ -33,10 +33,10 @@ def check_quantize(quantize: str, device: torch.device) -> None:
 def prepare(
     net: nn.Module,
     quantize: str | None = None,
-    blocks: dict[str, tuple[Tensor, ...]] | None = None,
+    blocks: dict[str, tuple] | None = None,
 ) -> nn.Module:
     """`net` on its fast paths, in place. quantize "int8": every matrix int8 with a scale per
-    32; "gguf": `blocks` (a GGUF file's own Q8_0 / Q4 blocks by module name) as stored, the
+    32; "gguf": `blocks` (a GGUF file's own quantized blocks by module name) as stored, the
     rest float32. Otherwise float32 and bfloat16 matrices are packed where the kernels run."""
     param = next(net.parameters())
     if quantize:

@@ -263,3 +263,36 @@ def q4_split(
     else:
         m, start = _view(blocks[:, 2:4], torch.float16).reshape(groups), 4
     return _unpack(blocks[:, start:], 16, 4).reshape(shape), d, m
+
+
+def kquant_split(
+    raw: torch.Tensor, ggml_type: GGMLType, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, ...]:
+    """Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K bytes as (unsigned values of `shape` uint8, scales[,
+    mins]) with w = scale * (q - offset) + min along the last dim, as ggml dequantizes them:
+
+    Q5_0: q 0..31, fp16 d per 32, offset 16. Q5_1: q 0..31, fp16 d and m per 32.
+    Q4_K / Q5_K: q 0..15 / 0..31, float32 d * scale and -(dmin * min) per 32 (exact products).
+    Q6_K: q 0..63, float32 d * scale per 16, offset 32.
+    Example: (640, 2048) Q6_K -> q (640, 2048), scales (640, 128).
+    """
+    n_blocks = torch.Size(shape).numel() // BLOCK_LAYOUT[ggml_type][0]
+    blocks = raw.view(n_blocks, BLOCK_LAYOUT[ggml_type][1])
+    rows = shape[:-1]
+    if ggml_type in (GGMLType.Q5_0, GGMLType.Q5_1):
+        d = _view(blocks[:, :2], torch.float16).reshape(*rows, -1)
+        if ggml_type == GGMLType.Q5_0:
+            return _q5_low_high(blocks, 2).reshape(shape), d
+        m = _view(blocks[:, 2:4], torch.float16).reshape(*rows, -1)
+        return _q5_low_high(blocks, 4).reshape(shape), d, m
+    if ggml_type == GGMLType.Q6_K:
+        scale = blocks[:, 192:208].contiguous().view(torch.int8).float()  # (n, 16)
+        q = _unpack(blocks[:, :128], 64, 4) | (_unpack(blocks[:, 128:192], 32, 2) << 4)
+        return q.reshape(shape), (_f16(blocks, 208) * scale).reshape(*rows, -1)
+    assert ggml_type in (GGMLType.Q4_K, GGMLType.Q5_K), ggml_type
+    sub_d, sub_m = _k_scales(blocks)
+    if ggml_type == GGMLType.Q4_K:
+        q = _unpack(blocks[:, 16:], 32, 4)
+    else:  # Q5_K: the 5th bits as in _q5_k
+        q = _unpack(blocks[:, 48:], 32, 4) | (_unpack(blocks[:, 16:48], 32, 1) << 4)
+    return q.reshape(shape), sub_d.reshape(*rows, -1), -sub_m.reshape(*rows, -1)

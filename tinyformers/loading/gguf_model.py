@@ -17,7 +17,7 @@ from torch import nn
 
 from tinyformers.errors import CheckpointError
 from tinyformers.loading.build import build, build_meta
-from tinyformers.loading.ggml_quants import GGMLType, q4_split, q8_0_split
+from tinyformers.loading.ggml_quants import GGMLType, kquant_split, q4_split, q8_0_split
 from tinyformers.loading.gguf import GGUFFile, read_gguf
 from tinyformers.loading.gguf_arch import gguf_architecture, metadata_of
 from tinyformers.models import check_layer_count, get_architecture
@@ -76,11 +76,11 @@ def load_gguf_model(path: Path, dtype: torch.dtype, device: torch.device, shard=
         return build(arch.Model, config, weights, dtype, device, source=path)
 
 
-def native_blocks(path: Path, config, shard=None) -> dict[str, tuple[torch.Tensor, ...]]:
-    """The file's Q8_0 / Q4_0 / Q4_1 matrices in their blocks, by module name, for
-    `quantize="gguf"` to compute on as stored (as llama.cpp does); one line on stderr names
-    the block kinds that run dense. `config`: the loaded model's (this rank's, under
-    `shard`)."""
+def native_blocks(path: Path, config, shard=None) -> dict[str, tuple]:
+    """The file's quantized matrices in their blocks, by module name, as (ggml type name,
+    values, scales[, mins]), for `quantize="gguf"` to compute on as stored (as llama.cpp
+    does); one line on stderr names the block kinds that run dense. `config`: the loaded
+    model's (this rank's, under `shard`)."""
     with read_gguf(path) as gguf:
         architecture = gguf.metadata.get("general.architecture")
         fmt = gguf_architecture(architecture)
@@ -88,13 +88,23 @@ def native_blocks(path: Path, config, shard=None) -> dict[str, tuple[torch.Tenso
         if dense := _dense_kinds(gguf):
             print(
                 f"tinyformers: {path.name}: {dense} matrices run dense "
-                "(our kernels run Q8_0, Q4_0, Q4_1)",
+                f"(our kernels run {', '.join(t.name for t in NATIVE)})",
                 file=sys.stderr,
             )
     return blocks
 
 
-NATIVE = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1)  # the block kinds our kernels compute on
+# the block kinds our kernels compute on, and how each is split into values, scales[, mins]
+NATIVE = {
+    GGMLType.Q8_0: lambda raw, ggml_type, shape: q8_0_split(raw, shape),
+    GGMLType.Q4_0: q4_split,
+    GGMLType.Q4_1: q4_split,
+    GGMLType.Q5_0: kquant_split,
+    GGMLType.Q5_1: kquant_split,
+    GGMLType.Q4_K: kquant_split,
+    GGMLType.Q5_K: kquant_split,
+    GGMLType.Q6_K: kquant_split,
+}
 
 
 def _dense_kinds(gguf: GGUFFile) -> str:
@@ -104,31 +114,32 @@ def _dense_kinds(gguf: GGUFFile) -> str:
     kinds = Counter(
         GGMLType(info.ggml_type).name
         for info in gguf.tensors.values()
-        if len(info.shape) == 2 and info.ggml_type not in NATIVE + plain
+        if len(info.shape) == 2 and info.ggml_type not in (*NATIVE, *plain)
     )
     return ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
 
 
 def _native_blocks(gguf: GGUFFile, fmt, config, names: dict[str, str], shard=None) -> dict:
-    """The file's Q8_0 / Q4_0 / Q4_1 matrices as `pack_quantized` takes them (values, scales
-    and, for Q4, mins), by the name of the module they belong to; the layout fixes of
+    """The file's NATIVE matrices as `pack_quantized` takes them (ggml type name, values,
+    scales and, for some, mins), by the name of the module they belong to; the layout fixes of
     `fmt.sanitize` (row permutations) are applied to each part of the blocks alike. `shard`:
     only this rank's rows, or whole blocks of its columns (`Shard.take_blocks`)."""
     parts: dict[str, tuple[torch.Tensor, ...]] = {}
+    types: dict[str, str] = {}
     for name, info in gguf.tensors.items():
-        if len(info.shape) != 2:
+        split = NATIVE.get(info.ggml_type)
+        if len(info.shape) != 2 or split is None:
             continue
-        if info.ggml_type == GGMLType.Q8_0:
-            parts[names[name]] = q8_0_split(gguf.raw(name), info.shape)
-        elif info.ggml_type in NATIVE:  # Q4_0, Q4_1
-            parts[names[name]] = q4_split(gguf.raw(name), info.ggml_type, info.shape)
-        if shard is not None and names[name] in parts:
-            parts[names[name]] = shard.take_blocks(names[name], name, parts[names[name]])
+        ours = names[name]
+        parts[ours] = split(gguf.raw(name), info.ggml_type, info.shape)
+        types[ours] = GGMLType(info.ggml_type).name
+        if shard is not None:
+            parts[ours] = shard.take_blocks(ours, name, parts[ours])
     by_part = [
         fmt.sanitize({k: v[i] for k, v in parts.items() if len(v) > i}, config)
-        for i in range(3)  # values, scales, mins (Q8_0 has no mins)
+        for i in range(3)  # values, scales, mins (Q8_0, Q5_0, Q6_K have no mins)
     ]
     return {
-        name.removesuffix(".weight"): tuple(p[name] for p in by_part if name in p)
+        name.removesuffix(".weight"): (types[name], *(p[name] for p in by_part if name in p))
         for name in by_part[0]
     }
