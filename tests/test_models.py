@@ -271,6 +271,67 @@ def test_a_mixed_kind_group_stays_apart():
     assert isinstance(net.layers[1].self_attn.qkv_proj, PackedLinear)  # all f32: stacked
 
 
+# Fused decode against the same packed model's written-out lines: float32 sums in another
+# order, 1e-5 of the largest logit (measured <= 1.2e-6). bf16 and int8 round the activations
+# going into each matmul (to bf16, or to int8 steps of 1/127 of a group's largest value), so a
+# 1-ulp change rerolls a rounding: measured up to 3e-3 (bf16) and 6e-3 (int8) over 3 seeds;
+# 2e-2, where a wrong activation, norm or mask moves the logits by O(1).
+ONE_CALL_TOLERANCE = {"f32": 1e-5, "bf16": 2e-2, "int8": 2e-2}
+
+
+@pytest.mark.parametrize("fmt", ONE_CALL_TOLERANCE)
+@pytest.mark.parametrize("name", CASES)
+def test_one_call_decode_equals_the_written_out_layers(name, fmt, monkeypatch):
+    """Cached steps of up to 16 rows through `fused.decoder_layers` (each layer's norms,
+    matmuls, q/k norms, rotation or none, cache write, attention under the layer's mask,
+    activation and residual adds in one C++ call) give the logits of the same packed model's
+    written-out lines (`fast` off), left padding and windows included."""
+    from tinyformers.kernels import fused
+
+    net = pack_model(random_model(name), fmt)
+    ids, mask = left_padded_batch(PROMPTS, VOCAB)
+    set_fast_path(net, False)
+    reference = run(net, ids, mask, cached=True)
+    calls = []
+    one_call = fused.decoder_layers
+    monkeypatch.setattr(
+        fused, "decoder_layers", lambda *a, **kw: [calls.append(1), one_call(*a, **kw)][1]
+    )
+    set_fast_path(net, True)
+    fast = run(net, ids, mask, cached=True)
+    assert calls  # the prefill of 4 and every step went through it
+    error = (fast - reference).abs().max() / reference.abs().max()
+    assert error < ONE_CALL_TOLERANCE[fmt], error
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_hook_sees_the_written_out_values_beside_the_one_call_path(name, monkeypatch):
+    """With a hook listening, a packed model's cached decode runs the written-out lines (the
+    one C++ call never forms the values a hook reads): every hooked value as with `fast` off."""
+    from tinyformers.kernels import fused
+
+    net = pack_model(random_model(name), "f32")
+    ids, mask = left_padded_batch(PROMPTS, VOCAB)
+
+    def hooked(fast: bool) -> dict[str, list[torch.Tensor]]:
+        seen: dict[str, list[torch.Tensor]] = {}
+        net.hooks.fn = lambda point, x: [seen.setdefault(point, []).append(x.clone()), x][1]
+        set_fast_path(net, fast)
+        try:
+            run(net, ids, mask, cached=True)
+        finally:
+            net.hooks.fn = None
+        return seen
+
+    monkeypatch.setattr(fused, "decoder_layers", None)  # called: a TypeError
+    reference, fast = hooked(False), hooked(True)
+    assert "blocks.1.hook_resid_post" in fast and fast.keys() == reference.keys()
+    for point, values in reference.items():
+        for r, f in zip(values, fast[point], strict=True):
+            # the same lines on the same values; SDPA and F.layer_norm do not run with a hook
+            assert torch.equal(r, f), point
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_rows_at_their_own_positions_decode_as_if_alone(name):
     """A continuous batch: prompts of 6 and 3 tokens prefilled alone into rows 0 and 1 of one

@@ -130,8 +130,8 @@ def _register_fakes() -> None:
             (qkv.shape[0], n_head, qkv.shape[1], k_cache.shape[3])
         )
     )
-    torch.library.register_fake("tinyformers::llama_layers")(
-        lambda x, weights, meta, k_caches, v_caches, cos, sin, pos, masks, n_head, eps, scale: (
+    torch.library.register_fake("tinyformers::decoder_layers")(
+        lambda x, weights, meta, k_caches, v_caches, cos, sin, pos, masks, kind, eps, scales: (
             torch.empty_like(x, memory_format=torch.contiguous_format)
         )
     )

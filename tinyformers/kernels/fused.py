@@ -1,12 +1,13 @@
-"""The small ops between a Llama layer's matmuls, one C++ pass each (layers.cpp).
+"""The small ops between a decoder layer's matmuls, one C++ pass each (layers.cpp).
 
 A decode step of SmolLM2 runs ~60 torch ops per layer besides its 4 matmuls, each a Python
 call, a dispatch and an allocation for a few hundred numbers; these four ops do the same work
-in one call each, and `llama_layers` runs every decoder layer (norms, the packed matmuls,
-rotary, cache write, attention, residual adds) in one call for the few query rows of decode.
-The model files call them as the fast path beside their written-out math (models/llama.py),
-only where `usable(x)`: float32 activations on the CPU with the kernels
-loaded, no autograd.
+in one call each, and `decoder_layers` runs every decoder layer (norms, the packed matmuls,
+rotary, cache write, attention, residual adds) in one call for the few query rows of decode:
+Llama's, GPT-2's (layer norms, biases, no rotation, GELU) and Gemma 3's (q/k norms, norms
+after each sublayer, GeGLU) alike.
+The fused modules (swap.py) call them beside the model files' written-out math, only where
+`usable(x)`: float32 activations on the CPU with the kernels loaded, no autograd.
 
 Example:
     if fused.usable(x):
@@ -84,12 +85,15 @@ def attend(q: Tensor, cache, mask: Tensor, scale: float, input_pos: Tensor) -> T
 
 # packed_linear's (gemv.cpp): then kquant.cpp's formats, 4 + their kind
 FORMAT_CODES = {"f32": 0, "bf16": 1, "int8": 2, "q4": 3} | {f: 4 + i for f, i in KIND.items()}
+ACTIVATIONS = {"silu_gated": 0, "gelu_tanh_gated": 1, "gelu_tanh": 2}  # decoder_layer's Act
 
 
 def layer_weights(norms, linears) -> tuple[list, list[int]] | None:
-    """The tensors and [format, n, group size] triples `llama_layer` takes for a layer's two
-    norms and four projections (q/k/v, o, gate/up, down), or None when one is not packed."""
-    weights, meta = [norm.weight for norm in norms], []
+    """The tensors and [format, n, group size] triples `decoder_layer` takes for a layer, or
+    None when a matrix is not packed. norms: the 8 of layers.cpp's `Norm` order (ln1 weight and
+    bias, ln2 weight and bias, the norms after attention and after the MLP, the q and k norms;
+    None where the model has none); linears: q/k/v, o, up (or gate/up), down."""
+    weights, meta = list(norms), []
     for linear in linears:
         w = getattr(linear, "weight", None)
         if not isinstance(w, PackedWeight) or FORMAT_CODES.get(w.fmt) is None:
@@ -99,11 +103,29 @@ def layer_weights(norms, linears) -> tuple[list, list[int]] | None:
     return weights, meta
 
 
-def llama_layers(x: Tensor, packed, cos, sin, cache, input_pos, masks, n_head, eps, scale):
-    """Every Llama decoder layer in one C++ call (up to ATTEND_ROWS query rows): x [B, T, C]
-    -> [B, T, C]; `packed` holds the layers' `layer_weights`, flattened; layer i writes k and v
-    into cache[i] at `input_pos` and attends under masks[i]."""
+def decoder_layers(
+    x: Tensor,
+    packed,
+    angles,
+    cache,
+    input_pos,
+    masks,
+    scales,
+    *,
+    activation: str,
+    n_head: int,
+    eps: float,
+    gain_plus_one: bool = False,
+) -> Tensor:
+    """Decoder layers in one C++ call (up to ATTEND_ROWS query rows): x [B, T, C] -> [B, T, C].
+    `packed` holds the layers' `layer_weights`, flattened; layer i rotates by angles[i] (cos,
+    sin [B, 1, T, hs], or None: no rotation), writes k and v into cache[i] at `input_pos`, and
+    attends under masks[i] with scores scaled by scales[i]. gain_plus_one: the RMS norms
+    multiply by 1 + weight (Gemma stores its gains minus 1)."""
     weights, meta = packed
     k, v = [c.k for c in cache], [c.v for c in cache]
-    return _ops().llama_layers(x, weights, meta, k, v, cos, sin, input_pos, masks, n_head, eps,
-                               scale)  # fmt: skip
+    cos = [None if a is None else a[0] for a in angles]
+    sin = [None if a is None else a[1] for a in angles]
+    kind = [ACTIVATIONS[activation], n_head, int(gain_plus_one)]
+    return _ops().decoder_layers(x, weights, meta, k, v, cos, sin, input_pos, masks, kind, eps,
+                                 scales)  # fmt: skip

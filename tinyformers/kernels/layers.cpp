@@ -1,11 +1,12 @@
-// The small ops between the matmuls of a Llama layer, each one pass in C++ where torch takes
+// The small ops between the matmuls of a decoder layer, each one pass in C++ where torch takes
 // several ops (and a Python call, a dispatch and an allocation each): on SmolLM2's 30 thin
 // layers these cost more per decode step than the matmuls. Float32 only; the model files keep
-// the written-out math beside each call (models/llama.py), and tests compare the two.
-//   rms_norm     x / rms(x) * w
-//   silu_mul     silu(gate) * up from the stacked [gate | up] rows
-//   rope_cache   rotate q and k (HF's half-split pairs), write k and v into the KV cache
-//   attend       softmax(q k^T * scale, masked) v for a few query rows, GQA without copies
+// the written-out math beside each call (models/), and tests compare the two.
+//   rms_norm        x / rms(x) * w
+//   silu_mul        silu(gate) * up from the stacked [gate | up] rows
+//   rope_cache      rotate q and k (HF's half-split pairs), write k and v into the KV cache
+//   attend          softmax(q k^T * scale, masked) v for a few query rows, GQA without copies
+//   decoder_layers  every layer of a decode step (Llama, GPT-2, Gemma 3) with the ops above
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -61,8 +62,10 @@ void for_rows(int64_t rows, int64_t work_per_row, const F& f) {
   });
 }
 
-// y = x / rms(x) * w for one row of C values.
-void rms_norm_row(const float* xr, const float* wp, float* yr, int64_t C, double eps) {
+// y = x / rms(x) * (w + plus) for one row of C values: plus 1 for Gemma, which stores its gain
+// minus 1 (1 + w rounded to float32 first, as its written-out norm computes it), else 0.
+void rms_norm_row(const float* xr, const float* wp, float* yr, int64_t C, double eps,
+                  float plus = 0.0f) {
   __m512 ss = _mm512_setzero_ps();
   for (int64_t c = 0; c < C; c += 16) {
     const __m512 v = _mm512_maskz_loadu_ps(first(C - c), xr + c);
@@ -73,8 +76,38 @@ void rms_norm_row(const float* xr, const float* wp, float* yr, int64_t C, double
   for (int64_t c = 0; c < C; c += 16) {
     const __mmask16 m = first(C - c);
     const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + c), s);  // rms 1
-    _mm512_mask_storeu_ps(yr + c, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, wp + c), v));
+    const __m512 g = _mm512_add_ps(_mm512_maskz_loadu_ps(m, wp + c), _mm512_set1_ps(plus));
+    _mm512_mask_storeu_ps(yr + c, m, _mm512_mul_ps(g, v));
   }
+}
+
+// y = (x - mean) / sqrt(var + eps) * w + b for one row of C values (GPT-2's LayerNorm); the
+// variance from the centred values, as torch computes it.
+void layer_norm_row(const float* xr, const float* wp, const float* bp, float* yr, int64_t C,
+                    double eps) {
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t c = 0; c < C; c += 16) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(first(C - c), xr + c));
+  const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(s) / float(C));
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 m = first(C - c);
+    const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, xr + c), mean);
+    ss = _mm512_fmadd_ps(d, d, ss);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / float(C) + float(eps)));
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 m = first(C - c);
+    const __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + c), mean), inv);
+    _mm512_mask_storeu_ps(yr + c, m, _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m, wp + c),
+                                                     _mm512_maskz_loadu_ps(m, bp + c)));
+  }
+}
+
+// A layer's norm of one row: the layer norm where it has a bias (GPT-2), else the RMS norm.
+inline void norm_row(const float* xr, const float* wp, const float* bp, float* yr, int64_t C,
+                     double eps, float plus) {
+  if (bp) layer_norm_row(xr, wp, bp, yr, C, eps);
+  else rms_norm_row(xr, wp, yr, C, eps, plus);
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
@@ -89,20 +122,28 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
-// x += a in place (the residual add), then, with a norm weight wp, the norm of the sum into y.
-void add_rms_norm(at::Tensor& x, const at::Tensor& a, const float* wp, float* yp, double eps) {
+// x += a in place (the residual add), a first normed by `post` where given (Gemma's norm after
+// each sublayer); then, with a norm weight wp (bias bp: layer norm), the norm of the sum into y.
+void add_norm(at::Tensor& x, const at::Tensor& a, const float* post, const float* wp,
+              const float* bp, float* yp, double eps, float plus) {
   const int64_t C = x.size(-1), rows = x.numel() / C;
   TORCH_CHECK(a.numel() == x.numel(), "residual add: shapes differ");
   float* xp = x.data_ptr<float>();
   const float* ap = a.data_ptr<float>();
+  std::vector<float> normed(post ? C : 0);
   for (int64_t r = 0; r < rows; r++) {
     float* xr = xp + r * C;
+    const float* ar = ap + r * C;
+    if (post) {
+      rms_norm_row(ar, post, normed.data(), C, eps, plus);
+      ar = normed.data();
+    }
     for (int64_t c = 0; c < C; c += 16) {
       const __mmask16 m = first(C - c);
       _mm512_mask_storeu_ps(xr + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, xr + c),
-                                                     _mm512_maskz_loadu_ps(m, ap + r * C + c)));
+                                                     _mm512_maskz_loadu_ps(m, ar + c)));
     }
-    if (wp) rms_norm_row(xr, wp, yp + r * C, C, eps);
+    if (wp) norm_row(xr, wp, bp, yp + r * C, C, eps, plus);
   }
 }
 
@@ -123,6 +164,39 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
       const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));  // exp(-gate)
       const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
       _mm512_mask_storeu_ps(yp + r * H + h, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, u + h)));
+    }
+  });
+  return y;
+}
+
+// gelu(x) in its tanh approximation, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3),
+// written as x sigmoid(2u) (the same function: 0.5 (1 + tanh(u)) = sigmoid(2u)), one exp.
+inline __m512 gelu_tanh16(__m512 x) {
+  const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+  const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608f),
+                                 _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), x3, x));
+  const __m512 e = exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0f), u));  // exp(-2u)
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+// gelu_tanh(gate) * up from the stacked [gate | up] rows (Gemma's GeGLU), or with `gated`
+// false gelu_tanh(h) of plain rows (GPT-2's MLP): [..., 2H] or [..., H] -> [..., H].
+at::Tensor gelu_act(const at::Tensor& h, bool gated) {
+  check_f32(h, "h");
+  const int64_t W = h.size(-1), H = gated ? W / 2 : W, rows = h.numel() / W;
+  TORCH_CHECK(!gated || W == 2 * H, "gate_up must hold gate and up: an even width");
+  std::vector<int64_t> shape(h.sizes().begin(), h.sizes().end());
+  shape.back() = H;
+  at::Tensor y = at::empty(shape, h.options());
+  const float* hp = h.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_rows(rows, 8 * H, [&](int64_t r) {
+    const float *g = hp + r * W, *u = g + H;
+    for (int64_t i = 0; i < H; i += 16) {
+      const __mmask16 m = first(H - i);
+      __m512 v = gelu_tanh16(_mm512_maskz_loadu_ps(m, g + i));
+      if (gated) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, u + i));
+      _mm512_mask_storeu_ps(yp + r * H + i, m, v);
     }
   });
   return y;
@@ -159,40 +233,54 @@ void check_cache(const at::Tensor& c, int64_t B, int64_t nkv, int64_t hs) {
               "cache must be float32 or float16 [B, nkv, S, hs] with contiguous rows");
 }
 
+// A head's q or k: normed first where `norm` is given (Gemma's q/k norms, gain 1 + w), then
+// rotated where `cos` is given (no rotation: GPT-2's learned positions), into out.
+template <typename C>
+void head_row(const float* x, const float* norm, double eps, float plus, const float* cos,
+              const float* sin, C* out, int64_t hs, float* tmp) {
+  if (norm) {
+    rms_norm_row(x, norm, tmp, hs, eps, plus);
+    x = tmp;
+  }
+  if (cos) rotate_row(x, cos, sin, out, hs);
+  else copy_row(x, out, hs);
+}
+
 // rope_cache's work, for a cache of float32 or float16.
 template <typename C>
-void rope_rows(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-               at::Tensor& k_cache, at::Tensor& v_cache, const int64_t* slot, int64_t slot_row,
-               int64_t nh, at::Tensor& q) {
+void rope_rows(const at::Tensor& qkv, const float* cp, const float* sp, const float* qn,
+               const float* kn, double eps, float plus, at::Tensor& k_cache, at::Tensor& v_cache,
+               const int64_t* slot, int64_t slot_row, int64_t nh, at::Tensor& q) {
   const int64_t B = qkv.size(0), T = qkv.size(1), W = qkv.size(2);
   const int64_t nkv = k_cache.size(1), hs = k_cache.size(3);
-  const float *xp = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>();
-  const float* sp = sin.data_ptr<float>();
+  const float* xp = qkv.data_ptr<float>();
   float* qp = q.data_ptr<float>();
   C *kp = k_cache.data_ptr<C>(), *vp = v_cache.data_ptr<C>();
   const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
   const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
   for_rows(B * T, W, [&](int64_t r) {
     const int64_t b = r / T, t = r % T;
-    const float *x = xp + r * W, *c = cp + r * hs, *s = sp + r * hs;
-    for (int64_t h = 0; h < nh; h++) rotate_row(x + h * hs, c, s, qp + ((b * nh + h) * T + t) * hs, hs);
+    const float *x = xp + r * W, *c = cp ? cp + r * hs : nullptr, *s = sp ? sp + r * hs : nullptr;
+    std::vector<float> tmp(hs);
+    for (int64_t h = 0; h < nh; h++)
+      head_row(x + h * hs, qn, eps, plus, c, s, qp + ((b * nh + h) * T + t) * hs, hs, tmp.data());
     for (int64_t h = 0; h < nkv; h++) {
       const int64_t at = slot[slot_row * b + t];
-      rotate_row(x + (nh + h) * hs, c, s, kp + b * ks0 + h * ks1 + at * ks2, hs);
+      head_row(x + (nh + h) * hs, kn, eps, plus, c, s, kp + b * ks0 + h * ks1 + at * ks2, hs, tmp.data());
       copy_row(x + (nh + nkv + h) * hs, vp + b * vs0 + h * vs1 + at * vs2, hs);
     }
   });
 }
 
-// qkv [B, T, (nh + 2 nkv) hs] -> q [B, nh, T, hs] rotated; k rotated and v into the cache at
-// slots pos, [T] for every row or [B, T] a row each (the server's rows sit at different
-// positions). cos, sin [B, T, hs] (any leading shape of B * T rows).
-at::Tensor rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                      at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& pos,
-                      int64_t n_head) {
+// qkv [B, T, (nh + 2 nkv) hs] -> q [B, nh, T, hs]; k and v into the cache at slots pos, [T] for
+// every row or [B, T] a row each (the server's rows sit at different positions). q and k are
+// normed by qn, kn where given, and rotated where cos, sin [B, T, hs] (any leading shape of
+// B * T rows) are defined.
+at::Tensor qkv_to_cache(const at::Tensor& qkv, const at::Tensor* cos, const at::Tensor* sin,
+                        at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& pos,
+                        int64_t n_head, const float* qn, const float* kn, double eps,
+                        float plus) {
   check_f32(qkv, "qkv");
-  check_f32(cos, "cos");
-  check_f32(sin, "sin");
   TORCH_CHECK(qkv.dim() == 3 && pos.scalar_type() == at::kLong && pos.is_contiguous() &&
                   ((pos.dim() == 1 && pos.size(0) == qkv.size(1)) ||
                    (pos.dim() == 2 && pos.size(0) == qkv.size(0) && pos.size(1) == qkv.size(1))),
@@ -200,7 +288,14 @@ at::Tensor rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
   const int64_t B = qkv.size(0), T = qkv.size(1), nkv = k_cache.size(1), hs = k_cache.size(3);
   const int64_t nh = n_head, S = k_cache.size(2), W = (nh + 2 * nkv) * hs;
   TORCH_CHECK(qkv.size(2) == W && hs % 2 == 0, "qkv width must be (nh + 2 nkv) * hs");
-  TORCH_CHECK(cos.numel() == B * T * hs && sin.numel() == B * T * hs, "cos, sin: [B, T, hs]");
+  const float *cp = nullptr, *sp = nullptr;
+  if (cos) {
+    check_f32(*cos, "cos");
+    check_f32(*sin, "sin");
+    TORCH_CHECK(cos->numel() == B * T * hs && sin->numel() == B * T * hs, "cos, sin: [B, T, hs]");
+    cp = cos->data_ptr<float>();
+    sp = sin->data_ptr<float>();
+  }
   check_cache(k_cache, B, nkv, hs);
   check_cache(v_cache, B, nkv, hs);
   const int64_t* slot = pos.data_ptr<int64_t>();
@@ -210,10 +305,18 @@ at::Tensor rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
   at::Tensor q = at::empty({B, nh, T, hs}, qkv.options());
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k and v caches must agree");
   if (k_cache.scalar_type() == at::kHalf)
-    rope_rows<at::Half>(qkv, cos, sin, k_cache, v_cache, slot, slot_row, nh, q);
+    rope_rows<at::Half>(qkv, cp, sp, qn, kn, eps, plus, k_cache, v_cache, slot, slot_row, nh, q);
   else
-    rope_rows<float>(qkv, cos, sin, k_cache, v_cache, slot, slot_row, nh, q);
+    rope_rows<float>(qkv, cp, sp, qn, kn, eps, plus, k_cache, v_cache, slot, slot_row, nh, q);
   return q;
+}
+
+// Rotate q and k of qkv and write k and v into the cache (qkv_to_cache with rotation, no norms).
+at::Tensor rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                      at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& pos,
+                      int64_t n_head) {
+  return qkv_to_cache(qkv, &cos, &sin, k_cache, v_cache, pos, n_head, nullptr, nullptr, 0.0,
+                      0.0f);
 }
 
 // r[i] = the sum of the 16 lanes of v[i]: 16 dot products finished in 45 ops, not 16 reductions.
@@ -398,50 +501,83 @@ at::Tensor packed_linear(const at::Tensor& x, int64_t fmt, const at::Tensor& w,
 
 namespace {
 
-// One Llama decoder layer for a few query rows (decode): what Block.forward computes, with the
-// ops above and the packed matmuls (gemv.cpp), without a Python call between them.
-//   w = [ln1, ln2, then data, scales, bias of qkv_proj, o_proj, gate_up_proj, down_proj]
+// Per layer: the norms' weights (absent ones None), then data, scales, bias of each matrix.
+constexpr int64_t NORMS = 8, WEIGHTS = NORMS + 4 * 3, META = 4 * 3;
+enum Norm { LN1, LN1_BIAS, LN2, LN2_BIAS, ATTN_POST, MLP_POST, Q_NORM, K_NORM };
+enum Act { SILU_GATED, GELU_GATED, GELU };  // the MLP's middle: silu(gate) * up, ...
+
+const float* data_or_null(const std::optional<at::Tensor>& t, int64_t n) {
+  if (!t.has_value()) return nullptr;
+  check_f32(*t, "norm weight or bias");
+  TORCH_CHECK(t->numel() == n, "a norm's weight has ", t->numel(), " values, expected ", n);
+  return t->data_ptr<float>();
+}
+
+// One decoder layer for a few query rows (decode): what Block.forward computes, with the ops
+// above and the packed matmuls (gemv.cpp), without a Python call between them.
+//   x + post1(o(attend(rope(norm q, k of qkv(ln1(x))))))  then  + post2(down(act(up(ln2(x)))))
+//   w = the layer's WEIGHTS entries (Norm's order, then qkv, o, up (or gate_up), down)
 //   meta = [format, n, group size] of each of the four matrices (packed_linear's)
-at::Tensor llama_layer(const at::Tensor& x_in, const std::optional<at::Tensor>* w,
-                       const int64_t* meta, at::Tensor& k_cache, at::Tensor& v_cache,
-                       const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos,
-                       const at::Tensor& mask, int64_t n_head, double eps, double scale) {
+at::Tensor decoder_layer(const at::Tensor& x_in, const std::optional<at::Tensor>* w,
+                         const int64_t* meta, at::Tensor& k_cache, at::Tensor& v_cache,
+                         const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                         const at::Tensor& pos, const at::Tensor& mask, int64_t act,
+                         int64_t n_head, float plus, double eps, double scale) {
   const auto lin = [&](int j, const at::Tensor& h) {
-    return tinyformers::packed_linear(h, meta[3 * j], *w[2 + 3 * j], w[3 + 3 * j], w[4 + 3 * j],
-                                      meta[3 * j + 1], meta[3 * j + 2]);
+    const std::optional<at::Tensor>* m = w + NORMS + 3 * j;
+    return tinyformers::packed_linear(h, meta[3 * j], *m[0], m[1], m[2], meta[3 * j + 1],
+                                      meta[3 * j + 2]);
   };
-  for (int j = 0; j < 2; j++) {
-    check_f32(*w[j], "norm weight");
-    TORCH_CHECK(w[j]->numel() == x_in.size(-1), "norm weights must have C values");
-  }
+  const int64_t C = x_in.size(-1), hs = k_cache.size(3);
+  TORCH_CHECK(w[LN1].has_value() && w[LN2].has_value(), "a layer needs its two norms");
+  const float *ln1 = data_or_null(w[LN1], C), *ln1_b = data_or_null(w[LN1_BIAS], C);
+  const float *ln2 = data_or_null(w[LN2], C), *ln2_b = data_or_null(w[LN2_BIAS], C);
+  const float *post1 = data_or_null(w[ATTN_POST], C), *post2 = data_or_null(w[MLP_POST], C);
+  const float *qn = data_or_null(w[Q_NORM], hs), *kn = data_or_null(w[K_NORM], hs);
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "cos and sin: both or neither");
   at::Tensor x = x_in.clone(at::MemoryFormat::Contiguous);  // the residual stream, added to below
-  const at::Tensor q = rope_cache(lin(0, rms_norm(x, *w[0], eps)), cos, sin, k_cache, v_cache,
-                                  pos, n_head);
-  at::Tensor h = at::empty_like(x);  // x + attention, normed
-  add_rms_norm(x, lin(1, attend(q, k_cache, v_cache, mask, scale)), w[1]->data_ptr<float>(),
-               h.data_ptr<float>(), eps);
-  add_rms_norm(x, lin(3, silu_mul(lin(2, h))), nullptr, nullptr, eps);
+  at::Tensor h = at::empty_like(x);  // the normed stream each sublayer reads
+  const int64_t rows = x.numel() / C;
+  float *xp = x.data_ptr<float>(), *hp = h.data_ptr<float>();
+  for (int64_t r = 0; r < rows; r++) norm_row(xp + r * C, ln1, ln1_b, hp + r * C, C, eps, plus);
+  const at::Tensor q = qkv_to_cache(lin(0, h), cos ? &*cos : nullptr, sin ? &*sin : nullptr,
+                                    k_cache, v_cache, pos, n_head, qn, kn, eps, plus);
+  add_norm(x, lin(1, attend(q, k_cache, v_cache, mask, scale)), post1, ln2, ln2_b, hp, eps, plus);
+  const at::Tensor up = lin(2, h);
+  const at::Tensor mid = act == SILU_GATED ? silu_mul(up) : gelu_act(up, act == GELU_GATED);
+  add_norm(x, lin(3, mid), post2, nullptr, nullptr, nullptr, eps, plus);
   return x;
 }
 
-// Every decoder layer of a Llama in turn, one call per decode step: layer i reads 14 entries
-// of weights from 14 i, 12 of meta from 12 i, its own caches and mask.
-at::Tensor llama_layers(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& weights,
-                        at::IntArrayRef meta, at::TensorList k_caches, at::TensorList v_caches,
-                        const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos,
-                        at::TensorList masks, int64_t n_head, double eps, double scale) {
+// Every decoder layer in turn, one call per decode step (or one layer a call): layer i reads
+// WEIGHTS entries of weights from WEIGHTS i, META of meta from META i, its own caches, angles
+// (None: no rotation), mask and score scale. kind = [activation (Act), n_head, plus (1: the
+// RMS norms' gain is 1 + w, Gemma's)]; the norms are layer norms where their biases are given.
+at::Tensor decoder_layers(const at::Tensor& x_in,
+                          const c10::List<std::optional<at::Tensor>>& weights, at::IntArrayRef meta,
+                          at::TensorList k_caches, at::TensorList v_caches,
+                          const c10::List<std::optional<at::Tensor>>& cos,
+                          const c10::List<std::optional<at::Tensor>>& sin, const at::Tensor& pos,
+                          at::TensorList masks, at::IntArrayRef kind, double eps,
+                          at::ArrayRef<double> scales) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 3, "x must be float32 [B, T, C]");
   const int64_t n = k_caches.size();
-  TORCH_CHECK(int64_t(weights.size()) == 14 * n && int64_t(meta.size()) == 12 * n &&
-                  int64_t(v_caches.size()) == n && int64_t(masks.size()) == n,
-              "per layer: 2 norms + 4 x 3 tensors, 12 ints, a k and v cache, a mask");
+  TORCH_CHECK(int64_t(weights.size()) == WEIGHTS * n && int64_t(meta.size()) == META * n &&
+                  int64_t(v_caches.size()) == n && int64_t(masks.size()) == n &&
+                  int64_t(cos.size()) == n && int64_t(sin.size()) == n &&
+                  int64_t(scales.size()) == n && kind.size() == 3,
+              "per layer: 8 norms + 4 x 3 tensors, 12 ints, caches, angles, a mask, a scale; "
+              "kind: [activation, n_head, plus]");
+  TORCH_CHECK(kind[0] >= SILU_GATED && kind[0] <= GELU, "unknown activation ", kind[0]);
   const std::vector<std::optional<at::Tensor>> w(weights.begin(), weights.end());
-  const at::Tensor c = cos.contiguous(), s = sin.contiguous();
   at::Tensor x = x_in;
   for (int64_t i = 0; i < n; i++) {
     at::Tensor k = k_caches[i], v = v_caches[i];
-    x = llama_layer(x, w.data() + 14 * i, meta.data() + 12 * i, k, v, c, s, pos, masks[i],
-                    n_head, eps, scale);
+    std::optional<at::Tensor> c = cos[i], s = sin[i];
+    if (c) c = c->contiguous();
+    if (s) s = s->contiguous();
+    x = decoder_layer(x, w.data() + WEIGHTS * i, meta.data() + META * i, k, v, c, s, pos,
+                      masks[i], kind[0], kind[1], float(kind[2]), eps, scales[i]);
   }
   return x;
 }
@@ -454,9 +590,9 @@ TORCH_LIBRARY_FRAGMENT(tinyformers, m) {
   m.def("rope_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache,"
         " Tensor pos, int n_head) -> Tensor");
   m.def("attend(Tensor q, Tensor k_cache, Tensor v_cache, Tensor mask, float scale) -> Tensor");
-  m.def("llama_layers(Tensor x, Tensor?[] weights, int[] meta, Tensor(a!)[] k_caches,"
-        " Tensor(b!)[] v_caches, Tensor cos, Tensor sin, Tensor pos, Tensor[] masks, int n_head,"
-        " float eps, float scale) -> Tensor");
+  m.def("decoder_layers(Tensor x, Tensor?[] weights, int[] meta, Tensor(a!)[] k_caches,"
+        " Tensor(b!)[] v_caches, Tensor?[] cos, Tensor?[] sin, Tensor pos, Tensor[] masks,"
+        " int[] kind, float eps, float[] scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tinyformers, CPU, m) {
@@ -464,5 +600,5 @@ TORCH_LIBRARY_IMPL(tinyformers, CPU, m) {
   m.impl("silu_mul", &silu_mul);
   m.impl("rope_cache", &rope_cache);
   m.impl("attend", &attend);
-  m.impl("llama_layers", &llama_layers);
+  m.impl("decoder_layers", &decoder_layers);
 }

@@ -9,21 +9,27 @@ so parameters, hooks and names stay where they were.
 
 - Llama: RMSNorm and SwiGLU in one pass each, q/k rotation and the cache write in one op,
   attention over the cache, and every layer of a decode step in one call (`Llama.run_layers`).
-- Gemma 3: its norms, x / rms(x) * (1 + weight), as the C++ rms_norm with the gain
-  1 + weight (the q/k norms too, inside the fused attention); the stacked q/k/v, then the same
-  rotation, cache write and attention ops. GeGLU has no op of its own: it runs written out,
-  on the stacked gate/up (one matmul).
+- GPT-2: each Block of a decode step in one C++ call (the same `decoder_layers` with layer
+  norms, biases, no rotation and GELU).
+- Gemma 3: each Block of a decode step in one C++ call (`decoder_layers` with the q/k norms,
+  the norms after each sublayer, the gain 1 + weight and GeGLU), its mask and angles those of
+  the layer's kind. Outside it (q/k/v kept apart, torch.compile), its norms as the C++
+  rms_norm with the gain 1 + weight, and the stacked q/k/v through the rotation, cache write
+  and attention ops.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
-from tinyformers.models import gemma3, llama
+from tinyformers.models import gemma3, gpt2, llama
 from tinyformers.models.kv_cache import KVCache
 
 from . import fused
+from .packed import PackedWeight
 
 
 def few_rows(x: Tensor) -> bool:
@@ -72,54 +78,137 @@ class LlamaAttention(llama.Attention):
         return self.o_proj(z)  # (B, T, nh*hs) -> (B, T, C)
 
 
-class Llama(llama.Llama):
-    """Every Block.forward of a decode step in one C++ call (`fused.llama_layers`): norms,
-    packed matmuls, rotary, cache writes, attention and residual adds."""
+def one_call_fits(x: Tensor, cache, attn: nn.Module) -> bool:
+    """Whether `fused.decoder_layers` may run a decode step's layers: a cache, at most
+    `fused.ATTEND_ROWS` query rows, the attention's fused path could run (`fits`: fast on,
+    float32 on the CPU, no hook listening), not under torch.compile (which traces the ops)."""
+    return (
+        cache is not None
+        and x.shape[1] <= fused.ATTEND_ROWS
+        and not torch.compiler.is_compiling()
+        and fits(attn, x)
+    )
 
-    packed: tuple | None = None  # (layer 0's q/k/v data, every layer's weights, flattened)
 
-    def run_layers(self, x, cos, sin, masks, cache, input_pos) -> Tensor:
-        if (packed := self._packed(x, cache)) is None:
-            return super().run_layers(x, cos, sin, masks, cache, input_pos)
-        attn, eps = self.layers[0].self_attn, self.config.rms_norm_eps
-        return fused.llama_layers(
-            x, packed, cos, sin, cache, input_pos, masks, attn.n_head, eps, attn.scale
-        )
+def packed_data(linear: nn.Module) -> Tensor | None:
+    """A projection's packed matrix (what says the weights changed), or None if not packed."""
+    w = getattr(linear, "weight", None)
+    return w._buffers["data"] if isinstance(w, PackedWeight) else None
 
-    def _packed(self, x: Tensor, cache: list[KVCache] | None):
-        """Every layer's weights, flattened, when `fused.llama_layers` can run this call: at
-        most `fused.ATTEND_ROWS` query rows, layer 0's fused attention and MLP could run,
-        every matrix packed for the kernels, not under torch.compile; else None."""
-        attn, mlp = self.layers[0].self_attn, self.layers[0].mlp
-        if cache is None or x.shape[1] > fused.ATTEND_ROWS:
+
+class OneCall:
+    """Holds the weights `fused.decoder_layers` takes, looked up once, again when the packed
+    matrix `key` changes or `_apply` (.to(), .float()) runs: the tensors may be new ones."""
+
+    packed: tuple | None = None  # (key, the weights flattened, or None: not every one packed)
+
+    def one_call_weights(self, key: Tensor | None, layers) -> tuple[list, list[int]] | None:
+        if key is None:
             return None
-        if torch.compiler.is_compiling():  # torch.compile traces (and fuses) the layers' ops
-            return None
-        if not (isinstance(attn, LlamaAttention) and isinstance(mlp, LlamaMLP)):
-            return None
-        if not (fits(attn, x) and fits(mlp, x)):
-            return None
-        key = attn.qkv_proj.weight._buffers.get("data")
-        # subtle: looked up once, again when layer 0's matrix changes or `_apply` (.to()) runs
         if self.packed is None or self.packed[0] is not key:
-            layers = [_layer_weights(block) for block in self.layers]
+            weights = [layer_weights() for layer_weights in layers]
             flat = None
-            if all(layer is not None for layer in layers):
-                flat = [t for w, _ in layers for t in w], [v for _, m in layers for v in m]
+            if all(w is not None for w in weights):
+                flat = [t for w, _ in weights for t in w], [v for _, m in weights for v in m]
             self.packed = (key, flat)
         return self.packed[1]
 
     def _apply(self, fn, *args, **kwargs):
-        self.packed = None  # .to(), .float(), ...: the tensors may be new ones
+        self.packed = None
         return super()._apply(fn, *args, **kwargs)
 
 
-def _layer_weights(block: llama.Block) -> tuple[list, list[int]] | None:
-    """A block's tensors for `fused.llama_layers`, or None when a matrix is not packed."""
+class Llama(OneCall, llama.Llama):
+    """Every Block.forward of a decode step in one C++ call (`fused.decoder_layers`): norms,
+    packed matmuls, rotary, cache writes, attention and residual adds."""
+
+    def run_layers(self, x, cos, sin, masks, cache, input_pos) -> Tensor:
+        if (packed := self._packed(x, cache)) is None:
+            return super().run_layers(x, cos, sin, masks, cache, input_pos)
+        attn, n = self.layers[0].self_attn, len(self.layers)
+        return fused.decoder_layers(
+            x, packed, [(cos, sin)] * n, cache, input_pos, masks, [attn.scale] * n,
+            activation="silu_gated", n_head=attn.n_head, eps=self.config.rms_norm_eps,
+        )  # fmt: skip
+
+    def _packed(self, x: Tensor, cache: list[KVCache] | None):
+        """Every layer's weights, flattened, when `fused.decoder_layers` can run this call
+        (layer 0's fused attention and MLP could run, every matrix packed), else None."""
+        attn, mlp = self.layers[0].self_attn, self.layers[0].mlp
+        if not (isinstance(attn, LlamaAttention) and isinstance(mlp, LlamaMLP)):
+            return None
+        if not (one_call_fits(x, cache, attn) and fits(mlp, x)):
+            return None
+        layers = [partial(_llama_weights, block) for block in self.layers]
+        return self.one_call_weights(packed_data(attn.qkv_proj), layers)
+
+
+def _llama_weights(block: llama.Block) -> tuple[list, list[int]] | None:
+    """A block's tensors for `fused.decoder_layers`, or None when a matrix is not packed."""
     attn, mlp = block.self_attn, block.mlp
-    norms = (block.input_layernorm, block.post_attention_layernorm)
+    norms = [block.input_layernorm.weight, None, block.post_attention_layernorm.weight]
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    return fused.layer_weights(norms, linears)
+    return fused.layer_weights(norms + [None] * 5, linears)
+
+
+class GPT2Block(OneCall, gpt2.Block):
+    """The block of a decode step in one C++ call (`fused.decoder_layers`): layer norms,
+    packed matmuls with their biases, the cache write (no rotation: GPT-2's positions are
+    added to the embeddings), attention, GELU and residual adds."""
+
+    def forward(self, x: Tensor, mask: Tensor, cache: KVCache | None, input_pos) -> Tensor:
+        attn = self.attn
+        if self.training or not one_call_fits(x, cache, attn):  # training: dropout
+            return super().forward(x, mask, cache, input_pos)
+        if (packed := self.one_call_weights(packed_data(attn.c_attn), [self._weights])) is None:
+            return super().forward(x, mask, cache, input_pos)
+        return fused.decoder_layers(
+            x, packed, [None], [cache], input_pos, [mask], [attn.scale],
+            activation="gelu_tanh", n_head=attn.n_head, eps=self.ln_1.eps,
+        )  # fmt: skip
+
+    def _weights(self) -> tuple[list, list[int]] | None:
+        attn, mlp, ln_1, ln_2 = self.attn, self.mlp, self.ln_1, self.ln_2
+        if mlp.act not in GELU_TANH or ln_1.eps != ln_2.eps:  # the others: written out
+            return None
+        norms = [ln_1.weight, ln_1.bias, ln_2.weight, ln_2.bias] + [None] * 4
+        return fused.layer_weights(norms, (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj))
+
+
+GELU_TANH = (gpt2.ACTIVATIONS["gelu_new"], gpt2.ACTIVATIONS["gelu_pytorch_tanh"])
+
+
+class Gemma3Block(OneCall, gemma3.Block):
+    """The block of a decode step in one C++ call (`fused.decoder_layers`): the four norms
+    (gain 1 + weight), q/k norms, rotary by this layer's angles, cache write, attention under
+    this layer's mask (its window), GeGLU and residual adds."""
+
+    def forward(self, x, cos, sin, mask, cache, input_pos) -> Tensor:
+        attn = self.self_attn
+        key = packed_data(getattr(attn, "qkv_proj", None))  # None: q, k, v kept apart
+        if not one_call_fits(x, cache, attn) or key is None:
+            return super().forward(x, cos, sin, mask, cache, input_pos)
+        if (packed := self.one_call_weights(key, [self._weights])) is None:
+            return super().forward(x, cos, sin, mask, cache, input_pos)
+        return fused.decoder_layers(
+            x, packed, [(cos, sin)], [cache], input_pos, [mask], [attn.scale],
+            activation="gelu_tanh_gated", n_head=attn.n_head, eps=self.input_layernorm.eps,
+            gain_plus_one=True,
+        )  # fmt: skip
+
+    def _weights(self) -> tuple[list, list[int]] | None:
+        attn, mlp = self.self_attn, self.mlp
+        norms = [
+            self.input_layernorm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
+            self.post_feedforward_layernorm, attn.q_norm, attn.k_norm,
+        ]  # fmt: skip
+        if len({norm.eps for norm in norms}) > 1 or not hasattr(mlp, "gate_up_proj"):
+            return None
+        ln1, post1, ln2, post2, q_norm, k_norm = (norm.weight for norm in norms)
+        norms = [ln1, None, ln2, None, post1, post2, q_norm, k_norm]
+        return fused.layer_weights(
+            norms, (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        )
 
 
 class Gemma3RMSNorm(gemma3.RMSNorm):
@@ -161,8 +250,10 @@ FUSED: dict[type, tuple[type, str]] = {
     llama.MLP: (LlamaMLP, "gate_up_proj"),
     llama.Attention: (LlamaAttention, "qkv_proj"),
     llama.Llama: (Llama, ""),
+    gpt2.Block: (GPT2Block, ""),
     gemma3.RMSNorm: (Gemma3RMSNorm, ""),
     gemma3.Attention: (Gemma3Attention, "qkv_proj"),
+    gemma3.Block: (Gemma3Block, ""),
 }
 
 
