@@ -48,6 +48,21 @@ def count_calls(monkeypatch) -> Counter:
     return calls
 
 
+def count_layer_calls(monkeypatch) -> Counter:
+    """Calls of the one C++ layer runner (kernels/fused.decoder_layers) from the fused blocks."""
+    from tinyformers.kernels import fused
+
+    calls: Counter = Counter()
+    real = fused.decoder_layers
+
+    def counted(*args, **kwargs):
+        calls["decoder_layers"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "decoder_layers", counted)
+    return calls
+
+
 def torch_wins(monkeypatch, speedup: float) -> list:
     """Make every timing say torch's matmul is `speedup` times faster; returns the weights timed."""
     timed = []
@@ -108,8 +123,12 @@ def test_a_measured_win_for_torch_sends_prefill_to_torch_and_decode_to_ours(monk
         cache = net.make_cache(1, 21)
         net(ids[:, :20], cache=cache, input_pos=torch.arange(20))
         assert calls == {"torch_linear": len(linears(net))}  # prefill: 20 rows each
+        layer_calls = count_layer_calls(monkeypatch)
         net(ids[:, 20:], cache=cache, input_pos=torch.tensor([20]))
-    assert calls == {"torch_linear": len(linears(net)), "linear": len(linears(net))}
+    # decode: ours, never torch's; each block's matmuls inside its one C++ decoder_layers
+    # call (kernels/swap.py), the tied lm_head through PackedLinear
+    assert calls == {"torch_linear": len(linears(net)), "linear": 1}
+    assert layer_calls == {"decoder_layers": net.config.n_layer}
     info = LanguageModel(net, None, Path("random"), set()).info()["prefill matmuls"]
     assert info.startswith("torch F.linear on bf16 192x64, 64x64, 256x64, 64x256, 96x64")
     assert info.endswith(
@@ -147,7 +166,7 @@ def test_quantised_formats_stay_on_ours_untimed(fmt, monkeypatch):
     net = random_model("llama")
     if fmt == "q4":  # pack_model makes q4 only from a GGUF's blocks: every matrix as Q4_1
         blocks = {
-            n: kernels.quantize_q4(m.weight.detach())
+            n: ("Q4_1", *kernels.quantize_q4(m.weight.detach()))
             for n, m in net.named_modules()
             if isinstance(m, torch.nn.Linear)
         }

@@ -89,11 +89,21 @@ def test_gemma3_q4_k_m_runs_on_its_own_blocks(capsys):
     assert formats == {"int8", "q5_0", "q4_k", "q6_k"}  # Q8_0 head and v, and the file's others
     reference = tinyformers.load(path)  # dequantized to float32
     ids = [2, 818, 5279, 529, 7001, 563]  # BOS "The capital of France is"
+    seq = ids + reference.generate_ids(ids, 16, temperature=0)
     with torch.inference_mode():
-        logits = native.net(torch.tensor([ids]))[0, -1]
-        want = reference.net(torch.tensor([ids]))[0, -1]
-    # the same top 5 (int8 activations move logits by ~0.1: tokens 0.04 apart may swap places)
-    assert set(logits.topk(5).indices.tolist()) == set(want.topk(5).indices.tolist())
-    assert native.generate_ids(ids, 16, temperature=0) == reference.generate_ids(
-        ids, 16, temperature=0
-    )
+        want = reference.net(torch.tensor([seq]))[0, len(ids) - 1 : -1].log_softmax(-1)
+        # the native model decodes the same tokens one at a time: its fused decode path
+        cache = native.net.make_cache(1, len(seq))
+        prefill = native.net(torch.tensor([ids]), cache=cache, input_pos=torch.arange(len(ids)))
+        got = [prefill[0, -1]]
+        for t in range(len(ids), len(seq) - 1):
+            step = native.net(torch.tensor([[seq[t]]]), cache=cache, input_pos=torch.tensor([t]))
+            got.append(step[0, -1])
+        got = torch.stack(got).log_softmax(-1)
+    # the same top 5 first (int8 activations move logits by ~0.1: tokens 0.04 apart may swap)
+    assert set(got[0].topk(5).indices.tolist()) == set(want[0].topk(5).indices.tolist())
+    # Judged by KL against float32, as the issue asks (a greedy text re-rolls where two tokens
+    # are close): the weights are the file's exactly, only x is rounded to int8 per 32
+    # columns. Measured over these 16 steps: mean 0.002, max 0.006 nats; 5x margin.
+    kl = (want.exp() * (want - got)).sum(-1)
+    assert kl.mean() < 0.01 and kl.max() < 0.03, kl

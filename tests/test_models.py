@@ -258,8 +258,9 @@ def test_a_mixed_kind_group_stays_apart():
 
     net = random_model("llama")
     attn = net.layers[0].self_attn
-    q8 = quantize_int8(attn.q_proj.weight.detach(), 32)  # Q8_0 blocks: (values, scales)
-    q4 = quantize_q4(attn.k_proj.weight.detach())  # Q4_1 blocks: (values, scales, mins)
+    # as gguf_model hands them over: (ggml type, values, scales[, mins])
+    q8 = ("Q8_0", *quantize_int8(attn.q_proj.weight.detach(), 32))
+    q4 = ("Q4_1", *quantize_q4(attn.k_proj.weight.detach()))
     blocks = {"layers.0.self_attn.q_proj": q8, "layers.0.self_attn.k_proj": q4}
     pack_model(net, "f32", quantized=blocks)
     assert not hasattr(attn, "qkv_proj")
