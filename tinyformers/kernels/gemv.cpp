@@ -33,36 +33,37 @@ void store32(float* y, const float* bias, const __m512 (&acc)[2], int64_t n) {
   store(y + 16, bias ? bias + 16 : nullptr, acc[1], n - 16);
 }
 
-// ---- f32: one block is [K][32]; two zmm of outputs per row of x.
-template <int M>
-void f32_tile(const float* x, int64_t K, const float* w, const float* bias, float* y,
-              int64_t ldy, int64_t n) {
-  __m512 acc[M][2];
-  for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k++) {
-    const __m512 w0 = _mm512_loadu_ps(w + k * 32), w1 = _mm512_loadu_ps(w + k * 32 + 16);
-    for (int m = 0; m < M; m++) {
-      const __m512 xm = _mm512_set1_ps(x[m * K + k]);
-      acc[m][0] = _mm512_fmadd_ps(w0, xm, acc[m][0]);
-      acc[m][1] = _mm512_fmadd_ps(w1, xm, acc[m][1]);
-    }
-  }
-  for (int m = 0; m < M; m++) store32(y + m * ldy, bias, acc[m], n);
-}
+// ---- f32 and bf16: one tile loop, two kinds of step along K. A block is [steps][32] of
+// Step::W: f32, one column a step (x broadcast as a float); bf16, a pair of columns a step
+// (x arrives as bf16 pairs, one uint32 per two columns, and vdpbf16ps sums the pair).
+struct F32Step {
+  using W = float;
+  using X = float;
+  static __m512 load(const W* w) { return _mm512_loadu_ps(w); }
+  static __m512 broadcast(X x) { return _mm512_set1_ps(x); }
+  static __m512 fma(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
+};
 
-// ---- bf16: one block is [K/2][32][2]; x arrives as bf16 pairs (one uint32 per two columns).
-template <int M>
-void bf16_tile(const uint32_t* x, int64_t kpairs, const uint32_t* w, const float* bias, float* y,
-               int64_t ldy, int64_t n) {
+struct BF16Step {
+  using W = uint32_t;
+  using X = uint32_t;
+  static __m512bh load(const W* w) { return (__m512bh)_mm512_loadu_si512(w); }
+  static __m512bh broadcast(X x) { return (__m512bh)_mm512_set1_epi32(int(x)); }
+  static __m512 fma(__m512 acc, __m512bh w, __m512bh x) { return _mm512_dpbf16_ps(acc, w, x); }
+};
+
+// M rows of x [M, steps] times one block; two zmm of outputs per row of x.
+template <class Step, int M>
+void tile(const typename Step::X* x, int64_t steps, const typename Step::W* w, const float* bias,
+          float* y, int64_t ldy, int64_t n) {
   __m512 acc[M][2];
   for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < kpairs; p++) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * 32);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + p * 32 + 16);
+  for (int64_t k = 0; k < steps; k++) {
+    const auto w0 = Step::load(w + k * 32), w1 = Step::load(w + k * 32 + 16);
     for (int m = 0; m < M; m++) {
-      const __m512bh xm = (__m512bh)_mm512_set1_epi32(int(x[m * kpairs + p]));
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xm);
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xm);
+      const auto xm = Step::broadcast(x[m * steps + k]);
+      acc[m][0] = Step::fma(acc[m][0], w0, xm);
+      acc[m][1] = Step::fma(acc[m][1], w1, xm);
     }
   }
   for (int m = 0; m < M; m++) store32(y + m * ldy, bias, acc[m], n);
@@ -203,8 +204,8 @@ at::Tensor gemv_f32(const at::Tensor& x, const at::Tensor& w, const std::optiona
   float* yp = y.data_ptr<float>();
   for_blocks(M, nblk, K * 32 * 4, [&](int64_t blk, int64_t m0, int64_t rows) {
     with_rows(rows, [&]<int R>() {
-      f32_tile<R>(xp + m0 * K, K, wp + blk * K * 32, b ? b + blk * 32 : nullptr,
-                  yp + m0 * n + blk * 32, n, n - blk * 32);
+      tile<F32Step, R>(xp + m0 * K, K, wp + blk * K * 32, b ? b + blk * 32 : nullptr,
+                       yp + m0 * n + blk * 32, n, n - blk * 32);
     });
   });
   return y;
@@ -224,8 +225,8 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w,
   float* yp = y.data_ptr<float>();
   for_blocks(M, nblk, kpairs * 32 * 4, [&](int64_t blk, int64_t m0, int64_t rows) {
     with_rows(rows, [&]<int R>() {
-      bf16_tile<R>(xb.data() + m0 * kpairs, kpairs, wp + blk * kpairs * 32,
-                   b ? b + blk * 32 : nullptr, yp + m0 * n + blk * 32, n, n - blk * 32);
+      tile<BF16Step, R>(xb.data() + m0 * kpairs, kpairs, wp + blk * kpairs * 32,
+                        b ? b + blk * 32 : nullptr, yp + m0 * n + blk * 32, n, n - blk * 32);
     });
   });
   return y;
