@@ -147,26 +147,10 @@ void add_norm(at::Tensor& x, const at::Tensor& a, const float* post, const float
   }
 }
 
-at::Tensor silu_mul(const at::Tensor& gate_up) {
-  check_f32(gate_up, "gate_up");
-  const int64_t H = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * H);
-  TORCH_CHECK(gate_up.size(-1) == 2 * H, "gate_up must hold gate and up: an even width");
-  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
-  shape.back() = H;
-  at::Tensor y = at::empty(shape, gate_up.options());
-  const float* gp = gate_up.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  for_rows(rows, 8 * H, [&](int64_t r) {
-    const float *g = gp + r * 2 * H, *u = g + H;
-    for (int64_t h = 0; h < H; h += 16) {
-      const __mmask16 m = first(H - h);
-      const __m512 gv = _mm512_maskz_loadu_ps(m, g + h);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));  // exp(-gate)
-      const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-      _mm512_mask_storeu_ps(yp + r * H + h, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, u + h)));
-    }
-  });
-  return y;
+// silu(x) = x sigmoid(x) = x / (1 + exp(-x)).
+inline __m512 silu16(__m512 x) {
+  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));  // exp(-x)
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 
 // gelu(x) in its tanh approximation, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3),
@@ -179,9 +163,11 @@ inline __m512 gelu_tanh16(__m512 x) {
   return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 
-// gelu_tanh(gate) * up from the stacked [gate | up] rows (Gemma's GeGLU), or with `gated`
-// false gelu_tanh(h) of plain rows (GPT-2's MLP): [..., 2H] or [..., H] -> [..., H].
-at::Tensor gelu_act(const at::Tensor& h, bool gated) {
+// The MLP's middle: f(gate) * up from the stacked [gate | up] rows (`gated`: SwiGLU with silu,
+// Gemma's GeGLU with gelu_tanh), or f(h) of plain rows (GPT-2's MLP): [..., 2H] or [..., H]
+// -> [..., H].
+template <class F>
+at::Tensor activate(const at::Tensor& h, bool gated, F f) {
   check_f32(h, "h");
   const int64_t W = h.size(-1), H = gated ? W / 2 : W, rows = h.numel() / W;
   TORCH_CHECK(!gated || W == 2 * H, "gate_up must hold gate and up: an even width");
@@ -194,13 +180,17 @@ at::Tensor gelu_act(const at::Tensor& h, bool gated) {
     const float *g = hp + r * W, *u = g + H;
     for (int64_t i = 0; i < H; i += 16) {
       const __mmask16 m = first(H - i);
-      __m512 v = gelu_tanh16(_mm512_maskz_loadu_ps(m, g + i));
+      __m512 v = f(_mm512_maskz_loadu_ps(m, g + i));
       if (gated) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, u + i));
       _mm512_mask_storeu_ps(yp + r * H + i, m, v);
     }
   });
   return y;
 }
+
+at::Tensor silu_mul(const at::Tensor& gate_up) { return activate(gate_up, true, silu16); }
+
+at::Tensor gelu_act(const at::Tensor& h, bool gated) { return activate(h, gated, gelu_tanh16); }
 
 // out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1) for halves x1, x2 of hs.
 template <typename C>
