@@ -66,6 +66,7 @@ CONFIGS = {
     "gemma3": [  # llama.cpp's row: the shipped file as it is (mode = its file type)
         ("ours", "bfloat16"),
         ("ours", "gguf"),
+        ("llama.cpp", "BF16"),
         ("llama.cpp", "Q4_K_M"),
     ],
 }
@@ -100,6 +101,7 @@ def gemma3_gguf() -> Path:
 
 
 GGUF_OF = {"smollm2": smollm2_gguf, "gemma3": gemma3_gguf}
+SHIPPED = {"smollm2": "Q4_1", "gemma3": "Q4_K_M"}  # each file's own type; others requantized
 
 
 def peak_rss_mb() -> float:
@@ -245,8 +247,8 @@ def run_llama_cpp(model_name: str, mode: str) -> dict:
     if model_name not in GGUF_OF:
         raise SystemExit("skip")
     path = GGUF_OF[model_name]()
-    if model_name == "smollm2" and mode != "Q4_1":  # requantize the shipped Q4_1 file to mode
-        target = Path(tempfile.gettempdir()) / f"smollm2-{mode}.gguf"
+    if mode != SHIPPED[model_name]:  # the shipped file requantized to mode: the same weights
+        target = Path(tempfile.gettempdir()) / f"{model_name}-{mode}.gguf"
         if not target.is_file():
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mode}")
@@ -524,6 +526,47 @@ def print_table(results: list[dict]) -> None:
             f"{bound_share(r)} | {ratio(r, same)} | {ratio(r, base)} | "
             f"{ratio(r, cpp)} | "
             f"{fmt(r.get('perplexity'), '.3f')} |"
+        )
+    print_goals(results)
+
+
+# Issue 25's goals: (model, our row, what is measured, the reference's row or None for the
+# bandwidth bound, the share to reach). A row missing from this run prints "not measured".
+GOALS = [
+    ("gpt2", ("ours", "float32"), "decode", None, 0.85),
+    ("gpt2", ("ours", "float32"), "decode", ("hf", "float32"), 1.3),
+    ("gpt2", ("ours", "bfloat16"), "decode", None, 0.80),
+    ("gpt2", ("ours", "int8"), "decode", None, 0.80),
+    ("gemma3", ("ours", "gguf"), "decode", ("llama.cpp", "Q4_K_M"), 1.2),
+    ("gemma3", ("ours", "bfloat16"), "decode", ("llama.cpp", "BF16"), 1.0),
+    ("smollm2", ("ours", "bfloat16"), "decode", ("llama.cpp", "BF16"), 1.2),
+    ("smollm2", ("ours", "bfloat16"), "decode", None, 0.85),
+    ("gpt2", ("ours", "bfloat16"), "prefill", ("hf", "bfloat16"), 1.2),
+    ("smollm2", ("ours", "bfloat16"), "prefill", ("hf", "bfloat16"), 1.2),
+]
+
+
+def print_goals(results: list[dict]) -> None:
+    """Each goal of this run: ours, the reference (or the bound), the ratio, met or not."""
+    rows = {(r["model"], r["impl"], r["mode"]): r for r in results}
+    print("\n| goal | ours | reference | ratio | goal | met |\n|---|---|---|---|---|---|")
+    for model, (impl, mode), what, ref, want in GOALS:
+        ours, key = rows.get((model, impl, mode)), f"{what}_tps"
+        against = "bandwidth bound" if ref is None else " ".join(ref)
+        name = f"{model} {impl} {mode} {what} vs {against}"
+        other = None if ref is None else rows.get((model, *ref))
+        missing = other is None if ref is not None else bound_share(ours or {}) == "-"
+        if ours is None or missing:
+            print(f"| {name} | - | - | - | {want:.2f} | not measured |")
+            continue
+        if ref is None:
+            gb_per_s = ours["decode_tps"] * ours["bytes_per_token"] / 1e9
+            got, reference = gb_per_s / ours["bandwidth_gb_per_s"], "bound"
+        else:
+            got, reference = ours[key] / other[key], fmt(other[key])
+        print(
+            f"| {name} | {fmt(ours[key])} | {reference} | {got:.2f} | {want:.2f} | "
+            f"{'yes' if got >= want else 'no'} |"
         )
 
 
