@@ -502,11 +502,16 @@ def megabytes(n: int | None) -> float | None:
     return None if n is None else n / 1e6
 
 
-def bound_share(r: dict) -> str:
+def bound_fraction(r: dict) -> float | None:
     """Decode speed as a share of the bandwidth bound: tok/s x bytes per token / bandwidth."""
     if not r.get("bytes_per_token") or not r.get("bandwidth_gb_per_s"):
-        return "-"
-    return f"{r['decode_tps'] * r['bytes_per_token'] / 1e9 / r['bandwidth_gb_per_s']:.0%}"
+        return None
+    return r["decode_tps"] * r["bytes_per_token"] / 1e9 / r["bandwidth_gb_per_s"]
+
+
+def bound_share(r: dict) -> str:
+    share = bound_fraction(r)
+    return "-" if share is None else f"{share:.0%}"
 
 
 def ratio(r: dict, ref: dict | None) -> str:
@@ -563,15 +568,14 @@ def print_goals(results: list[dict]) -> None:
         against = "bandwidth bound" if ref is None else " ".join(ref)
         name = f"{model} {impl} {mode} {what} vs {against}"
         other = None if ref is None else rows.get((model, *ref))
-        missing = other is None if ref is not None else bound_share(ours or {}) == "-"
-        if ours is None or missing:
+        if ref is None:
+            got, reference = bound_fraction(ours or {}), "bound"
+        else:
+            got = None if ours is None or other is None else ours[key] / other[key]
+            reference = fmt(other and other[key])
+        if got is None:
             print(f"| {name} | - | - | - | {want:.2f} | not measured |")
             continue
-        if ref is None:
-            gb_per_s = ours["decode_tps"] * ours["bytes_per_token"] / 1e9
-            got, reference = gb_per_s / ours["bandwidth_gb_per_s"], "bound"
-        else:
-            got, reference = ours[key] / other[key], fmt(other[key])
         print(
             f"| {name} | {fmt(ours[key])} | {reference} | {got:.2f} | {want:.2f} | "
             f"{'yes' if got >= want else 'no'} |"
