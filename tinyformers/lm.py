@@ -30,9 +30,9 @@ from tinyformers.tokenizers import prompt_ids
 
 
 class SamplingOptions(TypedDict, total=False):
-    """The keywords of `generate_ids`, `generate` and `stream`: SamplingParams' fields, with
-    its defaults (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, repetition_penalty 1,
-    seed None), and `truncate` (default False: a prompt too long for the context raises)."""
+    """The keywords of `generate_ids`, `generate` and `stream`: SamplingParams' fields, its
+    defaults where a call leaves them out (generation/params.py holds them, the one source),
+    and `truncate` (default False: a prompt too long for the context raises)."""
 
     temperature: float
     top_k: int
