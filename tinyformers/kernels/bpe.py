@@ -2,7 +2,8 @@
 its tables.
 
 A tokenizer asks for one at its first encode and keeps its own Python loop as the reference
-and the fallback (no compiler, a CPU without AVX-512, TINYFORMERS_NO_KERNELS=1).
+and the fallback (no compiler, TINYFORMERS_NO_KERNELS=1). bpe.cpp is built apart from the
+kernels, with no vector flags, so a CPU without AVX-512 or AVX2 still runs it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from tinyformers.tokenizers.bpe import GPT2_PATTERN, LLAMA3_PATTERN
 
-from .build import load_ops
+from .build import load_tokenizer_ops
 
 # The split patterns bpe.cpp writes out, by the number it knows each by (its `Pattern`).
 PATTERNS = {GPT2_PATTERN: 0, LLAMA3_PATTERN: 1, r"\p{N}": 2, r"\p{N}+": 3, r"\p{N}{1,3}": 4}
@@ -67,8 +68,8 @@ def byte_level_encoder(
     whole_pieces: dict[bytes, int] | None,
 ) -> NativeEncoder | None:
     """The C++ encoder of a byte-level BPE tokenizer (`tokenizers.bpe.Tokenizer`'s tables),
-    or None where the kernels cannot build."""
-    if load_ops()[0] is None:
+    or None where bpe.cpp cannot build."""
+    if load_tokenizer_ops()[0] is None:
         return None
     rows = [(x, y, rank, merged) for (x, y), (rank, merged) in merges.items()]
     table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
@@ -97,9 +98,8 @@ def sentencepiece_encoder(
     byte_ids: list[int | None],
 ) -> NativeEncoder | None:
     """The C++ merge loop of a `SentencePieceTokenizer`: merges by `priority` (token text ->
-    heap key) or by `pair_ranks` ((left, right) -> rank), or None where the kernels cannot
-    build."""
-    if load_ops()[0] is None:
+    heap key) or by `pair_ranks` ((left, right) -> rank), or None where bpe.cpp cannot build."""
+    if load_tokenizer_ops()[0] is None:
         return None
     data = [t.encode("utf-8", errors="surrogatepass") for t in tokens]
     offsets = np.cumsum([0] + [len(d) for d in data], dtype=np.int64)

@@ -1,10 +1,15 @@
-"""Compile gemv.cpp at first use and load its ops, or say in one line why that cannot happen.
+"""Compile the C++ at first use and load its ops, or say in one line why that cannot happen.
 
-The build lives in a folder keyed by everything that makes one build differ from another
-(torch and Python versions, CPU architecture, compiler and flags, the source's hash), under
+Two libraries, built apart so that each runs wherever it can:
+- the kernels (gemv.cpp, kquant.cpp, layers.cpp), for the widest vector instructions this CPU
+  has: AVX-512 (Zen 4, Xeon since Cooper Lake) or AVX2 (Zen 2-3, Intel since Haswell);
+- the tokenizer's loop (bpe.cpp), plain C++ that any compiler builds for any CPU.
+
+Each build lives in a folder keyed by everything that makes one build differ from another
+(torch and Python versions, CPU architecture, compiler and flags, the sources' hash), under
 TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions)/tinyformers/. Two venvs or checkouts
 with the same key share one build; with different keys each keeps its own, so neither
-rebuilds the other's. Set TINYFORMERS_NO_KERNELS=1 to force the torch path.
+rebuilds the other's. Set TINYFORMERS_NO_KERNELS=1 to force the torch (and Python) paths.
 """
 
 import functools
@@ -13,35 +18,64 @@ import os
 import platform
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-SOURCES = [
-    Path(__file__).with_name(f)
-    for f in ("gemv.h", "gemv.cpp", "kquant.cpp", "layers.cpp", "bpe.cpp")
-]
-NAME = "tinyformers_gemv"
-# What the kernels execute: AVX-512 F/BW/VL, vdpbf16ps, vpdpbusd, vcvtph2ps.
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma")
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni"]
-CFLAGS += ["-mf16c", "-mfma", "-fopenmp"]  # -fopenmp: at::parallel_for runs on torch's own pool
+HERE = Path(__file__).parent
+# What each instruction set's build needs of the CPU, and the flags that let the compiler use it;
+# the first one the CPU has is built. AVX-512: vdpbf16ps, vpdpbusd, 16-lane masks. AVX2: 8-lane
+# ymm, with bf16 widened to float32 and int8 dot products through vpmaddubsw.
+ISAS = {
+    "avx512": (
+        ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma"),
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni"),
+    ),
+    "avx2": (("avx2", "fma", "f16c"), ("-mavx2",)),
+}
 
 
-def _cpu_problem() -> str | None:
-    """Why this CPU cannot run the kernels, or None."""
+@dataclass(frozen=True)
+class Build:
+    """One library: its sources and compiler flags, and what its status line calls it."""
+
+    name: str
+    sources: tuple[Path, ...]
+    cflags: tuple[str, ...]
+    what: str
+
+
+TOKENIZER = Build("tinyformers_bpe", (HERE / "bpe.cpp",), ("-O3",), "the tokenizer's C++ loop")
+
+
+def _cpu_flags() -> list[str] | None:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return "no /proc/cpuinfo to check the CPU for AVX-512 (the kernels are Linux x86 only)"
-    flags = next(
+        return None
+    return next(
         (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
     )
-    missing = [f for f in CPU_FLAGS if f not in flags]
-    return f"this CPU lacks {', '.join(missing)}" if missing else None
 
 
-def build_key() -> str:
+def kernels_build() -> Build | str:
+    """The kernels' build for this CPU, or one line saying why it has none."""
+    flags = _cpu_flags()
+    if flags is None:
+        return (
+            "no /proc/cpuinfo to check the CPU for AVX2 or AVX-512 (the kernels are Linux x86 only)"
+        )
+    for isa, (needs, isa_flags) in ISAS.items():
+        if all(f in flags for f in needs):
+            sources = tuple(HERE / f for f in ("gemv.h", "gemv.cpp", "kquant.cpp", "layers.cpp"))
+            # -fopenmp: at::parallel_for runs on torch's own pool
+            cflags = ("-O3", *isa_flags, "-mf16c", "-mfma", "-fopenmp")
+            return Build("tinyformers_gemv", sources, cflags, f"CPU kernels ({isa})")
+    return "this CPU has neither AVX-512 (with bf16 and VNNI) nor AVX2 with FMA and F16C"
+
+
+def build_key(build: Build) -> str:
     """16 hex digits that change whenever a build made here would differ."""
     parts = [
         torch.__version__,
@@ -49,28 +83,39 @@ def build_key() -> str:
         sys.implementation.cache_tag,  # the Python ABI, e.g. cpython-311
         platform.machine(),
         os.environ.get("CXX", "c++"),
-        " ".join(CFLAGS),
-        *(hashlib.sha256(source.read_bytes()).hexdigest() for source in SOURCES),
+        " ".join(build.cflags),
+        *(hashlib.sha256(source.read_bytes()).hexdigest() for source in build.sources),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def build_dir() -> Path:
+def build_dir(build: Build) -> Path:
     """The folder of this environment's build (see the module docstring)."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or "~/.cache/torch_extensions"
-    return Path(root).expanduser() / "tinyformers" / build_key()
+    return Path(root).expanduser() / "tinyformers" / build_key(build)
+
+
+def load_ops() -> tuple[object | None, str | None]:
+    """(torch.ops.tinyformers, None) once the kernels are compiled and loaded, else (None,
+    one-line reason)."""
+    build = kernels_build()
+    if isinstance(build, str):
+        return None, build
+    return _load(build)
+
+
+def load_tokenizer_ops() -> tuple[object | None, str | None]:
+    """(torch.classes.tinyformers, None) once bpe.cpp is compiled and loaded, else (None,
+    one-line reason)."""
+    return _load(TOKENIZER)
 
 
 @functools.cache
-def load_ops() -> tuple[object | None, str | None]:
-    """(torch.ops.tinyformers, None) once compiled and loaded, else (None, one-line reason)."""
+def _load(build: Build) -> tuple[object | None, str | None]:
     if os.environ.get("TINYFORMERS_NO_KERNELS") == "1":
         return None, "disabled by TINYFORMERS_NO_KERNELS=1"
-    problem = _cpu_problem()
-    if problem:
-        return None, problem
-    folder = build_dir()
-    library = folder / f"{NAME}.so"
+    folder = build_dir(build)
+    library = folder / f"{build.name}.so"
     try:
         if library.is_file() and not (folder / "lock").exists():
             # subtle: never hand a finished build back to cpp_extension.load: its ninja file
@@ -78,28 +123,30 @@ def load_ops() -> tuple[object | None, str | None]:
             # with the same key would see a changed command and rebuild.
             torch.ops.load_library(str(library))
         else:
-            _compile(folder)
+            _compile(build, folder)
     except Exception as e:  # no compiler, no ninja, a compile error: all mean "use torch"
         lines = str(e).splitlines() or [type(e).__name__]
         said = [ln for ln in lines if any(w in ln for w in ("error:", "not found", "required"))]
-        return None, f"{SOURCES[0].parent}: build failed: {(said or lines)[0].strip()[:200]}"
+        return None, f"{HERE}: build failed: {(said or lines)[0].strip()[:200]}"
+    if build is TOKENIZER:
+        return torch.classes.tinyformers, None
     _register_fakes()
     return torch.ops.tinyformers, None
 
 
-def _compile(folder: Path) -> None:
+def _compile(build: Build, folder: Path) -> None:
     from torch.utils import cpp_extension
 
-    print(f"tinyformers: compiling CPU kernels, once (~10 s), into {folder}", file=sys.stderr)
+    print(f"tinyformers: compiling {build.what}, once (~10 s), into {folder}", file=sys.stderr)
     folder.mkdir(parents=True, exist_ok=True)
     # The sources are compiled from copies inside the keyed folder, so the build does not
     # depend on where this checkout lives.
-    for source in SOURCES:
+    for source in build.sources:
         shutil.copyfile(source, folder / source.name)
     cpp_extension.load(
-        NAME,
-        [str(folder / source.name) for source in SOURCES if source.suffix == ".cpp"],
-        extra_cflags=CFLAGS,
+        build.name,
+        [str(folder / source.name) for source in build.sources if source.suffix == ".cpp"],
+        extra_cflags=list(build.cflags),
         build_directory=str(folder),
         is_python_module=False,
     )
