@@ -11,6 +11,8 @@
 //   q5_0 ... q6_k: the q4 layout with bit planes and wider scales, in kquant.cpp
 // Rows of x are processed 8 at a time (the microkernel's register budget); for M > 8 each
 // block is reused from cache for the next 8 rows, so the weight still leaves DRAM once.
+// On AVX2 (the #else halves below) the same layouts are read 8 outputs to a ymm register: bf16
+// widened to float32 for vfmadd231ps, int8 products summed by vpmaddubsw and vpmaddwd.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -27,6 +29,7 @@ namespace {
 
 using namespace tinyformers::gemv;
 
+#if defined(__AVX512F__)
 // The 32 outputs of one f32 or bf16 block row, of which n exist.
 void store32(float* y, const float* bias, const __m512 (&acc)[2], int64_t n) {
   store(y, bias, acc[0], n);
@@ -82,6 +85,95 @@ std::vector<uint32_t> to_bf16_pairs(const float* x, int64_t M, int64_t K, int64_
   return out;
 }
 
+#else  // AVX2: a block row of 32 outputs is 4 ymm; bf16 is widened to float32 for the FMAs
+
+// f32 and bf16 as above, 8 outputs a step instead of 16; an AVX2 tile walks its rows 2 at a time
+// (8 accumulators, the weights and the broadcasts fill 14 of the 16 ymm).
+struct F32Step {
+  using W = float;
+  using X = float;
+  static __m256 load(const W* w) { return _mm256_loadu_ps(w); }
+  static __m256 broadcast(X x) { return _mm256_set1_ps(x); }
+  static __m256 fma(__m256 acc, __m256 w, __m256 x) { return _mm256_fmadd_ps(w, x, acc); }
+};
+
+// A bf16 is the top half of a float32: of a stored pair (one uint32), the even column is
+// u << 16 and the odd one u & 0xffff0000, both exact float32s.
+struct BF16Step {
+  using W = uint32_t;
+  using X = uint32_t;
+  struct Pair {
+    __m256 even, odd;
+  };
+  static Pair widen(__m256i u) {
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(u, 16)),
+            _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32(int(0xffff0000))))};
+  }
+  static Pair load(const W* w) { return widen(_mm256_loadu_si256((const __m256i*)w)); }
+  static Pair broadcast(X x) { return widen(_mm256_set1_epi32(int(x))); }
+  // odd then even, in vdpbf16ps's order; the products of two bf16s are exact in float32
+  static __m256 fma(__m256 acc, Pair w, Pair x) {
+    return _mm256_fmadd_ps(w.even, x.even, _mm256_fmadd_ps(w.odd, x.odd, acc));
+  }
+};
+
+template <class Step, int M>
+void tile(const typename Step::X* x, int64_t steps, const typename Step::W* w, const float* bias,
+          float* y, int64_t ldy, int64_t n) {
+  in_groups<M, 2>([&]<int R>(int r0) {
+    const typename Step::X* xr = x + r0 * steps;
+    __m256 acc[R][4];
+    for (int m = 0; m < R; m++)
+      for (int i = 0; i < 4; i++) acc[m][i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < steps; k++) {
+      decltype(Step::broadcast(0)) xm[R];
+      for (int m = 0; m < R; m++) xm[m] = Step::broadcast(xr[m * steps + k]);
+      for (int i = 0; i < 4; i++) {
+        const auto wi = Step::load(w + k * 32 + 8 * i);
+        for (int m = 0; m < R; m++) acc[m][i] = Step::fma(acc[m][i], wi, xm[m]);
+      }
+    }
+    for (int m = 0; m < R; m++) store_block(y + (r0 + m) * ldy, bias, acc[m], n);
+  });
+}
+
+// float32 bits -> bf16 bits, rounded to nearest even in integers (AVX2 has no vcvtneps2bf16):
+// add 0x7fff and the kept half's lowest bit, keep the top half. inf stays inf (NaN may not).
+inline uint16_t round_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+inline __m256i round_bf16(__m256 v) {  // 8 at once, in the low half of each 32-bit lane
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
+  return _mm256_srli_epi32(rounded, 16);
+}
+
+// x rows [M, K] float -> [M, kpairs] bf16 pairs, rounded to nearest even, odd K padded with 0.
+std::vector<uint32_t> to_bf16_pairs(const float* x, int64_t M, int64_t K, int64_t kpairs) {
+  std::vector<uint32_t> out(M * kpairs);
+  for (int64_t m = 0; m < M; m++) {
+    const float* xm = x + m * K;
+    auto* dst = reinterpret_cast<uint16_t*>(out.data() + m * kpairs);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      const __m256i lo = round_bf16(_mm256_loadu_ps(xm + k));
+      const __m256i hi = round_bf16(_mm256_loadu_ps(xm + k + 8));
+      // packus interleaves the 128-bit lanes (lo 0-3, hi 0-3, lo 4-7, hi 4-7): the permute
+      // puts them back in order
+      const __m256i b = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xd8);
+      _mm256_storeu_si256((__m256i*)(dst + k), b);
+    }
+    for (; k < K; k++) dst[k] = round_bf16(xm[k]);
+  }
+  return out;
+}
+
+#endif
+
 // ---- int8 and q4: x is quantised per row and per group of G columns, like llama.cpp's q8_0:
 // x ~= sx * q with q in [-127, 127]. vpdpbusd multiplies unsigned by signed bytes, so the
 // int8 weight is stored as w + 128 (unsigned) and the extra 128 * sum(q) is subtracted by
@@ -92,6 +184,7 @@ struct QuantRows {
   std::vector<int32_t> sum;   // [M, ngroups]
 };
 
+#if defined(__AVX512F__)
 QuantRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t G) {
   const int64_t ng = Kp / G;
   QuantRows r{std::vector<int8_t>(M * Kp), std::vector<float>(M * ng),
@@ -187,6 +280,131 @@ void q4_tile(const QuantRows& xr, int64_t m0, int64_t Kp, const uint8_t* w, cons
   }
   for (int m = 0; m < M; m++) store(y + m * ldy, bias, acc[m], n);
 }
+
+#else  // AVX2
+
+QuantRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t G) {
+  const int64_t ng = Kp / G;
+  QuantRows r{std::vector<int8_t>(M * Kp), std::vector<float>(M * ng),
+              std::vector<int32_t>(M * ng)};
+  for (int64_t m = 0; m < M; m++) {
+    const float* xm = x + m * K;
+    for (int64_t g = 0; g < ng; g++) {
+      const int64_t k0 = g * G, k1 = k0 + G;
+      __m256 amax = _mm256_setzero_ps();
+      for (int64_t k = k0; k < k1; k += 8)
+        amax = _mm256_max_ps(amax, abs_ps(load8(xm + k, std::min(k1, K) - k)));
+      const float d = reduce_max(amax) / 127.0f;
+      const __m256 inv = _mm256_set1_ps(d > 0 ? 1.0f / d : 0.0f);
+      __m256i sum = _mm256_setzero_si256();
+      for (int64_t k = k0; k < k1; k += 8) {
+        const __m256 v = load8(xm + k, std::min(k1, K) - k);
+        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(v, inv));  // nearest even
+        store_i8(r.q.data() + m * Kp + k, q, k1 - k);
+        sum = _mm256_add_epi32(sum, q);
+      }
+      r.scale[m * ng + g] = d;
+      r.sum[m * ng + g] = reduce_add(sum);
+    }
+  }
+  return r;
+}
+
+// AVX2 has no vpdpbusd, and vpmaddubsw (unsigned x signed bytes, pairs summed to int16)
+// saturates: 255 * 127 * 2 does not fit. So it takes the signed w (the stored byte xor 0x80)
+// as |w| <= 128 times x * sign(w): 128 * 127 * 2 fits, the sums are exact, and no -128 * sum(q)
+// start is needed. Two rows of x at a time.
+template <int M>
+void int8_tile(const QuantRows& xr, int64_t m0, int64_t Kp, int64_t G, const uint8_t* w,
+               const uint16_t* scales, const float* bias, float* y, int64_t ldy, int64_t n) {
+  const int64_t ng = Kp / G, quads = G / 4;
+  in_groups<M, 2>([&]<int R>(int r0) {
+    const int8_t* xq = xr.q.data() + (m0 + r0) * Kp;
+    const float* sx = xr.scale.data() + (m0 + r0) * ng;
+    __m256 acc[R][2];  // rows 0-7 and 8-15 of the block
+    for (int m = 0; m < R; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+      __m256i iacc[R][2];
+      for (int m = 0; m < R; m++) iacc[m][0] = iacc[m][1] = _mm256_setzero_si256();
+      const uint8_t* wg = w + g * G * 16;
+      for (int64_t p = 0; p < quads; p++) {
+        __m256i xp[R];
+        for (int m = 0; m < R; m++) xp[m] = broadcast4(xq + m * Kp + g * G + p * 4);
+        for (int h = 0; h < 2; h++) {
+          const __m256i u = _mm256_loadu_si256((const __m256i*)(wg + p * 64 + h * 32));
+          const __m256i ws = _mm256_xor_si256(u, _mm256_set1_epi8(char(0x80)));  // w
+          const __m256i wa = _mm256_abs_epi8(ws);  // |w| as unsigned: 128 stays 128
+          for (int m = 0; m < R; m++) {
+            const __m256i prod = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xp[m], ws));
+            iacc[m][h] = _mm256_add_epi32(iacc[m][h], sum_pairs(prod));
+          }
+        }
+      }
+      for (int h = 0; h < 2; h++) {
+        const auto* sg = (const __m128i*)(scales + g * 16 + h * 8);
+        const __m256 sw = _mm256_cvtph_ps(_mm_loadu_si128(sg));
+        for (int m = 0; m < R; m++) {
+          const __m256 s = _mm256_mul_ps(sw, _mm256_set1_ps(sx[m * ng + g]));
+          acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m][h]), s, acc[m][h]);
+        }
+      }
+    }
+    for (int m = 0; m < R; m++) store_block(y + (r0 + m) * ldy, bias, acc[m], n);
+  });
+}
+
+template <int M>
+void q4_tile(const QuantRows& xr, int64_t m0, int64_t Kp, const uint8_t* w, const uint16_t* dm,
+             const float* bias, float* y, int64_t ldy, int64_t n) {
+  const int64_t ng = Kp / 32;
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  in_groups<M, 2>([&]<int R>(int r0) {
+    const int8_t* xq = xr.q.data() + (m0 + r0) * Kp;
+    const float* sx = xr.scale.data() + (m0 + r0) * ng;
+    const int32_t* sum = xr.sum.data() + (m0 + r0) * ng;
+    __m256 acc[R][2];
+    for (int m = 0; m < R; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+      // q <= 15 and |x| <= 127: a group's 16 products per int16 lane sum to at most 30480, so
+      // vpmaddubsw's pair sums add up in int16, widened once per group
+      __m256i isum[R][2];
+      for (int m = 0; m < R; m++) isum[m][0] = isum[m][1] = _mm256_setzero_si256();
+      for (int64_t j = 0; j < 4; j++) {
+        __m256i xlo[R], xhi[R];
+        for (int m = 0; m < R; m++) {
+          xlo[m] = broadcast4(xq + m * Kp + g * 32 + j * 4);
+          xhi[m] = broadcast4(xq + m * Kp + g * 32 + j * 4 + 16);
+        }
+        for (int h = 0; h < 2; h++) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(w + g * 256 + j * 64 + h * 32));
+          const __m256i lo = _mm256_and_si256(v, low4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          for (int m = 0; m < R; m++) {
+            const __m256i both = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo[m]),
+                                                  _mm256_maddubs_epi16(hi, xhi[m]));
+            isum[m][h] = _mm256_add_epi16(isum[m][h], both);
+          }
+        }
+      }
+      for (int h = 0; h < 2; h++) {
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dm + g * 32 + h * 8)));
+        const __m256 mn =
+            _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dm + g * 32 + 16 + h * 8)));
+        for (int m = 0; m < R; m++) {
+          const float s = sx[m * ng + g];
+          const __m256 ds = _mm256_mul_ps(d, _mm256_set1_ps(s));
+          const __m256 xsum = _mm256_set1_ps(s * float(sum[m * ng + g]));  // sum(x), the group
+          const __m256i q = sum_pairs(isum[m][h]);
+          acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), ds, acc[m][h]);  // d * sum(q * x)
+          acc[m][h] = _mm256_fmadd_ps(mn, xsum, acc[m][h]);                  // m * sum(x)
+        }
+      }
+    }
+    for (int m = 0; m < R; m++) store_block(y + (r0 + m) * ldy, bias, acc[m], n);
+  });
+}
+
+#endif
 
 // ---- ops. Shapes and dtypes are checked in Python (packing.py); these checks guard memory.
 

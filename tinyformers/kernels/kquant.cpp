@@ -13,6 +13,8 @@
 // Q8_0 (int8 and a scale per 32 columns, finer than the Q8_K llama.cpp pairs with K-quants);
 // vpdpbusd multiplies the unsigned q by it, and the offset is taken off by starting each
 // accumulator at -offset * sum(x8) over its 16 columns, as int8 does in gemv.cpp.
+// On AVX2 (the #else halves) vpmaddubsw and vpmaddwd take vpdpbusd's place, and a byte shuffle
+// spreads the planes' bits to bytes in place of the mask register.
 #include <ATen/core/Tensor.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -33,6 +35,7 @@ struct XRows {
   std::vector<int32_t> sum;   // [M, Kp/16]
 };
 
+#if defined(__AVX512F__)
 XRows quantize_x(const float* x, int64_t M, int64_t K, int64_t Kp) {
   const int64_t ng = Kp / 32;
   XRows r{std::vector<int8_t>(M * Kp), std::vector<float>(M * ng), std::vector<int32_t>(M * 2 * ng)};
@@ -57,12 +60,46 @@ XRows quantize_x(const float* x, int64_t M, int64_t K, int64_t Kp) {
 __m512 load16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 
+#else  // AVX2
+
+XRows quantize_x(const float* x, int64_t M, int64_t K, int64_t Kp) {
+  const int64_t ng = Kp / 32;
+  XRows r{std::vector<int8_t>(M * Kp), std::vector<float>(M * ng),
+          std::vector<int32_t>(M * 2 * ng)};
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t g = 0; g < ng; g++) {
+      const int64_t k = g * 32;
+      __m256 v[4], amax = _mm256_setzero_ps();
+      for (int i = 0; i < 4; i++) {
+        v[i] = load8(x + m * K + k + 8 * i, K - k - 8 * i);
+        amax = _mm256_max_ps(amax, abs_ps(v[i]));
+      }
+      const float d = reduce_max(amax) / 127;
+      const __m256 inv = _mm256_set1_ps(d > 0 ? 1 / d : 0);
+      __m256i q[4];
+      for (int i = 0; i < 4; i++) {
+        q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // nearest even
+        store_i8(r.q.data() + m * Kp + k + 8 * i, q[i], 8);
+      }
+      r.scale[m * ng + g] = d;
+      r.sum[(m * ng + g) * 2] = reduce_add(_mm256_add_epi32(q[0], q[1]));
+      r.sum[(m * ng + g) * 2 + 1] = reduce_add(_mm256_add_epi32(q[2], q[3]));
+    }
+  return r;
+}
+
+__m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+__m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+#endif
+
 int32_t x4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return v;
 }
 
+#if defined(__AVX512F__)
 // P bit planes; scales of type S; SPLIT: a scale per 16 columns (Q6_K), else per 32 and,
 // without an offset, a min beside it.
 template <int M, int P, typename S, bool SPLIT, int OFFSET>
@@ -120,6 +157,94 @@ void kq_tile(const XRows& xr, int64_t m0, int64_t Kp, const uint8_t* w, const S*
   }
   for (int m = 0; m < M; m++) store(y + m * ldy, bias, acc[m], n);
 }
+
+#else  // AVX2
+
+// Bytes 32 h .. 32 h + 31 of a 64-bit plane mask spread to bytes: value where the bit is set,
+// else 0 (what AVX-512 does with a mask register). Byte i takes mask byte i / 8 and tests bit
+// i % 8 of it.
+__m256i plane_bytes(const uint8_t* mask, int h, char value) {
+  const __m256i bits = _mm256_broadcastd_epi32(_mm_loadu_si32(mask + 4 * h));
+  const __m256i spread = _mm256_shuffle_epi8(
+      bits, _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
+                             2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i bit = _mm256_set1_epi64x(0x8040201008040201);
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+  return _mm256_and_si256(set, _mm256_set1_epi8(value));
+}
+
+// As above, two rows of x at a time, vpmaddubsw and vpmaddwd in place of vpdpbusd: q <= 63 and
+// |x| <= 127, so a pair sum (16002 at most) fits int16. q stays unsigned, so the offset start
+// is the same as AVX-512's.
+template <int M, int P, typename S, bool SPLIT, int OFFSET>
+void kq_tile(const XRows& xr, int64_t m0, int64_t Kp, const uint8_t* w, const S* scales,
+             const float* bias, float* y, int64_t ldy, int64_t n) {
+  constexpr bool MIN = !SPLIT && OFFSET == 0;
+  constexpr int NS = SPLIT || MIN ? 2 : 1, GB = 256 + 64 * P;
+  const int64_t ng = Kp / 32;
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  in_groups<M, 2>([&]<int R>(int r0) {
+    const int8_t* xq = xr.q.data() + (m0 + r0) * Kp;
+    const float* sx = xr.scale.data() + (m0 + r0) * ng;
+    const int32_t* sum = xr.sum.data() + (m0 + r0) * 2 * ng;
+    __m256 acc[R][2];  // rows 0-7 and 8-15 of the block
+    for (int m = 0; m < R; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+      const uint8_t* wg = w + g * GB;
+      __m256i lo_acc[R][2], hi_acc[R][2];  // columns 0-15 and 16-31 of the group
+      for (int m = 0; m < R; m++)
+        for (int h = 0; h < 2; h++) {
+          lo_acc[m][h] = _mm256_set1_epi32(-OFFSET * sum[m * 2 * ng + 2 * g]);
+          hi_acc[m][h] = _mm256_set1_epi32(-OFFSET * sum[m * 2 * ng + 2 * g + 1]);
+        }
+      for (int j = 0; j < 4; j++) {
+        __m256i xlo[R], xhi[R];
+        for (int m = 0; m < R; m++) {
+          xlo[m] = _mm256_set1_epi32(x4(xq + m * Kp + g * 32 + 4 * j));
+          xhi[m] = _mm256_set1_epi32(x4(xq + m * Kp + g * 32 + 4 * j + 16));
+        }
+        for (int h = 0; h < 2; h++) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(wg + j * 64 + h * 32));
+          __m256i lo = _mm256_and_si256(v, low4);
+          __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          const uint8_t* planes = wg + 256 + 2 * j * P * 8;  // [low/high][plane] of quad j
+          for (int p = 0; p < P; p++) {  // the bit is above the nibble: or adds it
+            lo = _mm256_or_si256(lo, plane_bytes(planes + p * 8, h, char(16 << p)));
+            hi = _mm256_or_si256(hi, plane_bytes(planes + (P + p) * 8, h, char(16 << p)));
+          }
+          for (int m = 0; m < R; m++) {
+            const __m256i dlo = sum_pairs(_mm256_maddubs_epi16(lo, xlo[m]));
+            const __m256i dhi = sum_pairs(_mm256_maddubs_epi16(hi, xhi[m]));
+            lo_acc[m][h] = _mm256_add_epi32(lo_acc[m][h], dlo);
+            hi_acc[m][h] = _mm256_add_epi32(hi_acc[m][h], dhi);
+          }
+        }
+      }
+      const S* sg = scales + g * NS * 16;
+      for (int h = 0; h < 2; h++) {
+        const __m256 d0 = load8(sg + 8 * h), d1 = NS == 2 ? load8(sg + 16 + 8 * h) : d0;
+        for (int m = 0; m < R; m++) {
+          const __m256 s = _mm256_set1_ps(sx[m * ng + g]);
+          __m256& a = acc[m][h];
+          if constexpr (SPLIT) {
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo_acc[m][h]), _mm256_mul_ps(d0, s), a);
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi_acc[m][h]), _mm256_mul_ps(d1, s), a);
+          } else {
+            const __m256i q = _mm256_add_epi32(lo_acc[m][h], hi_acc[m][h]);
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_mul_ps(d0, s), a);
+            if constexpr (MIN) {  // m * sum(x) over the group
+              const int32_t xs = sum[m * 2 * ng + 2 * g] + sum[m * 2 * ng + 2 * g + 1];
+              a = _mm256_fmadd_ps(d1, _mm256_mul_ps(s, _mm256_set1_ps(float(xs))), a);
+            }
+          }
+        }
+      }
+    }
+    for (int m = 0; m < R; m++) store_block(y + (r0 + m) * ldy, bias, acc[m], n);
+  });
+}
+
+#endif
 
 template <int P, typename S, bool SPLIT, int OFFSET>
 void run(const XRows& xr, int64_t M, int64_t Kp, const uint8_t* w, const S* scales,
