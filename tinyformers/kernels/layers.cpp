@@ -7,9 +7,10 @@
 //   rope_cache      rotate q and k (HF's half-split pairs), write k and v into the KV cache
 //   attend          softmax(q k^T * scale, masked) v for a few query rows, GQA without copies
 //   decoder_layers  every layer of a decode step (Llama, GPT-2, Gemma 3) with the ops above
-// AVX2 (CPUs without AVX-512, build.py): a 16-lane value as two ymm, so the AVX2 code
-// below reads as the AVX-512 code it sits beside (#if / #else); what is not vector code
-// is shared.
+//
+// Built for AVX-512, or for AVX2 where the CPU has no AVX-512 (build.py): the vector code comes
+// in both under #if defined(__AVX512F__) / #else, AVX2's 16 lanes as two ymm (V16) so that the
+// two read alike; the checks and the orchestration are shared.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
