@@ -7,6 +7,10 @@
 //   rope_cache      rotate q and k (HF's half-split pairs), write k and v into the KV cache
 //   attend          softmax(q k^T * scale, masked) v for a few query rows, GQA without copies
 //   decoder_layers  every layer of a decode step (Llama, GPT-2, Gemma 3) with the ops above
+//
+// Built for AVX-512, or for AVX2 where the CPU has no AVX-512 (build.py): the vector code comes
+// in both under #if defined(__AVX512F__) / #else, AVX2's 16 lanes as two ymm (V16) so that the
+// two read alike; the checks and the orchestration are shared.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -21,6 +25,7 @@
 
 namespace {
 
+#if defined(__AVX512F__)
 __mmask16 first(int64_t n) {
   return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
@@ -47,6 +52,105 @@ __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
   return _mm512_scalef_ps(p, n);
 }
+#else
+// 16 floats as two 8-lane halves (lo: lanes 0-7), and the few operations the code below uses.
+struct V16 {
+  __m256 lo, hi;
+};
+inline V16 set1(float a) { return {_mm256_set1_ps(a), _mm256_set1_ps(a)}; }
+V16 operator+(V16 a, V16 b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+V16 operator-(V16 a, V16 b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
+V16 operator*(V16 a, V16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+V16 operator/(V16 a, V16 b) { return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
+inline V16 fmadd(V16 a, V16 b, V16 c) {  // a b + c
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline V16 max(V16 a, V16 b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+
+// All ones in lanes i < n of 8.
+inline __m256i first8(int64_t n) {
+  const int k = int(std::clamp<int64_t>(n, 0, 8));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// The first n lanes of v, the others `rest` (what AVX-512's masks do in one instruction).
+inline V16 first(int64_t n, V16 v, float rest = 0.0f) {
+  if (n >= 16) return v;
+  const __m256 r = _mm256_set1_ps(rest);
+  return {_mm256_blendv_ps(r, v.lo, _mm256_castsi256_ps(first8(n))),
+          _mm256_blendv_ps(r, v.hi, _mm256_castsi256_ps(first8(n - 8)))};
+}
+
+// 16 values at p as float32, of which the first n exist (all for n >= 16): the others read as
+// 0 and are not written. Float32 rows, or float16 cache rows (whose end goes through a copy:
+// AVX2 has no 16-bit masked load or store).
+inline V16 load_row(const float* p, int64_t n) {
+  if (n >= 16) return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)};
+  if (n <= 0) return set1(0.0f);
+  return {_mm256_maskload_ps(p, first8(n)), _mm256_maskload_ps(p + 8, first8(n - 8))};
+}
+inline V16 load_row(const at::Half* p, int64_t n) {
+  if (n < 16) {
+    uint16_t part[16] = {};
+    std::memcpy(part, p, 2 * std::max<int64_t>(n, 0));
+    return load_row(reinterpret_cast<const at::Half*>(part), 16);
+  }
+  const __m128i* h = reinterpret_cast<const __m128i*>(p);
+  return {_mm256_cvtph_ps(_mm_loadu_si128(h)), _mm256_cvtph_ps(_mm_loadu_si128(h + 1))};
+}
+inline void store_row(float* p, int64_t n, V16 v) {
+  if (n >= 16) {
+    _mm256_storeu_ps(p, v.lo);
+    _mm256_storeu_ps(p + 8, v.hi);
+  } else if (n > 0) {
+    _mm256_maskstore_ps(p, first8(n), v.lo);
+    if (n > 8) _mm256_maskstore_ps(p + 8, first8(n - 8), v.hi);
+  }
+}
+inline void store_row(at::Half* p, int64_t n, V16 v) {
+  uint16_t part[16];
+  __m128i* h = reinterpret_cast<__m128i*>(n >= 16 ? static_cast<void*>(p) : part);
+  _mm_storeu_si128(h, _mm256_cvtps_ph(v.lo, _MM_FROUND_TO_NEAREST_INT));
+  _mm_storeu_si128(h + 1, _mm256_cvtps_ph(v.hi, _MM_FROUND_TO_NEAREST_INT));
+  if (n < 16) std::memcpy(p, part, 2 * std::max<int64_t>(n, 0));
+}
+
+// The sum of the 16 lanes in _mm512_reduce_add_ps's order (halves, quarters, lanes 0 + 2 and
+// 1 + 3, then those two), so a norm's sum is the AVX-512 build's to the bit; and the max.
+inline float reduce_add(V16 v) {
+  const __m256 a = _mm256_add_ps(v.hi, v.lo);
+  __m128 s = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline float reduce_max(V16 v) {
+  const __m256 a = _mm256_max_ps(v.hi, v.lo);
+  __m128 s = _mm_max_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+// exp(x) as exp16 above computes it, with the same steps, but 2^n built from exponent bits:
+// n runs from -150 (below the smallest normal exponent, -126) to 128 (above the largest, 127),
+// so it is applied as 2^(n/2) 2^(n - n/2), both normal; only the second product rounds, as
+// _mm512_scalef_ps rounds once, and the two agree to the bit. -inf still gives 0.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.7f)), _mm256_set1_ps(-104.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);  // ln2, high bits
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);       // ln2, the rest
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i k = _mm256_cvtps_epi32(n), k1 = _mm256_srai_epi32(k, 1);
+  const auto pow2 = [](__m256i e) {  // 2^e for -126 <= e <= 127
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+  };
+  return _mm256_mul_ps(_mm256_mul_ps(p, pow2(k1)), pow2(_mm256_sub_epi32(k, k1)));
+}
+inline V16 exp16(V16 x) { return {exp8(x.lo), exp8(x.hi)}; }
+#endif
 
 void check_f32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() >= 1, name,
@@ -62,6 +166,7 @@ void for_rows(int64_t rows, int64_t work_per_row, const F& f) {
   });
 }
 
+#if defined(__AVX512F__)
 // y = x / rms(x) * (w + plus) for one row of C values: plus 1 for Gemma, which stores its gain
 // minus 1 (1 + w rounded to float32 first, as its written-out norm computes it), else 0.
 void rms_norm_row(const float* xr, const float* wp, float* yr, int64_t C, double eps,
@@ -102,6 +207,38 @@ void layer_norm_row(const float* xr, const float* wp, const float* bp, float* yr
                                                      _mm512_maskz_loadu_ps(m, bp + c)));
   }
 }
+#else
+void rms_norm_row(const float* xr, const float* wp, float* yr, int64_t C, double eps,
+                  float plus = 0.0f) {
+  V16 ss = set1(0.0f);
+  for (int64_t c = 0; c < C; c += 16) {
+    const V16 v = load_row(xr + c, C - c);
+    ss = fmadd(v, v, ss);
+  }
+  const float inv = 1.0f / std::sqrt(reduce_add(ss) / float(C) + float(eps));
+  for (int64_t c = 0; c < C; c += 16) {
+    const V16 v = load_row(xr + c, C - c) * set1(inv);  // rms 1
+    store_row(yr + c, C - c, (load_row(wp + c, C - c) + set1(plus)) * v);
+  }
+}
+
+void layer_norm_row(const float* xr, const float* wp, const float* bp, float* yr, int64_t C,
+                    double eps) {
+  V16 s = set1(0.0f);
+  for (int64_t c = 0; c < C; c += 16) s = s + load_row(xr + c, C - c);
+  const V16 mean = set1(reduce_add(s) / float(C));
+  V16 ss = set1(0.0f);
+  for (int64_t c = 0; c < C; c += 16) {
+    const V16 d = first(C - c, load_row(xr + c, C - c) - mean);
+    ss = fmadd(d, d, ss);
+  }
+  const V16 inv = set1(1.0f / std::sqrt(reduce_add(ss) / float(C) + float(eps)));
+  for (int64_t c = 0; c < C; c += 16) {
+    const V16 v = (load_row(xr + c, C - c) - mean) * inv;
+    store_row(yr + c, C - c, fmadd(v, load_row(wp + c, C - c), load_row(bp + c, C - c)));
+  }
+}
+#endif
 
 // A layer's norm of one row: the layer norm where it has a bias (GPT-2), else the RMS norm.
 inline void norm_row(const float* xr, const float* wp, const float* bp, float* yr, int64_t C,
@@ -138,15 +275,21 @@ void add_norm(at::Tensor& x, const at::Tensor& a, const float* post, const float
       rms_norm_row(ar, post, normed.data(), C, eps, plus);
       ar = normed.data();
     }
+#if defined(__AVX512F__)
     for (int64_t c = 0; c < C; c += 16) {
       const __mmask16 m = first(C - c);
       _mm512_mask_storeu_ps(xr + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, xr + c),
                                                      _mm512_maskz_loadu_ps(m, ar + c)));
     }
+#else
+    for (int64_t c = 0; c < C; c += 16)
+      store_row(xr + c, C - c, load_row(xr + c, C - c) + load_row(ar + c, C - c));
+#endif
     if (wp) norm_row(xr, wp, bp, yp + r * C, C, eps, plus);
   }
 }
 
+#if defined(__AVX512F__)
 // silu(x) = x sigmoid(x) = x / (1 + exp(-x)).
 inline __m512 silu16(__m512 x) {
   const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));  // exp(-x)
@@ -162,6 +305,14 @@ inline __m512 gelu_tanh16(__m512 x) {
   const __m512 e = exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0f), u));  // exp(-2u)
   return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
+#else
+inline V16 silu16(V16 x) { return x / (set1(1.0f) + exp16(set1(0.0f) - x)); }
+
+inline V16 gelu_tanh16(V16 x) {
+  const V16 u = set1(0.7978845608f) * fmadd(set1(0.044715f), x * x * x, x);
+  return x / (set1(1.0f) + exp16(set1(-2.0f) * u));  // x / (1 + exp(-2u))
+}
+#endif
 
 // The MLP's middle: f(gate) * up from the stacked [gate | up] rows (`gated`: SwiGLU with silu,
 // Gemma's GeGLU with gelu_tanh), or f(h) of plain rows (GPT-2's MLP): [..., 2H] or [..., H]
@@ -178,12 +329,20 @@ at::Tensor activate(const at::Tensor& h, bool gated, F f) {
   float* yp = y.data_ptr<float>();
   for_rows(rows, 8 * H, [&](int64_t r) {
     const float *g = hp + r * W, *u = g + H;
+#if defined(__AVX512F__)
     for (int64_t i = 0; i < H; i += 16) {
       const __mmask16 m = first(H - i);
       __m512 v = f(_mm512_maskz_loadu_ps(m, g + i));
       if (gated) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, u + i));
       _mm512_mask_storeu_ps(yp + r * H + i, m, v);
     }
+#else
+    for (int64_t i = 0; i < H; i += 16) {
+      V16 v = f(load_row(g + i, H - i));
+      if (gated) v = v * load_row(u + i, H - i);
+      store_row(yp + r * H + i, H - i, v);
+    }
+#endif
   });
   return y;
 }
@@ -192,6 +351,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) { return activate(gate_up, true, 
 
 at::Tensor gelu_act(const at::Tensor& h, bool gated) { return activate(h, gated, gelu_tanh16); }
 
+#if defined(__AVX512F__)
 // out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1) for halves x1, x2 of hs.
 template <typename C>
 void rotate_row(const float* x, const float* cos, const float* sin, C* out, int64_t hs) {
@@ -216,6 +376,24 @@ void copy_row(const float* x, C* out, int64_t hs) {
     store_row(out + i, m, _mm512_maskz_loadu_ps(m, x + i));
   }
 }
+#else
+template <typename C>
+void rotate_row(const float* x, const float* cos, const float* sin, C* out, int64_t hs) {
+  const int64_t half = hs / 2;
+  for (int64_t i = 0; i < half; i += 16) {
+    const int64_t m = half - i;
+    const V16 x1 = load_row(x + i, m), x2 = load_row(x + half + i, m);
+    store_row(out + i, m, x1 * load_row(cos + i, m) - x2 * load_row(sin + i, m));
+    const V16 c = load_row(cos + half + i, m), s = load_row(sin + half + i, m);
+    store_row(out + half + i, m, x2 * c + x1 * s);
+  }
+}
+
+template <typename C>
+void copy_row(const float* x, C* out, int64_t hs) {
+  for (int64_t i = 0; i < hs; i += 16) store_row(out + i, hs - i, load_row(x + i, hs - i));
+}
+#endif
 
 void check_cache(const at::Tensor& c, int64_t B, int64_t nkv, int64_t hs) {
   TORCH_CHECK((c.scalar_type() == at::kFloat || c.scalar_type() == at::kHalf) && c.dim() == 4 &&
@@ -309,6 +487,7 @@ at::Tensor rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
                       0.0f);
 }
 
+#if defined(__AVX512F__)
 // r[i] = the sum of the 16 lanes of v[i]: 16 dot products finished in 45 ops, not 16 reductions.
 __m512 sum_lanes16(const __m512* v) {
   __m512 s2[8], s4[4];
@@ -386,6 +565,78 @@ void attend_piece(const float* q, int64_t q_head_stride, const C* kb, int64_t ks
     }
   }
 }
+#else
+// r[i] = the sum of the 8 lanes of v[i], as sum_lanes16 above for 8 vectors of 8.
+__m256 sum_lanes8(const __m256* v) {
+  __m256 s2[4], s4[2];
+  for (int i = 0; i < 4; i++)  // per 128-bit half: (v[2i] 0+2, v[2i+1] 0+2, v[2i] 1+3, ...)
+    s2[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                          _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 2; i++) {  // per half: the half's sum of v[4i], ..., v[4i + 3]
+    const __m256d a = _mm256_castps_pd(s2[2 * i]), b = _mm256_castps_pd(s2[2 * i + 1]);
+    s4[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
+                          _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+  }
+  return _mm256_add_ps(_mm256_permute2f128_ps(s4[0], s4[1], 0x20),   // low halves
+                       _mm256_permute2f128_ps(s4[0], s4[1], 0x31));  // + high halves
+}
+
+// attend_piece above, 8 keys at a time where it takes 16: one ymm of dots per key, and 16 keys'
+// accumulators would need all 16 ymm registers.
+template <typename C>
+void attend_piece(const float* q, int64_t q_head_stride, const C* kb, int64_t ks, const C* vb,
+                  int64_t vs, const int32_t* keep, int64_t L, int64_t rep, int64_t hs,
+                  float scale, float* top, float* total, float* acc) {
+  std::vector<float> p(rep * (L + 16));  // head j's scores, then exp(score - max), at j (L + 16)
+  const int64_t P = L + 16;
+  for (int64_t n0 = 0; n0 < L; n0 += 8) {
+    for (int64_t j = 0; j < rep; j++) {
+      const float* qr = q + j * q_head_stride;
+      __m256 d[8];
+      for (int64_t n = 0; n < 8; n++) d[n] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < hs; i += 16) {
+        const V16 qv = load_row(qr + i, hs - i);
+        for (int64_t n = 0; n < 8; n++) {  // keep has 16 slots past L: the unrolled loop
+          const V16 k = load_row(kb + keep[n0 + n] * ks + i, hs - i);
+          d[n] = _mm256_fmadd_ps(qv.hi, k.hi, _mm256_fmadd_ps(qv.lo, k.lo, d[n]));
+        }
+      }
+      _mm256_storeu_ps(&p[j * P + n0], _mm256_mul_ps(sum_lanes8(d), _mm256_set1_ps(scale)));
+    }
+  }
+  for (int64_t j = 0; j < rep; j++) {
+    float* pj = &p[j * P];
+    V16 mx = set1(-INFINITY);
+    for (int64_t n = 0; n < L; n += 16)
+      mx = max(mx, first(L - n, load_row(pj + n, L - n), -INFINITY));
+    const float m = reduce_max(mx);
+    V16 sum = set1(0.0f);  // p = exp(score - max)
+    for (int64_t n = 0; n < L; n += 16) {
+      const V16 e = first(L - n, exp16(load_row(pj + n, L - n) - set1(m)));
+      store_row(pj + n, L - n, e);
+      sum = sum + e;
+    }
+    top[j] = m;
+    total[j] = reduce_add(sum);
+    float* aj = acc + j * hs;
+    for (int64_t i0 = 0; i0 < hs; i0 += 64) {  // p v, 64 columns at a time in registers
+      V16 a0 = set1(0.0f), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t n = 0; n < L; n++) {
+        const C* v = vb + keep[n] * vs + i0;
+        const V16 pn = set1(pj[n]);
+        a0 = fmadd(pn, load_row(v, hs - i0), a0);
+        a1 = fmadd(pn, load_row(v + 16, hs - i0 - 16), a1);
+        a2 = fmadd(pn, load_row(v + 32, hs - i0 - 32), a2);
+        a3 = fmadd(pn, load_row(v + 48, hs - i0 - 48), a3);
+      }
+      store_row(aj + i0, hs - i0, a0);
+      store_row(aj + i0 + 16, hs - i0 - 16, a1);
+      store_row(aj + i0 + 32, hs - i0 - 32, a2);
+      store_row(aj + i0 + 48, hs - i0 - 48, a3);
+    }
+  }
+}
+#endif
 
 constexpr int64_t PIECE = 256;  // keys per piece: its v rows stay in L2 while each head reads them
 
