@@ -1,9 +1,9 @@
 """Tensor parallel on every weight format: each run on 2 or 3 gloo ranks against one process
 loaded the same way (tests/ranks.py runs both).
 
-- quantize="gguf": a GGUF file's own Q4_0, Q4_1 and Q8_0 blocks, split by rows (column- and
-  vocab-parallel) and by whole blocks of columns (row-parallel); a split that would cut a
-  block is refused in one line.
+- quantize="gguf": a GGUF file's own blocks (Q4_0, Q4_1, Q8_0; Q5_0, Q5_1 and the K-quants
+  Q4_K, Q5_K, Q6_K), split by rows (column- and vocab-parallel) and by whole blocks of columns
+  (row-parallel); a split that would cut a block is refused in one line.
 - quantize="int8" and compile=True: each rank quantizes, or compiles, its own shard.
 """
 
@@ -48,6 +48,17 @@ def quantized_gpt2_gguf(path, monkeypatch, **config) -> str:
         return str(write_gpt2_gguf(hf_gpt2(n_layer=2, **config), path))
 
 
+def random_kquant_blocks(rows: int, cols: int, kind, rng: np.random.Generator) -> np.ndarray:
+    """[rows, bytes] of K-quant blocks with random integers and small fp16 scales (gguf-py
+    reads K-quants but cannot quantize to them): valid blocks, as a file would hold."""
+    _, size = gguf.GGML_QUANT_SIZES[kind]
+    raw = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+    d = np.array([1e-4], dtype=np.float16).view(np.uint8)
+    for at in (0, 2) if kind != gguf.GGMLQuantizationType.Q6_K else (size - 2,):  # d (dmin)
+        raw[..., at : at + 2] = d
+    return raw.reshape(rows, -1)
+
+
 def assert_same_run(got: dict, want: dict, atol: float) -> None:
     torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=atol)
     assert got["greedy"] == want["greedy"]
@@ -60,6 +71,37 @@ def test_gguf_q4_0_q4_1_q8_0_blocks_on_two_ranks_equal_one_process(tmp_path, mon
     want, _ = single_process(path, quantize="gguf")
     # The same blocks and the same int8 activations on each rank (a row-parallel split is
     # whole blocks); only the order of the row-parallel sums differs: float32 rounding.
+    assert_same_run(got, want, atol=1e-5)
+
+
+def test_q5_and_k_quant_blocks_on_two_ranks_equal_one_process(tmp_path, monkeypatch):
+    # Width 256, so K-quants' 256-column super-blocks fit: ffn_down's 1024 columns split into
+    # 2 x 512 (row-parallel), attn_output's 256 would cut one, so it holds Q5_0 (32 columns).
+    kinds = {
+        "attn_qkv": gguf.GGMLQuantizationType.Q4_K,
+        "ffn_up": gguf.GGMLQuantizationType.Q5_K,
+        "ffn_down": gguf.GGMLQuantizationType.Q6_K,
+        "attn_output": gguf.GGMLQuantizationType.Q5_0,
+        "token_embd": gguf.GGMLQuantizationType.Q5_1,
+    }
+    rng, add_tensor = np.random.default_rng(0), gguf.GGUFWriter.add_tensor
+
+    def k_quants(writer, name, data, **kwargs):
+        kind = kinds.get(name.split(".")[-2] if name.startswith("blk.") else name.split(".")[0])
+        if kind is None or data.ndim != 2:
+            return add_tensor(writer, name, data, **kwargs)
+        if kind.name.endswith("_K"):
+            blocks = random_kquant_blocks(*data.shape, kind, rng)
+        else:
+            blocks = gguf.quants.quantize(data.astype(np.float32), kind)
+        return add_tensor(writer, name, blocks, raw_dtype=kind)
+
+    with monkeypatch.context() as m:
+        m.setattr(gguf.GGUFWriter, "add_tensor", k_quants)
+        path = str(write_gpt2_gguf(hf_gpt2(n_layer=2, n_embd=256, n_head=4), tmp_path / "k.gguf"))
+    got = run_ranks(path, 2, tmp_path, quantize="gguf")
+    want, _ = single_process(path, quantize="gguf")
+    # As Q4_0/Q4_1/Q8_0 above: the same blocks on each rank, the row-parallel sums re-ordered
     assert_same_run(got, want, atol=1e-5)
 
 
