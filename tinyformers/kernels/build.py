@@ -49,13 +49,15 @@ class Build:
 TOKENIZER = Build("tinyformers_bpe", (HERE / "bpe.cpp",), ("-O3",), "the tokenizer's C++ loop")
 
 
-def _cpu_flags() -> list[str] | None:
+@functools.cache  # load_ops asks at every call (choose.py: once per weight at load)
+def _cpu_flags() -> tuple[str, ...] | None:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
     return next(
-        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+        (tuple(ln.split(":", 1)[1].split()) for ln in text.splitlines() if ln.startswith("flags")),
+        (),
     )
 
 
