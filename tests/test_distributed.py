@@ -34,7 +34,11 @@ def check_memory(out: Path, world: int, weight_bytes: int) -> None:
         assert grew < weight_bytes / world + 200 * 2**20
 
 
-def test_gpt2_on_two_ranks_equals_one_process(gpt2_small_dir, tmp_path):
+def test_gpt2_on_two_ranks_equals_one_process(gpt2_small_dir, tmp_path, monkeypatch):
+    # The byte count below is of the shards: a dense copy that a process keeps for prefill where
+    # torch's matmul measured faster (kernels/choose.py) is chosen per process, so it would
+    # count on one side only (on Zen 3's AVX2 build rank 0 kept 5 MB more than half).
+    monkeypatch.setenv("TINYFORMERS_PREFILL", "ours")
     got = run_ranks(gpt2_small_dir, 2, tmp_path)
     want, weights = single_process(gpt2_small_dir)
     torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-5)
