@@ -10,8 +10,9 @@ import random
 from functools import lru_cache
 
 import pytest
-from conftest import GEMMA3_CACHE, gemma3_gguf
+from conftest import gemma3_gguf
 from corpus import GPT2_DIR, build_corpus, smollm2_gguf
+from test_tokenizer_spm import hf_tokenizer_folder
 
 from tinyformers.kernels.build import load_tokenizer_ops
 from tinyformers.tokenizers import Tokenizer, load_tokenizer
@@ -54,10 +55,7 @@ TOKENIZERS = {
 
 
 def gemma3_hf_json():
-    found = sorted(GEMMA3_CACHE.glob("hf-tokenizer-*/tokenizer.json"))
-    if not found:
-        pytest.skip("no tokenizer.json converted by transformers yet (test_tokenizer_spm.py)")
-    return found[-1]
+    return hf_tokenizer_folder() / "tokenizer.json"  # made once, shared with its own tests
 
 
 @pytest.mark.skipif(load_tokenizer_ops()[0] is None, reason="bpe.cpp cannot build here")

@@ -68,6 +68,10 @@ def llama_cpp_ids(texts, request):
 
 @pytest.fixture(scope="module")
 def hf_folder():
+    return hf_tokenizer_folder()
+
+
+def hf_tokenizer_folder() -> Path:
     """transformers' conversion of the GGUF's tokenizer, saved once per transformers version
     under the GGUF's cache folder (the conversion takes ~17 s on 2 cores, loading it ~1 s)."""
     import transformers
