@@ -23,6 +23,10 @@
 #include <cstring>
 #include <vector>
 
+#if !defined(__AVX512F__)
+#include "gemv.h"  // AVX2's vector helpers
+#endif
+
 namespace {
 
 #if defined(__AVX512F__)
@@ -67,18 +71,14 @@ inline V16 fmadd(V16 a, V16 b, V16 c) {  // a b + c
 }
 inline V16 max(V16 a, V16 b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
 
-// All ones in lanes i < n of 8.
-inline __m256i first8(int64_t n) {
-  const int k = int(std::clamp<int64_t>(n, 0, 8));
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
+using tinyformers::gemv::first_n;  // the maskload/maskstore mask of lanes i < n
 
 // The first n lanes of v, the others `rest` (what AVX-512's masks do in one instruction).
 inline V16 first(int64_t n, V16 v, float rest = 0.0f) {
   if (n >= 16) return v;
   const __m256 r = _mm256_set1_ps(rest);
-  return {_mm256_blendv_ps(r, v.lo, _mm256_castsi256_ps(first8(n))),
-          _mm256_blendv_ps(r, v.hi, _mm256_castsi256_ps(first8(n - 8)))};
+  return {_mm256_blendv_ps(r, v.lo, _mm256_castsi256_ps(first_n(n))),
+          _mm256_blendv_ps(r, v.hi, _mm256_castsi256_ps(first_n(n - 8)))};
 }
 
 // 16 values at p as float32, of which the first n exist (all for n >= 16): the others read as
@@ -87,7 +87,7 @@ inline V16 first(int64_t n, V16 v, float rest = 0.0f) {
 inline V16 load_row(const float* p, int64_t n) {
   if (n >= 16) return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)};
   if (n <= 0) return set1(0.0f);
-  return {_mm256_maskload_ps(p, first8(n)), _mm256_maskload_ps(p + 8, first8(n - 8))};
+  return {_mm256_maskload_ps(p, first_n(n)), _mm256_maskload_ps(p + 8, first_n(n - 8))};
 }
 inline V16 load_row(const at::Half* p, int64_t n) {
   if (n < 16) {
@@ -103,8 +103,8 @@ inline void store_row(float* p, int64_t n, V16 v) {
     _mm256_storeu_ps(p, v.lo);
     _mm256_storeu_ps(p + 8, v.hi);
   } else if (n > 0) {
-    _mm256_maskstore_ps(p, first8(n), v.lo);
-    if (n > 8) _mm256_maskstore_ps(p + 8, first8(n - 8), v.hi);
+    _mm256_maskstore_ps(p, first_n(n), v.lo);
+    if (n > 8) _mm256_maskstore_ps(p + 8, first_n(n - 8), v.hi);
   }
 }
 inline void store_row(at::Half* p, int64_t n, V16 v) {
