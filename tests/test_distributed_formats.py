@@ -113,13 +113,18 @@ def test_smollm2_gguf_blocks_on_three_ranks_equal_one_process(tmp_path):
     # flips an activation's rounding and grows through SmolLM2's large activations (0.83 at
     # |logit| 30, measured). The mode's own sensitivity is that large: nudging the single
     # process's residual by 1e-6 of itself after layer 0 moves its logits by 1.97 (float32
-    # weights: by 1.8e-4). So: logits within 2.0, the same top token at every real position,
-    # and the same texts.
+    # weights: by 1.8e-4). So: logits within 2.0, the same texts, and at every real position
+    # the same top token unless the single process's two candidates are closer than the
+    # logits moved there (a near tie: on the Intel Xeon, 0.16 apart where they moved 0.51).
     got = run_ranks(smollm2_gguf(), 3, tmp_path, quantize="gguf")
     want, _ = single_process(smollm2_gguf(), quantize="gguf")
     assert_same_run(got, want, atol=2.0)
     real = torch.tensor(MASK).bool()
-    assert torch.equal(got["logits"].argmax(-1)[real], want["logits"].argmax(-1)[real])
+    ours, theirs = got["logits"], want["logits"]
+    top = theirs.argmax(-1, keepdim=True)
+    gap = theirs.gather(-1, top) - theirs.gather(-1, ours.argmax(-1, keepdim=True))  # 0: same
+    moved = (ours - theirs).abs().amax(-1, keepdim=True)
+    assert (gap <= moved)[real].all(), (gap[real], moved[real])
 
 
 def test_a_gguf_split_that_cuts_a_block_is_refused_in_one_line(tmp_path, monkeypatch):
