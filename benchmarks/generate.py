@@ -166,10 +166,11 @@ def run_ours(model_name: str, mode: str) -> dict:
 
 def bytes_per_token(net) -> int:
     """The weight bytes one decode step reads: every tensor of the model once, except an
-    embedding table only looked up (not also the output matrix), which is read a row a token."""
-    import itertools
-
-    tensors = list(itertools.chain(net.parameters(), net.buffers()))
+    embedding table only looked up (not also the output matrix), which is read a row a token,
+    and the dense copies a prefill's torch matmul reads (`torch_weight`, kept where torch's
+    measured faster at load: kernels/choose.py), which decode never touches."""
+    buffers = [t for name, t in net.named_buffers() if not name.endswith("torch_weight")]
+    tensors = [*net.parameters(), *buffers]
     sizes = {t.data_ptr(): t.nbytes for t in tensors}  # views of one file map count alone
     lookups = [  # a table of vectors (not HF's LlamaRotaryEmbedding, which has none)
         m for m in net.modules() if "Embedding" in type(m).__name__ and hasattr(m, "weight")
