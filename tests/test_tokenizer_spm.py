@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -77,14 +79,19 @@ def hf_tokenizer_folder() -> Path:
     import transformers
 
     folder = GEMMA3_CACHE / f"hf-tokenizer-{transformers.__version__}"
-    if not (folder / "tokenizer.json").exists():
+    if not folder.exists():
         gguf = gemma3_gguf()
         hf = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        hf.save_pretrained(folder)
+        partial = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
+        hf.save_pretrained(partial)
         # model_max_length is a 31-digit integer there, which our JSON reader refuses
-        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config = json.loads((partial / "tokenizer_config.json").read_text())
         config.pop("model_max_length", None)
-        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        (partial / "tokenizer_config.json").write_text(json.dumps(config))
+        try:  # renamed whole: the other test worker sees no folder or the finished one
+            partial.rename(folder)
+        except OSError:  # that worker renamed its own first: the same files
+            shutil.rmtree(partial)
     return folder
 
 
