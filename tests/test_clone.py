@@ -53,7 +53,8 @@ def test_no_test_library_doc_or_ci_reads_shared(clone):
 
 def test_a_subset_of_the_tests_passes_in_the_clone(clone):
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *SUBSET],
+        [sys.executable, "-m", "pytest", "-q", "-n0", "-p", "no:cacheprovider", "-m", "not slow",
+         *SUBSET],
         cwd=clone, env=clone_env(clone), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     summary = run.stdout.strip().splitlines()[-1]
