@@ -62,6 +62,8 @@ void tile(const typename Step::X* x, int64_t steps, const typename Step::W* w, c
   __m512 acc[M][2];
   for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < steps; k++) {
+    prefetch_ahead(w + k * 32);  // a step reads two cache lines
+    prefetch_ahead(w + k * 32 + 16);
     const auto w0 = Step::load(w + k * 32), w1 = Step::load(w + k * 32 + 16);
     for (int m = 0; m < M; m++) {
       const auto xm = Step::broadcast(x[m * steps + k]);
@@ -226,7 +228,9 @@ void int8_tile(const QuantRows& xr, int64_t m0, int64_t Kp, int64_t G, const uin
     __m512i iacc[M];
     for (int m = 0; m < M; m++) iacc[m] = _mm512_set1_epi32(-128 * sum[m * ng + g]);
     const uint8_t* wg = w + g * G * 16;
+    prefetch_ahead(scales + g * 16);
     for (int64_t p = 0; p < quads; p++) {
+      prefetch_ahead(wg + p * 64);
       const __m512i wq = _mm512_loadu_si512(wg + p * 64);
       for (int m = 0; m < M; m++) {
         int32_t x4;
@@ -256,7 +260,9 @@ void q4_tile(const QuantRows& xr, int64_t m0, int64_t Kp, const uint8_t* w, cons
   for (int64_t g = 0; g < ng; g++) {
     __m512i iacc[M];
     for (int m = 0; m < M; m++) iacc[m] = _mm512_setzero_si512();
+    prefetch_ahead(dm + g * 32);
     for (int64_t j = 0; j < 4; j++) {
+      prefetch_ahead(w + g * 256 + j * 64);
       const __m512i v = _mm512_loadu_si512(w + g * 256 + j * 64);
       const __m512i lo = _mm512_and_si512(v, low4);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);

@@ -116,6 +116,8 @@ void kq_tile(const XRows& xr, int64_t m0, int64_t Kp, const uint8_t* w, const S*
   for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; g++) {
     const uint8_t* wg = w + g * GB;
+    for (int b = 0; b < GB; b += 64) prefetch_ahead(wg + b);  // nibbles, then bit planes
+    prefetch_ahead(scales + g * NS * 16);
     __m512i lo_acc[M], hi_acc[M];  // columns 0-15 and 16-31 of the group
     for (int m = 0; m < M; m++) {
       lo_acc[m] = _mm512_set1_epi32(-OFFSET * sum[m * 2 * ng + 2 * g]);
