@@ -452,13 +452,9 @@ def test_fused_ops_are_not_used_off_the_cpu_fast_path(monkeypatch):
     assert not fused.usable(torch.ones(2, 4))
 
 
-@needs_kernels
-@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8", "q4"])
-def test_one_call_for_every_layer_equals_the_layer_by_layer_path(fmt, monkeypatch):
-    """fused.decoder_layers runs the same ops as the fused modules (kernels/swap.py), so decode
-    steps give the same bits; with q/k/v biases (Qwen2), a window on one layer and head_dim 80
-    (> 64)."""
-    from tinyformers.kernels import swap
+def small_packed_qwen2(fmt: str):
+    """A random 2-layer Qwen2 (q/k/v biases, a window on one layer, head_dim 80) packed in
+    `fmt`, on the fast path."""
     from tinyformers.kernels.modules import pack_model
     from tinyformers.models import set_fast_path
     from tinyformers.models.llama import Llama, LlamaConfig
@@ -475,6 +471,49 @@ def test_one_call_for_every_layer_equals_the_layer_by_layer_path(fmt, monkeypatc
             p.normal_(0.0 if p.dim() > 1 else 1.0, 0.3)
     net = pack_model(net, fmt)
     set_fast_path(net, True)
+    return net
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8", "q4"])
+def test_only_float_models_fuse_the_norm_and_swiglu_of_a_prefill(fmt, monkeypatch):
+    """Float matrices: the fused rms_norm and silu_mul run in prefill (more than ATTEND_ROWS
+    rows), within float32 rounding of the written-out math; int8 and q4 keep its bits."""
+    from tinyformers.kernels import fused, swap
+
+    net = small_packed_qwen2(fmt)
+    ids = torch.arange(40).view(2, 20) % 96  # 20 rows: a prefill
+    assert ids.shape[1] > fused.ATTEND_ROWS
+    calls = []
+    monkeypatch.setattr(fused, "rms_norm", lambda *a, f=fused.rms_norm: calls.append(1) or f(*a))
+
+    def logits(prefill_fused: bool) -> torch.Tensor:
+        for m in net.modules():
+            if isinstance(m, (swap.LlamaRMSNorm, swap.LlamaMLP)):
+                m.prefill_fused = prefill_fused
+        with torch.inference_mode():
+            return net(ids)
+
+    exact = fmt in ("f32", "bf16")
+    assert {m.prefill_fused for m in net.modules() if hasattr(m, "prefill_fused")} == {exact}
+    got, calls_made = logits(exact), len(calls)
+    assert calls_made == (2 * 2 + 1 if exact else 0)  # 2 norms a layer and the final one
+    written_out = logits(False)
+    if exact:  # float32 sums in another order; bf16 rounds the same inputs to bf16 before
+        torch.testing.assert_close(got, written_out, rtol=1e-4, atol=1e-4)
+    else:
+        assert torch.equal(got, written_out)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8", "q4"])
+def test_one_call_for_every_layer_equals_the_layer_by_layer_path(fmt, monkeypatch):
+    """fused.decoder_layers runs the same ops as the fused modules (kernels/swap.py), so decode
+    steps give the same bits; with q/k/v biases (Qwen2), a window on one layer and head_dim 80
+    (> 64)."""
+    from tinyformers.kernels import swap
+
+    net = small_packed_qwen2(fmt)
     ids = torch.tensor([[3, 50, 7, 9, 11], [0, 0, 8, 12, 4]])
     padding = torch.ones(2, 8, dtype=torch.long)
     padding[1, :2] = 0

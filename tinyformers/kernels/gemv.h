@@ -43,9 +43,9 @@ inline void for_blocks(int64_t M, int64_t nblk, int64_t block_bytes, const Tile&
 
 #if defined(__AVX512F__)
 // subtle: each tile asks for its weight stream PREFETCH bytes ahead of its loads. On the Intel
-// Xeon (Emerald Rapids, 2 cores) the hardware prefetchers alone fed a decode's f32 blocks at
-// 15-16 GB/s against a 16-18 GB/s plain read; 2 KB ahead made it 21-22 GB/s (a test kernel over
-// GPT-2's 48 block matrices, 2 threads; 1 KB and 4 KB within 1 GB/s of it).
+// Xeon (Emerald Rapids, 2 cores) a test kernel over GPT-2's 48 f32 block matrices went from 15
+// to 21 GB/s in one run and from 24 to 27 in another (1 KB and 4 KB ahead within 1 GB/s of 2
+// KB); the real tiles gained less (docs/kernels.md: f32 and q4 8-13%, bf16 and int8 in noise).
 constexpr int64_t PREFETCH = 2048;
 inline void prefetch_ahead(const void* p) {
   _mm_prefetch(static_cast<const char*>(p) + PREFETCH, _MM_HINT_T0);
