@@ -651,10 +651,27 @@ def _run_one(target: str, inp: Input, work: Path, summary: dict) -> str | None:
     summary["max_seconds"] = round(max(summary["max_seconds"], elapsed), 3)
     summary["max_megabytes"] = round(max(summary["max_megabytes"], megabytes), 1)
     if problem is None and elapsed > SECONDS:
+        # subtle: timed again before it counts: on a loaded machine one stall of the process
+        # made a template refused in under 1 ms take 1.04 s; a slow input is slow twice
+        elapsed = min(elapsed, _seconds(target, work))
+    if problem is None and elapsed > SECONDS:
         problem = f"took {elapsed:.2f} s"
     if problem is None and megabytes > MEGABYTES:
         problem = f"peak memory {megabytes:.0f} MB over the input"
     return problem
+
+
+def _seconds(target: str, work: Path) -> float:
+    """Wall seconds of one more run of `target` on the files in `work`, whatever it raises."""
+    signal.alarm(10)
+    t0 = time.perf_counter()
+    try:
+        run_target(target, work)
+    except Exception:  # noqa: BLE001, S110 (only the time is wanted here)
+        pass
+    finally:
+        signal.alarm(0)
+    return time.perf_counter() - t0
 
 
 def _write(inp: Input, work: Path) -> None:
