@@ -632,28 +632,20 @@ def _run_one(target: str, inp: Input, work: Path, summary: dict) -> str | None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # peak memory (VmHWM) back to the current size
     before = _status("VmRSS:")
-    signal.alarm(10)
-    t0 = time.perf_counter()
+    elapsed, raised = _timed(target, work)
     problem = None
-    try:
-        run_target(target, work)
-    except TinyformersError as e:
-        kind = type(e).__name__
+    if isinstance(raised, TinyformersError):
+        kind = type(raised).__name__
         summary["errors"][kind] = summary["errors"].get(kind, 0) + 1
-    except BaseException as e:  # noqa: BLE001 (anything else is what we look for)
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        problem = "".join(traceback.format_exception(e))
-    finally:
-        signal.alarm(0)
-    elapsed = time.perf_counter() - t0
+    elif raised is not None:  # anything else is what we look for
+        problem = "".join(traceback.format_exception(raised))
     megabytes = (_status("VmHWM:") - before - size) / 2**20
     summary["max_seconds"] = round(max(summary["max_seconds"], elapsed), 3)
     summary["max_megabytes"] = round(max(summary["max_megabytes"], megabytes), 1)
     if problem is None and elapsed > SECONDS:
         # subtle: timed again before it counts: on a loaded machine one stall of the process
         # made a template refused in under 1 ms take 1.04 s; a slow input is slow twice
-        elapsed = min(elapsed, _seconds(target, work))
+        elapsed = min(elapsed, _timed(target, work)[0])
     if problem is None and elapsed > SECONDS:
         problem = f"took {elapsed:.2f} s"
     if problem is None and megabytes > MEGABYTES:
@@ -661,17 +653,21 @@ def _run_one(target: str, inp: Input, work: Path, summary: dict) -> str | None:
     return problem
 
 
-def _seconds(target: str, work: Path) -> float:
-    """Wall seconds of one more run of `target` on the files in `work`, whatever it raises."""
+def _timed(target: str, work: Path) -> tuple[float, BaseException | None]:
+    """Wall seconds of one run of `target` on the files in `work` (under a 10 s alarm), and
+    what it raised, if anything but Ctrl-C."""
     signal.alarm(10)
     t0 = time.perf_counter()
+    raised = None
     try:
         run_target(target, work)
-    except Exception:  # noqa: BLE001, S110 (only the time is wanted here)
-        pass
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 (the caller judges what was raised)
+        raised = e
     finally:
         signal.alarm(0)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, raised
 
 
 def _write(inp: Input, work: Path) -> None:
