@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tinyformers.models import check_value, config_fields, llama, prefixed
 from tinyformers.models.attention import LAYER_TYPES, check_layer_types
 from tinyformers.models.hooks import HookPoint, Hooks
-from tinyformers.models.kv_cache import KVCache, per_layer
+from tinyformers.models.kv_cache import KVCache
 from tinyformers.models.masks import sliding_window, slots_and_mask
 from tinyformers.models.rope import Rotary, check_rope_scaling
 
@@ -209,13 +209,6 @@ class Gemma3(llama.Decoder):
             LOCAL: Rotary(config.head_dim, config.rope_local_base_freq),
             GLOBAL: Rotary(config.head_dim, config.rope_theta, config.rope_scaling),
         }
-
-    def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
-        """One full-length cache per layer; a local layer's mask hides what its window left."""
-        c = self.config
-        return per_layer(
-            c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim, self.norm.weight
-        )
 
     def forward(
         self,

@@ -182,6 +182,9 @@ class GPT2(nn.Module):
             self.lm_head.weight = self.wte.weight  # one matrix reads tokens in and out
         self.dropout_p = config.embd_pdrop  # of the embeddings' sum, in training only
         self.hook = HookPoint(self.hooks, "")
+        # set at load: float16 beside bfloat16 or quantized matrices, as llama.cpp keeps its
+        # cache (half the bytes a decode step's attention reads); else the weights' dtype
+        self.cache_dtype: torch.dtype | None = None
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -203,7 +206,9 @@ class GPT2(nn.Module):
     def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
         c = self.config
         hs = c.head_dim or c.n_embd // c.n_head
-        return per_layer(c.n_layer, batch, c.n_head, max_len, hs, self.ln_f.weight)
+        return per_layer(
+            c.n_layer, batch, c.n_head, max_len, hs, self.ln_f.weight, self.cache_dtype
+        )
 
     def forward(
         self,

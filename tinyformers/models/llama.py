@@ -246,6 +246,16 @@ class Decoder(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.hook = HookPoint(self.hooks, "")
+        # set at load: float16 beside bfloat16 or quantized matrices, as llama.cpp keeps its
+        # cache (half the bytes a long-context decode step reads); else the weights' dtype
+        self.cache_dtype: torch.dtype | None = None
+
+    def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        """One full-length cache per layer (a sliding-window layer's mask hides what its
+        window left)."""
+        c, like = self.config, self.norm.weight
+        n_layer, n_kv_head = c.num_hidden_layers, c.num_key_value_heads
+        return per_layer(n_layer, batch, n_kv_head, max_len, c.head_dim, like, self.cache_dtype)
 
     def unembed(self, x: Tensor) -> Tensor:
         """Residual stream (B, T, C) -> float32 logits (B, T, V): final norm, then lm_head."""
@@ -257,9 +267,6 @@ class Llama(Decoder):
         super().__init__(config, Block, RMSNorm)
         # One angle per (position, pair of dimensions), shared by every layer (models/rope.py).
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)
-        # set at load: float16 beside bfloat16 or quantized matrices, as llama.cpp keeps its
-        # cache (half the bytes a long-context decode step reads); else the weights' dtype
-        self.cache_dtype: torch.dtype | None = None
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -270,11 +277,6 @@ class Llama(Decoder):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02)
-
-    def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
-        c, like = self.config, self.norm.weight
-        n_layer, n_kv_head = c.num_hidden_layers, c.num_key_value_heads
-        return per_layer(n_layer, batch, n_kv_head, max_len, c.head_dim, like, self.cache_dtype)
 
     def forward(
         self,
