@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import gemma3_gguf
+from conftest import gemma3_gguf, gpt2_config_dict
 
 from tinyformers import kernels
 from tinyformers.errors import TinyformersError
@@ -505,17 +505,51 @@ def small_packed_qwen2(fmt: str):
 def test_only_float_models_fuse_the_norm_and_swiglu_of_a_prefill(fmt, monkeypatch):
     """Float matrices: the fused rms_norm and silu_mul run in prefill (more than ATTEND_ROWS
     rows), within float32 rounding of the written-out math; int8 and q4 keep its bits."""
-    from tinyformers.kernels import fused, swap
+    from tinyformers.kernels import swap
 
     net = small_packed_qwen2(fmt)
+    # 2 norms a layer and the final one
+    check_prefill_fusion(
+        net, fmt, monkeypatch, "rms_norm", 2 * 2 + 1, swap.LlamaRMSNorm, swap.LlamaMLP
+    )
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8"])
+def test_only_float_models_fuse_the_gelu_of_a_gpt2_prefill(fmt, monkeypatch):
+    """GPT-2's prefill with float matrices runs GELU as the C++ gelu_tanh (one pass for
+    F.gelu's), within float32 rounding of the written-out math; int8 keeps its bits."""
+    from tinyformers.kernels import swap
+    from tinyformers.kernels.modules import pack_model
+    from tinyformers.models import set_fast_path
+    from tinyformers.models.gpt2 import GPT2, GPT2Config
+
+    small = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 96}
+    config = GPT2Config.from_dict(gpt2_config_dict(**small, bos_token_id=0, eos_token_id=0))
+    torch.manual_seed(0)
+    net = GPT2(config).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0 if p.dim() > 1 else 1.0, 0.3)
+    net = pack_model(net, fmt)
+    set_fast_path(net, True)
+    check_prefill_fusion(net, fmt, monkeypatch, "gelu_tanh", 2, swap.GPT2MLP)  # one a layer
+
+
+def check_prefill_fusion(net, fmt: str, monkeypatch, op: str, n_calls: int, *fused_classes):
+    """A 20-row prefill of `net` calls fused `op` n_calls times where every matrix is float
+    (`fmt` f32 or bf16), within float32 rounding of the written-out math, else never, with its
+    bits; `fused_classes` are the modules whose `prefill_fused` switches it."""
+    from tinyformers.kernels import fused
+
     ids = torch.arange(40).view(2, 20) % 96  # 20 rows: a prefill
     assert ids.shape[1] > fused.ATTEND_ROWS
-    calls = []
-    monkeypatch.setattr(fused, "rms_norm", lambda *a, f=fused.rms_norm: calls.append(1) or f(*a))
+    calls, real = [], getattr(fused, op)
+    monkeypatch.setattr(fused, op, lambda *a: calls.append(1) or real(*a))
 
     def logits(prefill_fused: bool) -> torch.Tensor:
         for m in net.modules():
-            if isinstance(m, (swap.LlamaRMSNorm, swap.LlamaMLP)):
+            if isinstance(m, fused_classes):
                 m.prefill_fused = prefill_fused
         with torch.inference_mode():
             return net(ids)
@@ -523,7 +557,7 @@ def test_only_float_models_fuse_the_norm_and_swiglu_of_a_prefill(fmt, monkeypatc
     exact = fmt in ("f32", "bf16")
     assert {m.prefill_fused for m in net.modules() if hasattr(m, "prefill_fused")} == {exact}
     got, calls_made = logits(exact), len(calls)
-    assert calls_made == (2 * 2 + 1 if exact else 0)  # 2 norms a layer and the final one
+    assert calls_made == (n_calls if exact else 0)
     written_out = logits(False)
     if exact:  # float32 sums in another order; bf16 rounds the same inputs to bf16 before
         torch.testing.assert_close(got, written_out, rtol=1e-4, atol=1e-4)

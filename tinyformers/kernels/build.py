@@ -174,6 +174,7 @@ def _register_fakes() -> None:
     torch.library.register_fake("tinyformers::silu_mul")(
         lambda gate_up: out(gate_up, gate_up.shape[-1] // 2)
     )
+    torch.library.register_fake("tinyformers::gelu_tanh")(lambda h: torch.empty_like(h))
     torch.library.register_fake("tinyformers::rope_cache")(
         lambda qkv, cos, sin, k_cache, v_cache, pos, n_head: qkv.new_empty(
             (qkv.shape[0], n_head, qkv.shape[1], k_cache.shape[3])

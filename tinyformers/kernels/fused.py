@@ -53,6 +53,11 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     return _ops().silu_mul(gate_up.contiguous())
 
 
+def gelu_tanh(h: Tensor) -> Tensor:
+    """gelu(h) in its tanh approximation (GPT-2's), in one pass: [..., H] -> [..., H]."""
+    return _ops().gelu_tanh(h.contiguous())
+
+
 def rope_cache(qkv: Tensor, cos: Tensor, sin: Tensor, cache, input_pos: Tensor, n_head: int):
     """Rotate q and k of qkv [B, T, (nh + 2 nkv) hs] (cos, sin [B, 1, T, hs]), write k and v
     into `cache` at slots `input_pos` [T]; return q rotated, [B, nh, T, hs]."""

@@ -351,6 +351,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) { return activate(gate_up, true, 
 
 at::Tensor gelu_act(const at::Tensor& h, bool gated) { return activate(h, gated, gelu_tanh16); }
 
+at::Tensor gelu_tanh(const at::Tensor& h) { return gelu_act(h, false); }
+
 #if defined(__AVX512F__)
 // out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1) for halves x1, x2 of hs.
 template <typename C>
@@ -828,6 +830,7 @@ at::Tensor decoder_layers(const at::Tensor& x_in,
 TORCH_LIBRARY_FRAGMENT(tinyformers, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("gelu_tanh(Tensor h) -> Tensor");
   m.def("rope_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache,"
         " Tensor pos, int n_head) -> Tensor");
   m.def("attend(Tensor q, Tensor k_cache, Tensor v_cache, Tensor mask, float scale) -> Tensor");
@@ -839,6 +842,7 @@ TORCH_LIBRARY_FRAGMENT(tinyformers, m) {
 TORCH_LIBRARY_IMPL(tinyformers, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
+  m.impl("gelu_tanh", &gelu_tanh);
   m.impl("rope_cache", &rope_cache);
   m.impl("attend", &attend);
   m.impl("decoder_layers", &decoder_layers);

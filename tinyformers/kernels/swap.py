@@ -10,7 +10,7 @@ so parameters, hooks and names stay where they were.
 - Llama: RMSNorm and SwiGLU in one pass each, q/k rotation and the cache write in one op,
   attention over the cache, and every layer of a decode step in one call (`Llama.run_layers`).
 - GPT-2: each Block of a decode step in one C++ call (the same `decoder_layers` with layer
-  norms, biases, no rotation and GELU).
+  norms, biases, no rotation and GELU); a float model's prefill GELU in one pass.
 - Gemma 3: each Block of a decode step in one C++ call (`decoder_layers` with the q/k norms,
   the norms after each sublayer, the gain 1 + weight and GeGLU), its mask and angles those of
   the layer's kind. Outside it (q/k/v kept apart, torch.compile), its norms as the C++
@@ -181,6 +181,19 @@ class GPT2Block(OneCall, gpt2.Block):
 GELU_TANH = (gpt2.ACTIVATIONS["gelu_new"], gpt2.ACTIVATIONS["gelu_pytorch_tanh"])
 
 
+class GPT2MLP(gpt2.MLP):
+    """A float model's prefill: GELU in one C++ pass (decode runs the whole block in
+    GPT2Block's one call)."""
+
+    fast = True
+    prefill_fused = False  # `swap_in` sets it where every matrix is float (no int8 rounding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.prefill_fused and self.act in GELU_TANH and fits(self, x):
+            return self.c_proj(fused.gelu_tanh(self.c_fc(x)))
+        return super().forward(x)
+
+
 class Gemma3Block(OneCall, gemma3.Block):
     """The block of a decode step in one C++ call (`fused.decoder_layers`): the four norms
     (gain 1 + weight), q/k norms, rotary by this layer's angles, cache write, attention under
@@ -254,6 +267,7 @@ FUSED: dict[type, tuple[type, str]] = {
     llama.Attention: (LlamaAttention, "qkv_proj"),
     llama.Llama: (Llama, ""),
     gpt2.Block: (GPT2Block, ""),
+    gpt2.MLP: (GPT2MLP, ""),
     gemma3.RMSNorm: (Gemma3RMSNorm, ""),
     gemma3.Attention: (Gemma3Attention, "qkv_proj"),
     gemma3.Block: (Gemma3Block, ""),
@@ -264,10 +278,11 @@ def swap_in(net: nn.Module) -> nn.Module:
     """Give each module of a packed `net` that has a fused class that class (where the
     matrices it needs are stacked: a GGUF mixing block kinds in q/k/v keeps them apart).
 
-    Where every matrix is float32 or bfloat16, Llama's fused norm and SwiGLU run in prefill
-    too: there a last-bit difference stays a last-bit difference (no int8 rounding of the
-    activations to flip; `few_rows`), and the two ops in place of seven per layer made
-    SmolLM2's bfloat16 128-token prefill 1276 -> 1430 and 1289 -> 1377 tok/s (Intel Xeon).
+    Where every matrix is float32 or bfloat16, Llama's fused norm and SwiGLU and GPT-2's
+    GELU run in prefill too: there a last-bit difference stays a last-bit difference (no int8
+    rounding of the activations to flip; `few_rows`), and the two ops in place of seven per
+    layer made SmolLM2's bfloat16 128-token prefill 1276 -> 1430 and 1289 -> 1377 tok/s
+    (Intel Xeon); GPT-2's GELU, 2244 -> 2355.
     """
     exact = all(w.fmt in ("f32", "bf16") for w in net.modules() if isinstance(w, PackedWeight))
     for module in net.modules():
