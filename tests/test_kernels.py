@@ -501,25 +501,21 @@ def small_packed_qwen2(fmt: str):
 
 
 @needs_kernels
+@pytest.mark.parametrize("kernel", ["ours", "torch"])
 @pytest.mark.parametrize("fmt", ["f32", "bf16", "int8", "q4"])
-def test_only_float_models_fuse_the_norm_and_swiglu_of_a_prefill(fmt, monkeypatch):
+def test_only_float_models_fuse_the_norm_and_swiglu_of_a_prefill(fmt, kernel, monkeypatch):
     """Float matrices: the fused rms_norm and silu_mul run in prefill (more than ATTEND_ROWS
-    rows), within float32 rounding of the written-out math; int8 and q4 keep its bits."""
+    rows), as close as the written-out math; int8 and q4 keep its bits."""
     from tinyformers.kernels import swap
 
-    net = small_packed_qwen2(fmt)
+    monkeypatch.setenv("TINYFORMERS_PREFILL", kernel)  # the prefill matmul, else timed at load
+    classes = (swap.LlamaRMSNorm, swap.LlamaMLP)
     # 2 norms a layer and the final one
-    check_prefill_fusion(
-        net, fmt, monkeypatch, "rms_norm", 2 * 2 + 1, swap.LlamaRMSNorm, swap.LlamaMLP
-    )
+    check_prefill_fusion(small_packed_qwen2, fmt, monkeypatch, "rms_norm", 2 * 2 + 1, *classes)
 
 
-@needs_kernels
-@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8"])
-def test_only_float_models_fuse_the_gelu_of_a_gpt2_prefill(fmt, monkeypatch):
-    """GPT-2's prefill with float matrices runs GELU as the C++ gelu_tanh (one pass for
-    F.gelu's), within float32 rounding of the written-out math; int8 keeps its bits."""
-    from tinyformers.kernels import swap
+def small_packed_gpt2(fmt: str):
+    """A random 2-layer GPT-2 (64 wide, 2 heads) packed in `fmt`, on the fast path."""
     from tinyformers.kernels.modules import pack_model
     from tinyformers.models import set_fast_path
     from tinyformers.models.gpt2 import GPT2, GPT2Config
@@ -533,21 +529,39 @@ def test_only_float_models_fuse_the_gelu_of_a_gpt2_prefill(fmt, monkeypatch):
             p.normal_(0.0 if p.dim() > 1 else 1.0, 0.3)
     net = pack_model(net, fmt)
     set_fast_path(net, True)
-    check_prefill_fusion(net, fmt, monkeypatch, "gelu_tanh", 2, swap.GPT2MLP)  # one a layer
+    return net
 
 
-def check_prefill_fusion(net, fmt: str, monkeypatch, op: str, n_calls: int, *fused_classes):
-    """A 20-row prefill of `net` calls fused `op` n_calls times where every matrix is float
-    (`fmt` f32 or bf16), within float32 rounding of the written-out math, else never, with its
-    bits; `fused_classes` are the modules whose `prefill_fused` switches it."""
+@needs_kernels
+@pytest.mark.parametrize("kernel", ["ours", "torch"])
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8"])
+def test_only_float_models_fuse_the_gelu_of_a_gpt2_prefill(fmt, kernel, monkeypatch):
+    """GPT-2's prefill with float matrices runs GELU as the C++ gelu_tanh (one pass for
+    F.gelu's), as close as the written-out math; int8 keeps its bits."""
+    from tinyformers.kernels import swap
+
+    monkeypatch.setenv("TINYFORMERS_PREFILL", kernel)
+    check_prefill_fusion(small_packed_gpt2, fmt, monkeypatch, "gelu_tanh", 2, swap.GPT2MLP)
+
+
+def check_prefill_fusion(make_net, fmt: str, monkeypatch, op: str, n_calls: int, *fused_classes):
+    """A 20-row prefill of `make_net(fmt)` calls fused `op` n_calls times where every matrix
+    is float (`fmt` f32 or bf16), else never, with the written-out bits; `fused_classes` are
+    the modules whose `prefill_fused` switches it.
+
+    How close: f32 within float32 rounding. bf16: the matmul after the op rounds its input to
+    bf16, so the op's last-bit differences (gelu_tanh's against F.gelu: most of its outputs,
+    one float32 ulp) move some of those inputs by a bf16 ulp; the logits move by at most a
+    tenth of bf16's own distance from float32 (measured 0.05x on GPT-2, 0 on Qwen2)."""
     from tinyformers.kernels import fused
 
+    net = make_net(fmt)
     ids = torch.arange(40).view(2, 20) % 96  # 20 rows: a prefill
     assert ids.shape[1] > fused.ATTEND_ROWS
     calls, real = [], getattr(fused, op)
     monkeypatch.setattr(fused, op, lambda *a: calls.append(1) or real(*a))
 
-    def logits(prefill_fused: bool) -> torch.Tensor:
+    def logits(net, prefill_fused: bool) -> torch.Tensor:
         for m in net.modules():
             if isinstance(m, fused_classes):
                 m.prefill_fused = prefill_fused
@@ -556,11 +570,14 @@ def check_prefill_fusion(net, fmt: str, monkeypatch, op: str, n_calls: int, *fus
 
     exact = fmt in ("f32", "bf16")
     assert {m.prefill_fused for m in net.modules() if hasattr(m, "prefill_fused")} == {exact}
-    got, calls_made = logits(exact), len(calls)
+    got, calls_made = logits(net, exact), len(calls)
     assert calls_made == (n_calls if exact else 0)
-    written_out = logits(False)
-    if exact:  # float32 sums in another order; bf16 rounds the same inputs to bf16 before
+    written_out = logits(net, False)
+    if fmt == "f32":  # float32 sums in another order
         torch.testing.assert_close(got, written_out, rtol=1e-4, atol=1e-4)
+    elif fmt == "bf16":
+        float32 = logits(make_net("f32"), False)
+        assert (got - written_out).abs().max() <= 0.1 * (written_out - float32).abs().max()
     else:
         assert torch.equal(got, written_out)
 
