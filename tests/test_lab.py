@@ -86,6 +86,11 @@ def page(lab, tmp_path_factory):
     profile = tmp_path_factory.mktemp("chromium-profile")
     with chromium_page(profile, viewport={"width": 1200, "height": 900}) as (page, errors):
         page.goto(lab)
+        # subtle: the page puts its example in the empty box when the model's description
+        # arrives, and runs it; typing before that lands after the example (the test failed so
+        # when the description came between the clearing and the first key). A person sees the
+        # example's views drawn, then types.
+        page.wait_for_function("document.body.dataset.state === 'ready'", timeout=30_000)
         page.locator("#prompt").fill("")
         page.locator("#prompt").press_sequentially(PROMPT, delay=20)  # as a person types
         page.wait_for_function(
