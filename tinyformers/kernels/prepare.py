@@ -54,10 +54,10 @@ def prepare(
 
 
 def _half_cache_beside_16_bit_weights(net: nn.Module) -> None:
-    """A float16 KV cache where the kernels run bfloat16 or quantized matrices (a model with
-    `cache_dtype`: Llama, GPT-2, Gemma 3; the fused attention reads float16): llama.cpp's
-    default, and half the bytes a decode step's attention reads. Float32 matrices keep a
-    float32 cache (parity)."""
+    """A float16 KV cache where the kernels run bfloat16 or quantized matrices (every
+    architecture's `cache_dtype`; the fused attention reads float16): llama.cpp's default, and
+    half the bytes a decode step's attention reads. Float32 matrices keep a float32 cache
+    (parity)."""
     formats = {m.fmt for m in net.modules() if isinstance(m, PackedWeight)}
-    if hasattr(net, "cache_dtype") and formats - {"f32"}:
+    if formats - {"f32"}:
         net.cache_dtype = torch.float16
