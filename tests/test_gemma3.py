@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import gemma3_gguf, hf_logits, left_padded_batch
+from conftest import gemma3_gguf, hf_logits, hf_model_from_gguf, left_padded_batch
 from torch import Tensor
 
 import tinyformers
@@ -149,14 +149,8 @@ def prompts(tokenizer) -> dict[str, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def hf_gemma3_270m():
-    from transformers import AutoModelForCausalLM
-
-    path = gemma3_gguf()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    )
-    return model.eval()
+def hf_gemma3_270m(tmp_path_factory):
+    return hf_model_from_gguf(gemma3_gguf(), tmp_path_factory.mktemp("hf"))
 
 
 @pytest.fixture(scope="module")

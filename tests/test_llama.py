@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_logits, left_padded_batch, smollm2_gguf
+from conftest import hf_logits, hf_model_from_gguf, left_padded_batch, smollm2_gguf
 
 import tinyformers
 from tinyformers.errors import CheckpointError
@@ -141,14 +141,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 
 
 @pytest.fixture(scope="module")
-def hf_smollm2():
-    from transformers import AutoModelForCausalLM
-
-    path = smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    )
-    return model.eval()
+def hf_smollm2(tmp_path_factory):
+    return hf_model_from_gguf(smollm2_gguf(), tmp_path_factory.mktemp("hf"))
 
 
 @pytest.fixture(scope="module")
