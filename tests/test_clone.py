@@ -14,9 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # These read tests/data (GPT-2's vocab and merges, llama.cpp's vectors and vocab-only GGUF,
-# tiktoken's cases), and the tokenize command runs from the clone.
-SUBSET = ["tests/test_tokenizer.py", "tests/test_gguf.py", "tests/test_chat.py",
-          "tests/test_tokenizer_cli.py"]  # fmt: skip
+# tiktoken's cases, the corpus), and the tokenize command runs from the clone.
+SUBSET = ["tests/test_tokenizer.py", "tests/test_gguf.py", "tests/test_tokenizer_cli.py"]
 
 
 @pytest.fixture(scope="module")
