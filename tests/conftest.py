@@ -171,13 +171,12 @@ def hf_model_from_gguf(path: Path, folder: Path):
 
     buf = path.read_bytes()
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-    pos, kept, values = 24, [], {}
+    pos, kept, value_at = 24, [], {}
     for _ in range(n_kv):
         start, key_len = pos, struct.unpack_from("<Q", buf, pos)[0]
         key = buf[pos + 8 : pos + 8 + key_len].decode()
         kind = struct.unpack_from("<I", buf, pos + 8 + key_len)[0]
-        value, pos = pos + 12 + key_len, _gguf_value_end(buf, pos + 12 + key_len, kind)
-        values[key] = (kind, value)
+        value_at[key], pos = pos + 12 + key_len, _gguf_value_end(buf, pos + 12 + key_len, kind)
         if not (key.startswith("tokenizer.ggml.") and kind == 9):
             kept.append(buf[start:pos])
     infos = pos
@@ -185,13 +184,13 @@ def hf_model_from_gguf(path: Path, folder: Path):
         pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
         pos += 4 + 8 * struct.unpack_from("<I", buf, pos)[0] + 4 + 8
     alignment = 32
-    if "general.alignment" in values:
-        alignment = struct.unpack_from("<I", buf, values["general.alignment"][1])[0]
+    if "general.alignment" in value_at:
+        alignment = struct.unpack_from("<I", buf, value_at["general.alignment"])[0]
     data = -(-pos // alignment) * alignment
-    arch_at = values["general.architecture"][1]
+    arch_at = value_at["general.architecture"]
     arch = buf[arch_at + 8 : arch_at + 8 + struct.unpack_from("<Q", buf, arch_at)[0]]
-    if f"{arch.decode()}.vocab_size" not in values:
-        count = struct.unpack_from("<Q", buf, values["tokenizer.ggml.tokens"][1] + 4)[0]
+    if f"{arch.decode()}.vocab_size" not in value_at:
+        count = struct.unpack_from("<Q", buf, value_at["tokenizer.ggml.tokens"] + 4)[0]
         key = arch + b".vocab_size"
         kept.append(struct.pack("<Q", len(key)) + key + struct.pack("<II", 4, count))
     header = b"GGUF" + struct.pack("<IQQ", version, n_tensors, len(kept)) + b"".join(kept)
