@@ -138,25 +138,6 @@ def gemma3_gguf() -> Path:
     return path
 
 
-# struct formats of GGUF's fixed-size value types (8 is a string, 9 an array)
-GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
-                11: "<q", 12: "<d"}  # fmt: skip
-
-
-def _gguf_value_end(buf: bytes, pos: int, kind: int) -> int:
-    if kind == 8:
-        return pos + 8 + struct.unpack_from("<Q", buf, pos)[0]
-    if kind == 9:
-        item, count = struct.unpack_from("<IQ", buf, pos)
-        pos += 12
-        if item in GGUF_SCALARS:
-            return pos + count * struct.calcsize(GGUF_SCALARS[item])
-        for _ in range(count):
-            pos = _gguf_value_end(buf, pos, item)
-        return pos
-    return pos + struct.calcsize(GGUF_SCALARS[kind])
-
-
 def hf_model_from_gguf(path: Path, folder: Path):
     """transformers' float32 model of a GGUF file: the reference of the logit and greedy tests.
 
@@ -166,40 +147,37 @@ def hf_model_from_gguf(path: Path, folder: Path):
     for transformers (config, then weights), arrays one element at a time: on the AMD EPYC Zen 3
     Gemma 3's model took 68 s from the file and 12 s from the copy (SmolLM2: 28 and 21), with
     equal weights, config and logits. The tests give the model our token ids; the tokenizers
-    are compared with the references apart (test_tokenizer_gguf.py, test_tokenizer_spm.py)."""
+    are compared with the references apart (test_tokenizer_gguf.py, test_tokenizer_spm.py).
+    The header is walked by our own GGUF reader's cursor, which gives each pair's bytes."""
     from transformers import AutoModelForCausalLM
 
+    from tinyformers.loading.gguf import DEFAULT_ALIGNMENT, _Cursor, _read_tensor_info
+
     buf = path.read_bytes()
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-    pos, kept, value_at = 24, [], {}
+    cur = _Cursor(path, memoryview(buf))
+    cur.pos = 4  # past the magic
+    version, n_tensors, n_kv = cur.unpack("IQQ", "header")
+    kept, metadata = [], {}
     for _ in range(n_kv):
-        start, key_len = pos, struct.unpack_from("<Q", buf, pos)[0]
-        key = buf[pos + 8 : pos + 8 + key_len].decode()
-        kind = struct.unpack_from("<I", buf, pos + 8 + key_len)[0]
-        value_at[key], pos = pos + 12 + key_len, _gguf_value_end(buf, pos + 12 + key_len, kind)
-        if not (key.startswith("tokenizer.ggml.") and kind == 9):
-            kept.append(buf[start:pos])
-    infos = pos
-    for _ in range(n_tensors):
-        pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
-        pos += 4 + 8 * struct.unpack_from("<I", buf, pos)[0] + 4 + 8
-    alignment = 32
-    if "general.alignment" in value_at:
-        alignment = struct.unpack_from("<I", buf, value_at["general.alignment"])[0]
-    data = -(-pos // alignment) * alignment
-    arch_at = value_at["general.architecture"]
-    arch = buf[arch_at + 8 : arch_at + 8 + struct.unpack_from("<Q", buf, arch_at)[0]]
-    if f"{arch.decode()}.vocab_size" not in value_at:
-        count = struct.unpack_from("<Q", buf, value_at["tokenizer.ggml.tokens"] + 4)[0]
-        key = arch + b".vocab_size"
+        start, key = cur.pos, cur.string("key")
+        (kind,) = cur.unpack("I", key)
+        metadata[key] = cur.value(kind, key)
+        if not (key.startswith("tokenizer.ggml.") and isinstance(metadata[key], list)):
+            kept.append(buf[start : cur.pos])
+    alignment, infos = metadata.get("general.alignment", DEFAULT_ALIGNMENT), cur.pos
+    for i in range(n_tensors):
+        _read_tensor_info(cur, i, alignment)
+    vocab_size = f"{metadata['general.architecture']}.vocab_size"
+    if vocab_size not in metadata:
+        key, count = vocab_size.encode(), len(metadata["tokenizer.ggml.tokens"])
         kept.append(struct.pack("<Q", len(key)) + key + struct.pack("<II", 4, count))
     header = b"GGUF" + struct.pack("<IQQ", version, n_tensors, len(kept)) + b"".join(kept)
-    header += buf[infos:pos]
+    header += buf[infos : cur.pos]
     folder.mkdir(parents=True, exist_ok=True)
     copy = folder / path.name
     with copy.open("wb") as f:
         f.write(header + bytes(-len(header) % alignment))
-        f.write(memoryview(buf)[data:])
+        f.write(memoryview(buf)[-(-cur.pos // alignment) * alignment :])
     model = AutoModelForCausalLM.from_pretrained(
         str(folder), gguf_file=copy.name, dtype=torch.float32
     )
